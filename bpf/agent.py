@@ -1,0 +1,362 @@
+"""`stockade agent`: load Stockade's BPF programs once per boot, pin them, stream events.
+
+What the agent leaves in the kernel outlives it: maps and programs pinned under the pin
+directory, cgroup programs attached (BPF_F_ALLOW_MULTI) to the Stockade parent cgroup, BPF-LSM
+links pinned as link_lsm_<hook>. A restarted agent finds the pins and re-uses them (policies
+in the maps stay in force throughout); `stockade agent --stop` undoes everything it made.
+
+Never attaches to the root cgroup: the parent cgroup must be a real directory below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from stockade.bpf import bpfsys, loader, maps
+from stockade.runtime.errors import NotSupported, StockadeError
+
+BPFFS = "/sys/fs/bpf"
+KEEPER = "stockade-agent"  # child cgroup of the parent; never holds processes
+STATE_FILE = Path(os.environ.get("STOCKADE_AGENT_STATE", "/run/stockade/agent.json"))
+EVENTS_FILE = Path(os.environ.get("STOCKADE_EVENTS_FILE", "/run/stockade/events.jsonl"))
+
+
+# -- host facts ------------------------------------------------------------------------------
+
+def unified_mount() -> str:
+    """Where the cgroup2 hierarchy is mounted (hybrid hosts: /sys/fs/cgroup/unified)."""
+    with open("/proc/self/mounts") as f:
+        mounts = [line.split() for line in f]
+    points = [m[1] for m in mounts if m[2] == "cgroup2"]
+    for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+        if preferred in points:
+            return preferred
+    if points:
+        return points[0]
+    raise NotSupported("no cgroup2 hierarchy is mounted", hint="mount -t cgroup2 none /sys/fs/cgroup/unified")
+
+
+def default_cgroup_root() -> str:
+    return os.environ.get("STOCKADE_BPF_CGROUP_ROOT") or os.path.join(unified_mount(), "stockade")
+
+
+def cgroup_id(path: str) -> int:
+    """A cgroup2 directory's id is its kernfs inode number (64-bit kernels)."""
+    return os.stat(path).st_ino
+
+
+def cgroup_level(path: str) -> int:
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(unified_mount()))
+    if rel == "." or rel.startswith(".."):
+        raise NotSupported("the Stockade parent cgroup must be below the cgroup2 root", where=path,
+                           hint="Stockade never attaches programs to the root cgroup")
+    return len(rel.split(os.sep))
+
+
+def ensure_bpffs() -> None:
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[1] == BPFFS and line.split()[2] == "bpf" for line in f):
+            return
+    if os.system(f"mount -t bpf stockade-bpffs {BPFFS}") != 0:  # noqa: S605 - fixed arguments
+        raise NotSupported(f"bpffs is not mounted at {BPFFS} and mounting it failed",
+                           hint=f"mount -t bpf bpf {BPFFS}")
+
+
+# -- load / attach / pin ---------------------------------------------------------------------
+
+def _pinned_prog_fd(pin_dir: str, name: str) -> int | None:
+    try:
+        return bpfsys.obj_get(maps.pin_path(f"prog_{name}", pin_dir))
+    except OSError:
+        return None
+
+
+def _attached_ids(cgroup_fd: int, attach_type: int) -> list[int]:
+    try:
+        return bpfsys.prog_query(cgroup_fd, attach_type)
+    except OSError:
+        return []
+
+
+def setup(pin_dir: str, cgroup_root: str, *, with_lsm: bool = True, use_cache: bool = True) -> dict:
+    """Make the pins and attachments exist; idempotent. Returns what it found and did."""
+    level = cgroup_level(cgroup_root)  # refuses the root cgroup before anything is made
+    ensure_bpffs()
+    os.makedirs(pin_dir, exist_ok=True)
+    created_cgroup = not os.path.isdir(cgroup_root)
+    os.makedirs(cgroup_root, exist_ok=True)
+    # an empty child keeps the parent from being rmdir'ed when its last container goes (the
+    # runtime prunes empty "stockade" parents); removing it would drop the attached programs
+    os.makedirs(os.path.join(cgroup_root, KEEPER), exist_ok=True)
+    maps.create_maps(pin_dir)
+    maps.write_config(cgroup_id(cgroup_root), level, pin_dir)
+    report = {"pin_dir": pin_dir, "cgroup_root": cgroup_root, "cgroup_id": cgroup_id(cgroup_root),
+              "created_cgroup": created_cgroup, "cgroup_programs": "pinned"}
+    existing = {s.name: _pinned_prog_fd(pin_dir, s.name) for s in loader.CGROUP_PROGS}
+    try:
+        if any(fd is None for fd in existing.values()):
+            _drop_partial(cgroup_root, pin_dir, existing)
+            existing, how = loader.load_cgroup_programs(pin_dir, use_cache)
+            report["cgroup_programs"] = how
+            for name, fd in existing.items():
+                bpfsys.obj_pin(fd, maps.pin_path(f"prog_{name}", pin_dir))
+        _attach_cgroup_programs(cgroup_root, existing)
+    finally:
+        for fd in existing.values():
+            if fd is not None:
+                os.close(fd)
+    if with_lsm:
+        report["lsm"], report["lsm_programs"], report["lsm_reason"] = _setup_lsm(pin_dir, use_cache)
+    else:
+        report["lsm"], report["lsm_programs"], report["lsm_reason"] = False, "", "not requested (--no-lsm)"
+    return report
+
+
+def _detach_ours(cgroup_root: str) -> list[str]:
+    """Detach every Stockade cgroup program attached at the parent, found by name (pinned or not)."""
+    done = []
+    cg = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for spec in loader.CGROUP_PROGS:
+            for prog_id in _attached_ids(cg, spec.attach_type):
+                try:
+                    fd = bpfsys.prog_fd_by_id(prog_id)
+                except OSError:
+                    continue
+                try:
+                    if bpfsys.prog_info(fd)["name"] == spec.name[:15]:
+                        bpfsys.prog_detach(cg, fd, spec.attach_type)
+                        done.append(f"detached {spec.name}")
+                finally:
+                    os.close(fd)
+    finally:
+        os.close(cg)
+    return done
+
+
+def _drop_partial(cgroup_root: str, pin_dir: str, fds: dict[str, int | None]) -> None:
+    """An incomplete set of pinned programs (an interrupted start): detach and unpin it."""
+    _detach_ours(cgroup_root)
+    for spec in loader.CGROUP_PROGS:
+        fd = fds.get(spec.name)
+        if fd is not None:
+            os.close(fd)
+            os.unlink(maps.pin_path(f"prog_{spec.name}", pin_dir))
+
+
+def _attach_cgroup_programs(cgroup_root: str, fds: dict[str, int]) -> None:
+    cg = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for spec in loader.CGROUP_PROGS:
+            prog_id = bpfsys.prog_info(fds[spec.name])["id"]
+            if prog_id not in _attached_ids(cg, spec.attach_type):
+                bpfsys.prog_attach(cg, fds[spec.name], spec.attach_type, bpfsys.F_ALLOW_MULTI)
+    finally:
+        os.close(cg)
+
+
+def _setup_lsm(pin_dir: str, use_cache: bool = True) -> tuple[bool, str, str]:
+    """Load and link the BPF-LSM programs, pinning each link; (loaded, how, reason if not)."""
+    hooks = loader.lsm_hooks()
+    if all(os.path.exists(maps.pin_path(f"link_lsm_{h}", pin_dir)) for h in hooks):
+        return True, "pinned", ""
+    _unpin_lsm(pin_dir)  # a partial set from an older run: start over
+    try:
+        links, how = loader.load_lsm_links(pin_dir, use_cache)
+    except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
+        ok, reason = lsm_available()  # name the host's reason rather than bcc's wording
+        return False, "", reason if not ok else f"loading lsm.bpf.c failed: {e}"
+    try:
+        for hook, fd in links.items():
+            bpfsys.obj_pin(fd, maps.pin_path(f"link_lsm_{hook}", pin_dir))
+    except OSError as e:
+        _unpin_lsm(pin_dir)
+        return False, "", f"pinning LSM links failed: {e}"
+    finally:
+        for fd in links.values():
+            os.close(fd)
+    return True, how, ""
+
+
+def _unpin_lsm(pin_dir: str) -> None:
+    for name in os.listdir(pin_dir):
+        if name.startswith("link_lsm_"):
+            os.unlink(os.path.join(pin_dir, name))
+
+
+_LSM_PROBE_INSNS = bytes.fromhex("b700000000000000" "9500000000000000")  # r0 = 0; exit
+
+
+def lsm_available() -> tuple[bool, str]:
+    """Can this kernel load a BPF-LSM program? Tries a trivial one on the file_open hook."""
+    try:
+        lsms = Path("/sys/kernel/security/lsm").read_text().strip()
+    except OSError:
+        lsms = ""
+    if lsms and "bpf" not in lsms.split(","):
+        return False, f"'bpf' is not in the active LSM list ({lsms}); boot with lsm=...,bpf"
+    try:
+        from bcc import BPF
+    except ImportError:
+        return False, "bcc (python3-bpfcc) is not installed"
+    if not BPF.support_lsm():
+        return False, "the kernel has no BPF-LSM support (CONFIG_BPF_LSM or BTF missing)"
+    try:
+        # bcc loads and links the probe while constructing; cleanup() unlinks it again
+        b = BPF(text=b"LSM_PROBE(file_open, struct file *file) { return 0; }")
+        b.cleanup()
+    except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
+        if "super-user" in str(e):  # bcc's wording for EPERM
+            return False, ("the kernel refused a trivial BPF-LSM program with EPERM "
+                           "(BPF-LSM not active: lsm= lacks bpf, lockdown, or a restricted VM)")
+        return False, f"the kernel refused a trivial BPF-LSM program: {e}"
+    return True, ""
+
+
+# -- stop ------------------------------------------------------------------------------------
+
+def teardown(pin_dir: str, cgroup_root: str) -> list[str]:
+    """Detach and unpin everything the agent made; returns what was removed."""
+    removed = _detach_ours(cgroup_root) if os.path.isdir(cgroup_root) else []
+    try:
+        os.rmdir(os.path.join(cgroup_root, KEEPER))
+        removed.append(f"removed {KEEPER} cgroup")
+    except OSError:
+        pass
+    if os.path.isdir(pin_dir):
+        for name in sorted(os.listdir(pin_dir)):
+            os.unlink(os.path.join(pin_dir, name))
+            removed.append(f"unpinned {name}")
+        os.rmdir(pin_dir)
+    return removed
+
+
+# -- state and process -----------------------------------------------------------------------
+
+def read_state() -> dict:
+    try:
+        return json.loads(STATE_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(state: dict) -> None:
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = STATE_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(STATE_FILE)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_process(state: dict) -> bool:
+    pid = state.get("pid")
+    if not pid or pid == os.getpid() or not _alive(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return True
+
+
+def _daemonize(log_path: Path) -> None:
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(log_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="stockade agent", description=__doc__.splitlines()[0])
+    ap.add_argument("--foreground", action="store_true", help="stay in front and stream events")
+    ap.add_argument("--stop", action="store_true", help="stop the agent, detach and unpin everything")
+    ap.add_argument("--status", action="store_true", help="print what is loaded as JSON")
+    ap.add_argument("--load-only", action="store_true", help="load, attach, pin and exit (no event loop)")
+    ap.add_argument("--no-lsm", action="store_true", help="do not try the BPF-LSM programs")
+    ap.add_argument("--no-cache", action="store_true", help="recompile even if the cache has bytecode")
+    ap.add_argument("--pin-dir", default=maps.PIN_DIR)
+    ap.add_argument("--cgroup-root", default=None, help="Stockade parent cgroup in the unified tree")
+    ap.add_argument("--events-file", default=str(EVENTS_FILE))
+    args = ap.parse_args(argv)
+    try:
+        cgroup_root = args.cgroup_root or read_state().get("cgroup_root") or default_cgroup_root()
+        if args.status:
+            print(json.dumps(status(args.pin_dir), indent=2))
+            return 0
+        if args.stop:
+            state = read_state()
+            _stop_process(state)
+            for line in teardown(args.pin_dir, cgroup_root):
+                print(line)
+            if state.get("created_cgroup") and os.path.isdir(cgroup_root):
+                try:
+                    os.rmdir(cgroup_root)
+                except OSError:
+                    pass  # containers still live there; leave it
+            STATE_FILE.unlink(missing_ok=True)
+            return 0
+        previous = read_state()
+        if not args.load_only:
+            _stop_process(previous)  # one event reader at a time
+        report = setup(args.pin_dir, cgroup_root, with_lsm=not args.no_lsm, use_cache=not args.no_cache)
+        report["created_cgroup"] = report["created_cgroup"] or previous.get("created_cgroup", False)
+        report["events_file"] = args.events_file
+        print(json.dumps(report), flush=True)
+        if args.load_only:
+            report["pid"] = None
+            _write_state(report)
+            return 0
+        if not args.foreground:
+            _daemonize(Path(args.events_file).with_suffix(".log"))
+        report["pid"] = os.getpid()
+        _write_state(report)
+        from stockade.bpf import events
+
+        return events.pump(args.pin_dir, Path(args.events_file))
+    except StockadeError as e:
+        print(f"stockade agent: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"stockade agent: {e}", file=sys.stderr)
+        return 1
+
+
+def status(pin_dir: str) -> dict:
+    state = read_state()
+    running = maps.agent_running(pin_dir)
+    return {
+        "pinned": running,
+        "layers": sorted(maps.loaded_layers(pin_dir)),
+        "event_reader_pid": state.get("pid") if state.get("pid") and _alive(state["pid"]) else None,
+        "lsm": state.get("lsm", False),
+        "lsm_reason": state.get("lsm_reason", ""),
+        "cgroup_root": state.get("cgroup_root"),
+        "policies": len(maps.all_policies(pin_dir)) if running else 0,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

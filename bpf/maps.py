@@ -1,0 +1,326 @@
+"""Per-container policy in the pinned BPF maps, with plain bpf(2): the container start path.
+
+`stockade-oci create` and `stockade run` call install_policy() after the container's cgroup
+exists and before the workload starts, and remove_policy() on delete. Nothing here imports bcc
+or compiles anything; a policy install is a handful of map updates on maps the agent pinned.
+Layouts mirror bpf/stockade.h byte for byte.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import struct
+from dataclasses import dataclass
+
+from stockade.bpf import bpfsys
+from stockade.runtime.errors import NotSupported, SpecError
+
+PIN_DIR = os.environ.get("STOCKADE_BPF_PIN_DIR", "/sys/fs/bpf/stockade")
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    map_type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int = 0
+
+
+MAPS: dict[str, MapSpec] = {
+    "stk_config": MapSpec(bpfsys.MAP_ARRAY, 4, 16, 1),
+    "stk_policies": MapSpec(bpfsys.MAP_HASH, 8, 128, 4096),
+    "stk_net": MapSpec(bpfsys.MAP_LPM_TRIE, 28, 8, 16384, bpfsys.F_NO_PREALLOC),
+    "stk_files": MapSpec(bpfsys.MAP_HASH, 24, 8, 16384),
+    "stk_events": MapSpec(bpfsys.MAP_RINGBUF, 0, 0, 256 * 4096),
+}
+
+# struct stk_policy
+_POLICY = struct.Struct("=IIQQIHH64s32s")
+_CONFIG = struct.Struct("=QII")
+_NET_KEY = struct.Struct("=III16s")
+_NET_RULE = struct.Struct("=IHH")
+_FILE_KEY = struct.Struct("=QQII")
+_FILE_RULE = struct.Struct("=II")
+
+# programs the agent pins as prog_<name>; the cgroup layer is "up" when all of them are pinned
+CGROUP_PROGRAMS = ("stk_sock_create", "stk_connect4", "stk_connect6", "stk_sendmsg4", "stk_sendmsg6",
+                   "stk_sysctl")
+
+
+def pin_path(name: str, pin_dir: str | None = None) -> str:
+    return os.path.join(pin_dir or PIN_DIR, name)
+
+
+def agent_running(pin_dir: str | None = None) -> bool:
+    """True when the agent's maps and cgroup programs are pinned (it need not be a live process)."""
+    names = list(MAPS) + [f"prog_{n}" for n in CGROUP_PROGRAMS]
+    return all(os.path.exists(pin_path(n, pin_dir)) for n in names)
+
+
+def loaded_layers(pin_dir: str | None = None) -> set[str]:
+    """Layers the pinned programs provide, in requirements() vocabulary."""
+    d = pin_dir or PIN_DIR
+    layers: set[str] = set()
+    if not agent_running(d):
+        return layers
+    layers |= {"cgroup_sock", "cgroup_sock_addr", "cgroup_sysctl", "cgroup_device"}
+    try:
+        if any(n.startswith("link_lsm_") for n in os.listdir(d)):
+            layers.add("lsm")
+    except OSError:
+        pass
+    return layers
+
+
+def missing_layers(required: set[str], pin_dir: str | None = None) -> set[str]:
+    """Which of the REQUIRED layers (policy.requirements()) the pinned programs do not provide."""
+    return set(required) - loaded_layers(pin_dir)
+
+
+def open_map(name: str, pin_dir: str | None = None) -> int:
+    path = pin_path(name, pin_dir)
+    try:
+        return bpfsys.obj_get(path)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise NotSupported(f"BPF map {name} is not pinned", where=path,
+                               hint="start the agent: stockade agent") from None
+        raise
+
+
+@dataclass(frozen=True)
+class NetRule:
+    network: str        # CIDR, IPv4 or IPv6
+    action: str         # "allow" | "deny"
+    port_min: int = 0
+    port_max: int = 65535
+
+
+@dataclass(frozen=True)
+class FileRule:
+    path: str           # host path, resolved to (dev, ino) when installed
+    deny: int = 0       # STK_ACC_* bits
+    allow: int = 0
+
+
+ACC_READ, ACC_WRITE, ACC_EXEC = 1, 2, 4
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    """Plain data for the map entries of one container (see stockade.bpf.policy)."""
+
+    name: str
+    flags: int
+    mode: int                       # 0 enforce, 1 audit
+    families: int
+    cap_deny: int
+    sock_type_deny: int
+    bind_port_min: int = 0
+    bind_port_max: int = 65535
+    net_rules: tuple[NetRule, ...] = ()
+    file_rules: tuple[FileRule, ...] = ()
+
+
+def _cgid_bytes(cgroup_id: int) -> tuple[int, int]:
+    if not isinstance(cgroup_id, int) or cgroup_id <= 0:
+        raise SpecError(f"invalid cgroup id {cgroup_id!r}", hint="use Cgroup.unified_id()")
+    return cgroup_id & 0xFFFFFFFF, cgroup_id >> 32
+
+
+def net_key(cgroup_id: int, network: str) -> bytes:
+    net = ipaddress.ip_network(network, strict=False)
+    if net.version == 4:
+        addr = ipaddress.IPv6Address("::ffff:" + str(net.network_address)).packed
+        bits = 96 + net.prefixlen
+    else:
+        addr, bits = net.network_address.packed, net.prefixlen
+    lo, hi = _cgid_bytes(cgroup_id)
+    return _NET_KEY.pack(64 + bits, lo, hi, addr)
+
+
+def _file_key(cgroup_id: int, path: str) -> bytes | None:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # nothing there to protect on this host
+    return _stat_key(cgroup_id, st)
+
+
+def _stat_key(cgroup_id: int, st: os.stat_result) -> bytes:
+    # the LSM sees inode->i_sb->s_dev, the kernel's internal dev_t: MKDEV(ma, mi) = ma << 20 | mi
+    dev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
+    return _FILE_KEY.pack(cgroup_id, st.st_ino, dev, 0)
+
+
+MAX_TREE_ENTRIES = 256
+
+
+def _file_keys(cgroup_id: int, path: str) -> list[bytes]:
+    """Keys for a path; a directory also covers what it holds now (up to MAX_TREE_ENTRIES).
+
+    Rules match inodes, so files created under a protected directory later are not covered.
+    """
+    first = _file_key(cgroup_id, path)
+    if first is None:
+        return []
+    keys = [first]
+    if os.path.isdir(path) and not os.path.islink(path):
+        for top, dirs, files in os.walk(path):
+            for name in dirs + files:
+                try:
+                    keys.append(_stat_key(cgroup_id, os.stat(os.path.join(top, name), follow_symlinks=False)))
+                except OSError:
+                    continue
+                if len(keys) > MAX_TREE_ENTRIES:
+                    return keys
+    return keys
+
+
+def policy_value(container_id: str, policy: CompiledPolicy, tenant: str = "") -> bytes:
+    return _POLICY.pack(policy.flags, policy.mode, policy.families, policy.cap_deny,
+                        policy.sock_type_deny, policy.bind_port_min, policy.bind_port_max,
+                        container_id.encode()[:63], tenant.encode()[:31])
+
+
+def decode_policy(value: bytes) -> dict:
+    flags, mode, fam, caps, types, bmin, bmax, cid, tenant = _POLICY.unpack(value)
+    return {"flags": flags, "mode": mode, "families": fam, "cap_deny": caps, "sock_type_deny": types,
+            "bind_port_min": bmin, "bind_port_max": bmax,
+            "container_id": cid.split(b"\0")[0].decode(errors="replace"),
+            "tenant": tenant.split(b"\0")[0].decode(errors="replace")}
+
+
+def install_policy(cgroup_id: int, container_id: str, policy: CompiledPolicy, tenant: str = "",
+                   pin_dir: str | None = None) -> None:
+    """Put a container's policy in the maps; enforcement starts with the last update."""
+    _cgid_bytes(cgroup_id)
+    fds = {name: open_map(name, pin_dir) for name in ("stk_policies", "stk_net", "stk_files")}
+    try:
+        try:
+            replacing = bpfsys.map_lookup(fds["stk_policies"], struct.pack("=Q", cgroup_id), _POLICY.size)
+            # rules first, the policy entry (which switches enforcement on) last
+            net_keys, file_keys = set(), set()
+            for rule in policy.net_rules:
+                value = _NET_RULE.pack(1 if rule.action == "deny" else 0, rule.port_min, rule.port_max)
+                key = net_key(cgroup_id, rule.network)
+                bpfsys.map_update(fds["stk_net"], key, value)
+                net_keys.add(key)
+            for frule in policy.file_rules:
+                for key in _file_keys(cgroup_id, frule.path):
+                    bpfsys.map_update(fds["stk_files"], key, _FILE_RULE.pack(frule.deny, frule.allow))
+                    file_keys.add(key)
+            bpfsys.map_update(fds["stk_policies"], struct.pack("=Q", cgroup_id),
+                              policy_value(container_id, policy, tenant))
+            if replacing:
+                _remove_rules(fds, cgroup_id, keep=net_keys | file_keys)
+        except OSError as e:
+            _remove(fds, cgroup_id)
+            raise NotSupported(f"cannot install BPF policy {policy.name!r}: {e.strerror}",
+                               where=f"cgroup id {cgroup_id}",
+                               hint="the maps may be full; check `stockade agent --status`") from None
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def remove_policy(cgroup_id: int, pin_dir: str | None = None) -> None:
+    """Delete every entry of a container; a no-op when the agent's maps are gone."""
+    _cgid_bytes(cgroup_id)
+    if not os.path.exists(pin_path("stk_policies", pin_dir)):
+        return
+    fds = {name: open_map(name, pin_dir) for name in ("stk_policies", "stk_net", "stk_files")}
+    try:
+        _remove(fds, cgroup_id)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _remove(fds: dict[str, int], cgroup_id: int) -> None:
+    # the policy entry goes first so no half-removed rule set is ever enforced
+    bpfsys.map_delete(fds["stk_policies"], struct.pack("=Q", cgroup_id))
+    _remove_rules(fds, cgroup_id, keep=set())
+
+
+def _remove_rules(fds: dict[str, int], cgroup_id: int, keep: set[bytes]) -> None:
+    lo, hi = cgroup_id & 0xFFFFFFFF, cgroup_id >> 32
+    for key in bpfsys.map_keys(fds["stk_net"], _NET_KEY.size):
+        if _NET_KEY.unpack(key)[1:3] == (lo, hi) and key not in keep:
+            bpfsys.map_delete(fds["stk_net"], key)
+    for key in bpfsys.map_keys(fds["stk_files"], _FILE_KEY.size):
+        if _FILE_KEY.unpack(key)[0] == cgroup_id and key not in keep:
+            bpfsys.map_delete(fds["stk_files"], key)
+
+
+def entries_for(cgroup_id: int, pin_dir: str | None = None) -> dict[str, int]:
+    """How many map entries a cgroup id owns, per map (for tests and `stockade agent --status`)."""
+    counts = {"stk_policies": 0, "stk_net": 0, "stk_files": 0}
+    fds = {name: open_map(name, pin_dir) for name in counts}
+    try:
+        if bpfsys.map_lookup(fds["stk_policies"], struct.pack("=Q", cgroup_id), _POLICY.size):
+            counts["stk_policies"] = 1
+        lo, hi = cgroup_id & 0xFFFFFFFF, cgroup_id >> 32
+        counts["stk_net"] = sum(1 for k in bpfsys.map_keys(fds["stk_net"], _NET_KEY.size)
+                                if _NET_KEY.unpack(k)[1:3] == (lo, hi))
+        counts["stk_files"] = sum(1 for k in bpfsys.map_keys(fds["stk_files"], _FILE_KEY.size)
+                                  if _FILE_KEY.unpack(k)[0] == cgroup_id)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return counts
+
+
+def lookup_policy(cgroup_id: int, pin_dir: str | None = None) -> dict | None:
+    fd = open_map("stk_policies", pin_dir)
+    try:
+        value = bpfsys.map_lookup(fd, struct.pack("=Q", cgroup_id), _POLICY.size)
+    finally:
+        os.close(fd)
+    return decode_policy(value) if value else None
+
+
+def all_policies(pin_dir: str | None = None) -> dict[int, dict]:
+    fd = open_map("stk_policies", pin_dir)
+    try:
+        out = {}
+        for key in bpfsys.map_keys(fd, 8):
+            value = bpfsys.map_lookup(fd, key, _POLICY.size)
+            if value:
+                out[struct.unpack("=Q", key)[0]] = decode_policy(value)
+        return out
+    finally:
+        os.close(fd)
+
+
+def create_maps(pin_dir: str | None = None) -> None:
+    """Create and pin every map that is not pinned yet (the agent, before compiling programs)."""
+    for name, spec in MAPS.items():
+        path = pin_path(name, pin_dir)
+        if os.path.exists(path):
+            fd = bpfsys.obj_get(path)
+            try:
+                info = bpfsys.map_info(fd)
+            finally:
+                os.close(fd)
+            if (info["type"], info["key_size"], info["value_size"]) == (spec.map_type, spec.key_size,
+                                                                      spec.value_size):
+                continue
+            os.unlink(path)  # layout changed with a new Stockade version: start afresh
+        fd = bpfsys.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries,
+                               spec.flags, name)
+        try:
+            bpfsys.obj_pin(fd, path)
+        finally:
+            os.close(fd)
+
+
+def write_config(root_cgid: int, root_level: int, pin_dir: str | None = None) -> None:
+    fd = open_map("stk_config", pin_dir)
+    try:
+        bpfsys.map_update(fd, struct.pack("=I", 0), _CONFIG.pack(root_cgid, root_level, 0))
+    finally:
+        os.close(fd)

@@ -1,0 +1,381 @@
+"""BPF policies: YAML data -> validated Policy -> CompiledPolicy (map entries).
+
+A policy names what a container may do beyond what seccomp can express: files (by host path),
+exec, mounts, process relations, kernel interfaces, network (families, egress, bind, unix),
+capabilities and device nodes. Every error names the file and line. requirements() tells the
+runtime which enforcement layers a policy needs, so it can refuse when a layer is missing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from stockade.bpf.maps import ACC_EXEC, ACC_READ, ACC_WRITE, CompiledPolicy, FileRule, NetRule
+from stockade.runtime.errors import SpecError
+
+
+def _policy_dir() -> Path:
+    # found without importing stockade.profiles (the start path stays light)
+    import importlib.util
+
+    spec = importlib.util.find_spec("stockade.profiles")
+    if spec and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]) / "policy"
+    return Path(__file__).resolve().parent.parent / "profiles" / "policy"
+
+
+POLICY_DIR = _policy_dir()
+
+# flags, mirrored from bpf/stockade.h
+F_DENY_MOUNT, F_PTRACE_OWN, F_KILL_OWN, F_DENY_USERNS = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+F_DENY_MODULES, F_DENY_BPF, F_DENY_PERF, F_DENY_MKNOD = 1 << 4, 1 << 5, 1 << 6, 1 << 7
+F_DENY_SYSCTL_WRITE, F_NO_EXEC_WRITABLE, F_DENY_HOST_UNIX = 1 << 8, 1 << 9, 1 << 10
+F_EGRESS_DENY, F_EXEC_ALLOWLIST = 1 << 11, 1 << 12
+
+FAMILIES = {
+    "unix": 1, "inet": 2, "ax25": 3, "ipx": 4, "appletalk": 5, "netrom": 6, "bridge": 7, "atmpvc": 8,
+    "x25": 9, "inet6": 10, "rose": 11, "decnet": 12, "netbeui": 13, "security": 14, "key": 15,
+    "netlink": 16, "packet": 17, "ash": 18, "econet": 19, "atmsvc": 20, "rds": 21, "sna": 22,
+    "irda": 23, "pppox": 24, "wanpipe": 25, "llc": 26, "ib": 27, "mpls": 28, "can": 29, "tipc": 30,
+    "bluetooth": 31, "iucv": 32, "rxrpc": 33, "isdn": 34, "phonet": 35, "ieee802154": 36, "caif": 37,
+    "alg": 38, "nfc": 39, "vsock": 40, "kcm": 41, "qipcrtr": 42, "smc": 43, "xdp": 44, "mctp": 45,
+}
+CAPABILITIES = [
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+]
+_ACCESS = {"read": ACC_READ, "write": ACC_WRITE, "exec": ACC_EXEC}
+SOCK_RAW, SOCK_PACKET = 3, 10
+_ALL_INET = {"inet", "inet6"}
+
+
+@dataclass(frozen=True)
+class FileAccessRule:
+    path: str
+    access: frozenset[str]
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    to: str                 # CIDR
+    action: str             # allow | deny
+    port_min: int = 0
+    port_max: int = 65535
+    line: int = 0
+
+
+@dataclass
+class Policy:
+    name: str
+    source: str = ""
+    mode: str = "enforce"                       # enforce | audit
+    file_deny: list[FileAccessRule] = field(default_factory=list)
+    exec_deny: list[str] = field(default_factory=list)
+    exec_allow_only: list[str] | None = None    # None: every path not denied may exec
+    exec_from_writable: str = "allow"           # allow | deny
+    mount_after_start: str = "allow"
+    ptrace: str = "any"                         # any | own (own cgroup subtree only)
+    signal: str = "any"
+    user_namespaces: str = "allow"
+    kernel_modules: str = "allow"
+    kernel_bpf: str = "allow"
+    kernel_perf_event: str = "allow"
+    kernel_sysctl_write: str = "allow"
+    families: list[str] | None = None           # None: every family
+    raw_sockets: str = "allow"
+    egress_default: str = "allow"
+    egress_rules: list[EgressRule] = field(default_factory=list)
+    bind_ports: tuple[int, int] = (0, 65535)
+    unix_host_sockets: str = "allow"
+    capability_deny: list[str] = field(default_factory=list)
+    device_mknod: str = "allow"
+
+
+# -- YAML with line numbers ------------------------------------------------------------------
+
+class _Doc:
+    def __init__(self, text: str, source: str) -> None:
+        self.source = source
+        self.loader = yaml.SafeLoader(text)
+        try:
+            self.root = self.loader.get_single_node()
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise SpecError(f"invalid YAML: {getattr(e, 'problem', e)}", where=f"{source}{line}") from None
+
+    def where(self, node) -> str:
+        return f"{self.source}:{node.start_mark.line + 1}"
+
+    def value(self, node):
+        return self.loader.construct_object(node, deep=True)
+
+    def mapping(self, node, allowed: set[str], what: str) -> dict:
+        if not isinstance(node, yaml.MappingNode):
+            raise SpecError(f"{what} must be a mapping", where=self.where(node))
+        out = {}
+        for key_node, value_node in node.value:
+            key = self.value(key_node)
+            if key not in allowed:
+                raise SpecError(f"unknown key {key!r} in {what}", where=self.where(key_node),
+                                hint=f"allowed: {', '.join(sorted(allowed))}")
+            if key in out:
+                raise SpecError(f"duplicate key {key!r} in {what}", where=self.where(key_node))
+            out[key] = value_node
+        return out
+
+    def seq(self, node, what: str) -> list:
+        if not isinstance(node, yaml.SequenceNode):
+            raise SpecError(f"{what} must be a list", where=self.where(node))
+        return list(node.value)
+
+    def choice(self, node, choices: tuple[str, ...], what: str) -> str:
+        value = self.value(node)
+        if value is False and "deny" in choices:
+            value = "deny"
+        if value is True and "allow" in choices:
+            value = "allow"
+        if value not in choices:
+            raise SpecError(f"{what} must be one of {', '.join(choices)}, not {value!r}",
+                            where=self.where(node))
+        return value
+
+    def string(self, node, what: str) -> str:
+        value = self.value(node)
+        if not isinstance(value, str) or not value:
+            raise SpecError(f"{what} must be a non-empty string", where=self.where(node))
+        return value
+
+
+def _ports(doc: _Doc, node, what: str) -> tuple[int, int]:
+    value = doc.value(node)
+    if isinstance(value, int) and not isinstance(value, bool):
+        lo = hi = value
+    elif isinstance(value, str) and "-" in value:
+        try:
+            lo, hi = (int(p) for p in value.split("-", 1))
+        except ValueError:
+            raise SpecError(f"{what} must be a port or a range like 1024-65535",
+                            where=doc.where(node)) from None
+    else:
+        raise SpecError(f"{what} must be a port or a range like 1024-65535", where=doc.where(node))
+    if not 0 <= lo <= hi <= 65535:
+        raise SpecError(f"{what} {value!r} is outside 0-65535 or reversed", where=doc.where(node))
+    return lo, hi
+
+
+def _abs_path(doc: _Doc, node, what: str) -> str:
+    path = doc.string(node, what)
+    if not path.startswith("/"):
+        raise SpecError(f"{what} must be an absolute path, not {path!r}", where=doc.where(node))
+    return os.path.normpath(path)
+
+
+ALLOW_DENY = ("allow", "deny")
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    doc = _Doc(text, source)
+    if doc.root is None:
+        raise SpecError("the policy is empty", where=source)
+    top = doc.mapping(doc.root, {"name", "description", "mode", "file", "exec", "mount", "process",
+                                 "kernel", "network", "capability", "device"}, "the policy")
+    if "name" not in top:
+        raise SpecError("the policy needs a 'name'", where=doc.where(doc.root))
+    p = Policy(name=doc.string(top["name"], "name"), source=source)
+    if "mode" in top:
+        p.mode = doc.choice(top["mode"], ("enforce", "audit"), "mode")
+    if "file" in top:
+        _parse_file(doc, top["file"], p)
+    if "exec" in top:
+        _parse_exec(doc, top["exec"], p)
+    if "mount" in top:
+        sec = doc.mapping(top["mount"], {"after_start"}, "mount")
+        if "after_start" in sec:
+            p.mount_after_start = doc.choice(sec["after_start"], ALLOW_DENY, "mount.after_start")
+    if "process" in top:
+        sec = doc.mapping(top["process"], {"ptrace", "signal", "user_namespaces"}, "process")
+        if "ptrace" in sec:
+            p.ptrace = doc.choice(sec["ptrace"], ("any", "own"), "process.ptrace")
+        if "signal" in sec:
+            p.signal = doc.choice(sec["signal"], ("any", "own"), "process.signal")
+        if "user_namespaces" in sec:
+            p.user_namespaces = doc.choice(sec["user_namespaces"], ALLOW_DENY, "process.user_namespaces")
+    if "kernel" in top:
+        sec = doc.mapping(top["kernel"], {"modules", "bpf", "perf_event", "sysctl_write"}, "kernel")
+        for key in sec:
+            setattr(p, f"kernel_{key}", doc.choice(sec[key], ALLOW_DENY, f"kernel.{key}"))
+    if "network" in top:
+        _parse_network(doc, top["network"], p)
+    if "capability" in top:
+        sec = doc.mapping(top["capability"], {"deny"}, "capability")
+        denied = doc.seq(sec["deny"], "capability.deny") if "deny" in sec else []
+        for node in denied:
+            cap = doc.string(node, "capability").upper().removeprefix("CAP_")
+            if cap not in CAPABILITIES:
+                raise SpecError(f"unknown capability {cap!r}", where=doc.where(node), hint="e.g. SYS_MODULE")
+            p.capability_deny.append(cap)
+    if "device" in top:
+        sec = doc.mapping(top["device"], {"mknod"}, "device")
+        if "mknod" in sec:
+            p.device_mknod = doc.choice(sec["mknod"], ALLOW_DENY, "device.mknod")
+    return p
+
+
+def _parse_file(doc: _Doc, node, p: Policy) -> None:
+    sec = doc.mapping(node, {"deny"}, "file")
+    for item in doc.seq(sec["deny"], "file.deny") if "deny" in sec else []:
+        rule = doc.mapping(item, {"path", "access"}, "a file.deny rule")
+        if "path" not in rule:
+            raise SpecError("a file.deny rule needs a 'path'", where=doc.where(item))
+        access = set()
+        for a in doc.seq(rule["access"], "access") if "access" in rule else []:
+            name = doc.value(a)
+            if name not in _ACCESS:
+                raise SpecError(f"access {name!r} must be read, write or exec", where=doc.where(a))
+            access.add(name)
+        p.file_deny.append(FileAccessRule(_abs_path(doc, rule["path"], "path"),
+                                          frozenset(access or _ACCESS), item.start_mark.line + 1))
+
+
+def _parse_exec(doc: _Doc, node, p: Policy) -> None:
+    sec = doc.mapping(node, {"deny", "allow_only", "from_writable_mounts"}, "exec")
+    if "deny" in sec:
+        p.exec_deny = [_abs_path(doc, n, "exec.deny entry") for n in doc.seq(sec["deny"], "exec.deny")]
+    if "allow_only" in sec:
+        p.exec_allow_only = [_abs_path(doc, n, "exec.allow_only entry")
+                             for n in doc.seq(sec["allow_only"], "exec.allow_only")]
+    if "from_writable_mounts" in sec:
+        p.exec_from_writable = doc.choice(sec["from_writable_mounts"], ALLOW_DENY,
+                                          "exec.from_writable_mounts")
+
+
+def _parse_network(doc: _Doc, node, p: Policy) -> None:
+    keys = {"families", "raw_sockets", "egress", "bind_ports", "unix_host_sockets"}
+    sec = doc.mapping(node, keys, "network")
+    if "families" in sec:
+        p.families = []
+        for n in doc.seq(sec["families"], "network.families"):
+            fam = doc.string(n, "family").lower().removeprefix("af_")
+            if fam not in FAMILIES:
+                raise SpecError(f"unknown socket family {fam!r}", where=doc.where(n),
+                                hint="e.g. unix, inet, inet6")
+            p.families.append(fam)
+    if "raw_sockets" in sec:
+        p.raw_sockets = doc.choice(sec["raw_sockets"], ALLOW_DENY, "network.raw_sockets")
+    if "unix_host_sockets" in sec:
+        p.unix_host_sockets = doc.choice(sec["unix_host_sockets"], ALLOW_DENY, "network.unix_host_sockets")
+    if "bind_ports" in sec:
+        p.bind_ports = _ports(doc, sec["bind_ports"], "network.bind_ports")
+    if "egress" in sec:
+        eg = doc.mapping(sec["egress"], {"default", "rules"}, "network.egress")
+        if "default" in eg:
+            p.egress_default = doc.choice(eg["default"], ALLOW_DENY, "network.egress.default")
+        seen: dict[str, int] = {}
+        for item in doc.seq(eg["rules"], "network.egress.rules") if "rules" in eg else []:
+            rule = doc.mapping(item, {"to", "ports", "action"}, "an egress rule")
+            for need in ("to", "action"):
+                if need not in rule:
+                    raise SpecError(f"an egress rule needs '{need}'", where=doc.where(item))
+            to = doc.string(rule["to"], "to")
+            try:
+                net = ipaddress.ip_network(to, strict=False)
+            except ValueError:
+                raise SpecError(f"{to!r} is not an address or CIDR", where=doc.where(rule["to"])) from None
+            if str(net) in seen:
+                raise SpecError(f"{net} already has a rule at line {seen[str(net)]}", where=doc.where(item),
+                                hint="one rule per network; the longest matching prefix decides")
+            seen[str(net)] = item.start_mark.line + 1
+            lo, hi = _ports(doc, rule["ports"], "ports") if "ports" in rule else (0, 65535)
+            p.egress_rules.append(EgressRule(str(net), doc.choice(rule["action"], ALLOW_DENY, "action"),
+                                             lo, hi, item.start_mark.line + 1))
+
+
+def load_policy(name_or_path: str) -> Policy:
+    """A policy by name (profiles/policy/<name>.yaml) or by path."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") or os.sep in name_or_path):
+        path = POLICY_DIR / f"{name_or_path}.yaml"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        known = sorted(f.stem for f in POLICY_DIR.glob("*.yaml"))
+        raise SpecError(f"no BPF policy {name_or_path!r}", where=str(path),
+                        hint=f"built-in policies: {', '.join(known)}") from None
+    return parse_policy(text, str(path))
+
+
+# -- compile ---------------------------------------------------------------------------------
+
+def _deny(value: str) -> bool:
+    return value == "deny"
+
+
+def compile_policy(policy: Policy) -> CompiledPolicy:
+    flags = 0
+    for cond, bit in (
+        (_deny(policy.mount_after_start), F_DENY_MOUNT), (policy.ptrace == "own", F_PTRACE_OWN),
+        (policy.signal == "own", F_KILL_OWN), (_deny(policy.user_namespaces), F_DENY_USERNS),
+        (_deny(policy.kernel_modules), F_DENY_MODULES), (_deny(policy.kernel_bpf), F_DENY_BPF),
+        (_deny(policy.kernel_perf_event), F_DENY_PERF), (_deny(policy.device_mknod), F_DENY_MKNOD),
+        (_deny(policy.kernel_sysctl_write), F_DENY_SYSCTL_WRITE),
+        (_deny(policy.exec_from_writable), F_NO_EXEC_WRITABLE),
+        (_deny(policy.unix_host_sockets), F_DENY_HOST_UNIX), (_deny(policy.egress_default), F_EGRESS_DENY),
+        (policy.exec_allow_only is not None, F_EXEC_ALLOWLIST),
+    ):
+        if cond:
+            flags |= bit
+    if policy.families is None:
+        families = (1 << 64) - 1
+    else:
+        families = sum(1 << FAMILIES[f] for f in set(policy.families))
+    caps = sum(1 << CAPABILITIES.index(c) for c in set(policy.capability_deny))
+    types = (1 << SOCK_RAW) | (1 << SOCK_PACKET) if _deny(policy.raw_sockets) else 0
+    files: dict[str, list[int]] = {}
+    for rule in policy.file_deny:
+        files.setdefault(rule.path, [0, 0])[0] |= sum(_ACCESS[a] for a in rule.access)
+    for path in policy.exec_deny:
+        files.setdefault(path, [0, 0])[0] |= ACC_EXEC
+    for path in policy.exec_allow_only or []:
+        files.setdefault(path, [0, 0])[1] |= ACC_EXEC
+    return CompiledPolicy(
+        name=policy.name, flags=flags, mode=1 if policy.mode == "audit" else 0, families=families,
+        cap_deny=caps, sock_type_deny=types, bind_port_min=policy.bind_ports[0],
+        bind_port_max=policy.bind_ports[1],
+        net_rules=tuple(NetRule(r.to, r.action, r.port_min, r.port_max) for r in policy.egress_rules),
+        file_rules=tuple(FileRule(path, deny, allow) for path, (deny, allow) in sorted(files.items())),
+    )
+
+
+def requirements(policy: Policy) -> set[str]:
+    """Enforcement layers the policy needs: lsm, cgroup_sock, cgroup_sock_addr, cgroup_sysctl."""
+    need: set[str] = set()
+    fams = None if policy.families is None else set(policy.families)
+    if (fams is not None and not _ALL_INET <= fams) or _deny(policy.raw_sockets):
+        need.add("cgroup_sock")
+    if policy.egress_rules or _deny(policy.egress_default):
+        need.add("cgroup_sock_addr")
+    if _deny(policy.kernel_sysctl_write):
+        need.add("cgroup_sysctl")
+    lsm = (
+        policy.file_deny or policy.exec_deny or policy.exec_allow_only is not None
+        or any(_deny(v) for v in (policy.exec_from_writable, policy.mount_after_start, policy.user_namespaces,
+                                  policy.kernel_modules, policy.kernel_bpf, policy.kernel_perf_event,
+                                  policy.unix_host_sockets, policy.device_mknod))
+        or policy.ptrace == "own" or policy.signal == "own" or policy.capability_deny
+        or policy.bind_ports != (0, 65535)
+        # the cgroup hook sees only inet sockets; other families need the LSM
+        or (fams is not None and set(FAMILIES) - _ALL_INET - fams)
+    )
+    if lsm:
+        need.add("lsm")
+    return need

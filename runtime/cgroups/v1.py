@@ -1,0 +1,471 @@
+"""cgroup v1 (legacy or hybrid) driver on top of cgroupspy.
+
+One directory per mounted v1 hierarchy (memory, cpu, cpuacct, cpuset, pids, blkio, devices,
+freezer, hugetlb; co-mounted hierarchies once), plus the same relative path in the cgroup2 tree
+(hybrid hosts: /sys/fs/cgroup/unified) so every container process also has a cgroup2 id for BPF.
+
+Interface files go through cgroupspy's controller classes (MemoryController, CpuController, ...),
+each built on a single `Node` for the container's own directory: never a `trees.Tree()` walk. cgroupspy
+has no pids or freezer controller; those go through its generic `Controller.set_property`. Importing
+cgroupspy costs ~6 ms (it imports logging), paid on create/update/stats only, not on import of this module.
+
+OCI -> v1 files: memory limit/reservation/swap(memory+swap)/swappiness/disableOOMKiller ->
+memory.limit_in_bytes/soft_limit_in_bytes/memsw.limit_in_bytes/swappiness/oom_control; cpu shares/quota/
+period/burst/idle/realtime* -> cpu.shares/cfs_quota_us/cfs_period_us/cfs_burst_us/idle/rt_*; cpus/mems ->
+cpuset.cpus/mems (new cpuset dirs first get the parent's values, or joining fails); pids.limit -> pids.max;
+blockIO.weight -> blkio.weight, or blkio.bfq.weight when a block device really uses bfq (else refused);
+throttle*Device -> blkio.throttle.{read,write}_{bps,iops}_device (written directly: cgroupspy's write_*
+descriptors carry a trailing space in the file name);
+devices -> devices.deny "a", then each rule in order, then the OCI default devices (resources.py).
+hugepageLimits and unified keys go to the cgroup2 dir when its hierarchy has the controller (this host's
+unified tree offers hugetlb), else they are refused.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+from typing import Any
+
+from ..errors import ContainerError, SpecError
+from ..resources import UNLIMITED, DeviceRule, Resources, effective_device_rules
+from . import common, v2
+
+KNOWN = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer", "hugetlb")
+_UNLIMITED_V1 = 1 << 62  # the kernel prints "unlimited" as PAGE_COUNTER_MAX * PAGE_SIZE (about 2^63)
+
+
+def mounts(root: str = "/sys/fs/cgroup") -> tuple[dict[str, str], str | None]:
+    """(v1 controller -> mount point, cgroup2 mount point or None) for hierarchies mounted under root."""
+    v1: dict[str, str] = {}
+    unified = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(fields) < 5 or len(rfields) < 3 or fields[3] != "/":
+                continue
+            point = fields[4]
+            if os.path.dirname(point) != root.rstrip("/") and point != root:
+                continue
+            if rfields[0] == "cgroup2":
+                unified = point
+            elif rfields[0] == "cgroup":
+                for opt in rfields[2].split(","):
+                    if opt in KNOWN:
+                        v1[opt] = point
+    return v1, unified
+
+
+class Driver:
+    name = "v1"
+
+    def __init__(self, root: str = "/sys/fs/cgroup") -> None:
+        self.root = root
+        self.mounts, self.unified_root = mounts(root)
+        if not self.mounts:
+            common.refuse(f"no cgroup v1 hierarchy mounted under {root}", "cgroups",
+                          "mount the cgroup controllers (or use a cgroup v2 host)")
+
+    def controllers(self) -> list[str]:
+        return sorted(self.mounts)
+
+    def unified_controllers(self) -> set[str]:
+        if self.unified_root is None:
+            return set()
+        return set(common.read(os.path.join(self.unified_root, "cgroup.controllers")).split())
+
+    def create(self, path: str, resources: Resources | None) -> Cgroup:
+        self.check(resources)  # refuse before touching the kernel
+        cg = Cgroup(self, path)
+        try:
+            for mount in cg.mount_points():
+                cg.created += common.makedirs(mount, path)
+            if "cpuset" in self.mounts:
+                _inherit_cpuset(self.mounts["cpuset"], cg.created)
+            if self.unified_root is not None:
+                cg.unified = v2.Driver(self.unified_root).create(path, None)
+            cg.apply(resources or Resources(), create=True)
+            return cg
+        except BaseException:
+            cg.undo_create()
+            raise
+
+    def open(self, path: str) -> Cgroup:
+        cg = Cgroup(self, path)
+        if not any(os.path.isdir(d) for d in cg.dirs.values()):
+            raise ContainerError(f"cgroup {path} does not exist in any v1 hierarchy", where="cgroups",
+                                 hint="the container was deleted or its cgroup removed by someone else")
+        if self.unified_root is not None and os.path.isdir(os.path.join(self.unified_root, path)):
+            cg.unified = v2.Cgroup(self.unified_root, path)
+        return cg
+
+    def check(self, res: Resources | None, where: str = "linux.resources") -> None:
+        """NotSupported for every requested resource this host's hierarchies cannot enforce."""
+        for controller in ("devices", "freezer"):  # device isolation and pause/kill are never optional
+            if controller not in self.mounts:
+                common.refuse(f"the cgroup v1 {controller} controller is not mounted", "cgroups",
+                              f"mount it under {self.root}/{controller}")
+        if res is None:
+            return
+
+        def need(controller: str, field: str) -> None:
+            if controller not in self.mounts:
+                common.refuse(f"the cgroup v1 {controller} controller is not mounted", f"{where}.{field}",
+                              f"mount it under {self.root}/{controller} or remove {field}")
+
+        m = res.memory
+        if m is not None:
+            for name, present in (("kernel", m.kernel is not None), ("kernelTCP", m.kernel_tcp is not None),
+                                  ("useHierarchy", m.use_hierarchy is False)):
+                if present:
+                    common.refuse(f"memory.{name} is not supported (deprecated, gone from current kernels)",
+                                  f"{where}.memory.{name}", "remove it")
+            need("memory", "memory")
+        c = res.cpu
+        if c is not None:
+            if (c.shares, c.quota, c.period, c.burst, c.idle, c.realtime_runtime, c.realtime_period) \
+                    != (None,) * 7:
+                need("cpu", "cpu")
+            if c.cpus or c.mems:
+                need("cpuset", "cpu.cpus")
+        if res.pids_limit is not None:
+            need("pids", "pids")
+        if res.block_io is not None:
+            if unsupported := res.block_io.unsupported_fields():
+                common.refuse(f"blockIO {', '.join(unsupported)} not implemented", f"{where}.blockIO",
+                              "only blockIO.weight and throttle*Device are enforced; remove the others")
+            if res.block_io.weight is not None or res.block_io.has_throttle():
+                need("blkio", "blockIO")
+        hugetlb = "hugetlb" in self.mounts or "hugetlb" in self.unified_controllers()
+        if res.hugepage_limits and not hugetlb:
+            common.refuse("hugepageLimits need the hugetlb controller (v1 or in the cgroup2 tree)",
+                          f"{where}.hugepageLimits", "mount hugetlb or remove hugepageLimits")
+        for key in res.unified:
+            prefix = key.split(".")[0]
+            if prefix != "cgroup" and prefix not in self.unified_controllers():
+                common.refuse(f"unified key {key} needs the {prefix} controller in the cgroup2 tree, "
+                              "which this hybrid host does not offer", f"{where}.unified.{key}",
+                              "remove it or use the v1 equivalent field")
+        if res.unified and self.unified_root is None:
+            common.refuse("unified keys need a cgroup2 tree", f"{where}.unified",
+                          "remove linux.resources.unified")
+        if res.network is not None and res.network.requested():
+            common.refuse("network classID/priorities need net_cls/net_prio, which Stockade does not manage",
+                          f"{where}.network", "remove linux.resources.network (use BPF/nftables policy)")
+        if res.rdma:
+            common.refuse("rdma limits are not implemented", f"{where}.rdma", "remove linux.resources.rdma")
+
+
+def _node(path: str) -> Any:
+    """A cgroupspy Node for exactly one directory (no tree walk): its controllers only use full_path."""
+    from cgroupspy.nodes import Node
+
+    return Node(path.encode())
+
+
+def _set(controller: Any, attr: str, value: Any, filename: str) -> None:
+    """Assign through a cgroupspy file descriptor; kernel refusals become StockadeError naming the file."""
+    try:
+        setattr(controller, attr, value)
+    except OSError as e:
+        common.write_failed(controller.filepath(filename.encode()).decode(), value, e)
+
+
+def _cpu_set(text: str) -> set[int]:
+    from cgroupspy.interfaces import CommaDashSetFile
+
+    return CommaDashSetFile("cpuset.cpus").sanitize_get(text)
+
+
+def _inherit_cpuset(mount: str, created: list[str]) -> None:
+    """New cpuset dirs start with empty cpus/mems, where no task may join: copy the parent's."""
+    from cgroupspy.controllers import CpuSetController
+
+    for d in created:  # shallowest first, so each parent is already filled
+        if not d.startswith(mount + "/"):
+            continue
+        parent, child = CpuSetController(_node(os.path.dirname(d))), CpuSetController(_node(d))
+        _set(child, "cpus", parent.cpus, "cpuset.cpus")
+        _set(child, "mems", parent.mems, "cpuset.mems")
+
+
+class Cgroup:
+    devices_enforced = True  # devices.deny/allow written by this driver
+
+    def __init__(self, driver: Driver, path: str) -> None:
+        self.driver, self.path = driver, path
+        self.dirs = {c: os.path.join(m, path) for c, m in driver.mounts.items()}
+        self.unified: v2.Cgroup | None = None
+        self.created: list[str] = []
+        self.device_rules: list[DeviceRule] = []
+
+    def mount_points(self) -> list[str]:
+        return sorted(set(self.driver.mounts.values()))
+
+    def _dirs(self) -> list[str]:
+        return sorted({os.path.join(m, self.path) for m in self.mount_points()})
+
+    # -- limits -------------------------------------------------------------------------------
+    def update(self, resources: Resources) -> None:
+        self.driver.check(resources)
+        self.apply(resources, create=False)
+
+    def apply(self, res: Resources, create: bool) -> None:
+        if res.memory is not None:
+            self._memory(res)
+        if res.cpu is not None:
+            self._cpu(res)
+        if res.pids_limit is not None:
+            self._write("pids", "pids.max", _max(res.pids_limit))
+        if res.block_io is not None:
+            for suffix, _, entries in res.block_io.throttles():
+                for e in entries:  # one "maj:min rate" line per write; rate 0 removes the rule
+                    self._write("blkio", f"blkio.throttle.{suffix}", f"{e.major}:{e.minor} {e.rate}")
+            if res.block_io.weight is not None:
+                self._blkio_weight(res.block_io.weight)
+        if create or res.devices:
+            self._devices(effective_device_rules(res.devices))
+        self._unified_part(res)
+
+    def _generic(self, controller: str) -> Any:
+        from cgroupspy.controllers import Controller
+
+        return Controller(_node(self.dirs[controller]))
+
+    def _write(self, controller: str, filename: str, value: str | int) -> None:
+        try:
+            self._generic(controller).set_property(filename.encode(), value)
+        except OSError as e:
+            common.write_failed(os.path.join(self.dirs[controller], filename), value, e)
+
+    def _memory(self, res: Resources) -> None:
+        from cgroupspy.controllers import MemoryController
+
+        m = res.memory
+        assert m is not None
+        mem = MemoryController(_node(self.dirs["memory"]))
+        has_memsw = os.path.exists(mem.filepath(b"memory.memsw.limit_in_bytes"))
+        if m.swap is not None and not has_memsw:
+            common.refuse("swap limits need memory.memsw.limit_in_bytes (swap accounting is off)",
+                          "linux.resources.memory.swap", "boot with swapaccount=1 or remove memory.swap")
+        if m.check_before_update and m.limit not in (None, UNLIMITED) and m.limit < mem.usage_in_bytes:
+            raise SpecError(f"memory limit {m.limit} is below current usage {mem.usage_in_bytes}",
+                            where="linux.resources.memory.limit", hint="checkBeforeUpdate is set")
+        swap = m.swap
+        if m.limit == UNLIMITED and swap is None and has_memsw:
+            swap = UNLIMITED  # as runc: unlimited memory with swap unset lifts memsw too
+        # memory.limit_in_bytes <= memsw.limit_in_bytes at every step: raise memsw first when it grows
+        current_memsw = mem.memsw_limit_in_bytes if has_memsw else None
+        swap_first = swap is not None and (swap == UNLIMITED or current_memsw is not None
+                                           and current_memsw < swap)
+        if swap is not None and swap_first:
+            _set(mem, "memsw_limit_in_bytes", swap, "memory.memsw.limit_in_bytes")
+        if m.limit is not None:
+            _set(mem, "limit_in_bytes", m.limit, "memory.limit_in_bytes")
+        if swap is not None and not swap_first:
+            _set(mem, "memsw_limit_in_bytes", swap, "memory.memsw.limit_in_bytes")
+        if m.reservation is not None:
+            _set(mem, "soft_limit_in_bytes", m.reservation, "memory.soft_limit_in_bytes")
+        if m.swappiness is not None:
+            _set(mem, "swappiness", m.swappiness, "memory.swappiness")
+        if m.disable_oom_killer is not None:
+            _set(mem, "oom_control", m.disable_oom_killer, "memory.oom_control")
+
+    def _cpu(self, res: Resources) -> None:
+        from cgroupspy.controllers import CpuController, CpuSetController
+
+        c = res.cpu
+        assert c is not None
+        if "cpu" in self.dirs:
+            cpu = CpuController(_node(self.dirs["cpu"]))
+            if c.shares is not None:
+                _set(cpu, "shares", c.shares, "cpu.shares")
+            if c.period is not None:
+                _set(cpu, "cfs_period_us", c.period, "cpu.cfs_period_us")
+            if c.quota is not None:
+                _set(cpu, "cfs_quota_us", c.quota, "cpu.cfs_quota_us")
+            if c.burst is not None:
+                self._write("cpu", "cpu.cfs_burst_us", c.burst)
+            if c.idle is not None:
+                self._write("cpu", "cpu.idle", c.idle)
+            if c.realtime_period is not None:
+                _set(cpu, "rt_period_us", c.realtime_period, "cpu.rt_period_us")
+            if c.realtime_runtime is not None:
+                _set(cpu, "rt_runtime_us", c.realtime_runtime, "cpu.rt_runtime_us")
+        if c.cpus or c.mems:
+            cpuset = CpuSetController(_node(self.dirs["cpuset"]))
+            if c.cpus:
+                _set(cpuset, "cpus", _cpu_set(c.cpus), "cpuset.cpus")
+            if c.mems:
+                _set(cpuset, "mems", _cpu_set(c.mems), "cpuset.mems")
+
+    def _blkio_weight(self, weight: int) -> None:
+        from cgroupspy.controllers import BlkIOController
+
+        blkio = BlkIOController(_node(self.dirs["blkio"]))
+        if os.path.exists(blkio.filepath(b"blkio.weight")):
+            _set(blkio, "weight", weight, "blkio.weight")
+        elif os.path.exists(blkio.filepath(b"blkio.bfq.weight")) and _bfq_in_use():
+            self._write("blkio", "blkio.bfq.weight", weight)
+        else:
+            common.refuse("blockIO.weight needs blkio.weight (CFQ) or a block device using the bfq scheduler",
+                          "linux.resources.blockIO.weight",
+                          "select bfq in /sys/block/<dev>/queue/scheduler, or remove blockIO.weight")
+
+    def _devices(self, rules: list[DeviceRule]) -> None:
+        from cgroupspy.contenttypes import DeviceAccess
+        from cgroupspy.controllers import DevicesController
+
+        devices = DevicesController(_node(self.dirs["devices"]))
+        for rule in rules:
+            access = DeviceAccess(rule.type, rule.major, rule.minor, rule.access)
+            name = "allow" if rule.allow else "deny"
+            _set(devices, name, access, f"devices.{name}")
+        self.device_rules = list(rules)
+
+    def _unified_part(self, res: Resources) -> None:
+        """hugetlb (when not a v1 hierarchy) and unified keys live in the cgroup2 directory."""
+        hugepages = res.hugepage_limits
+        if hugepages and "hugetlb" in self.dirs:
+            for h in hugepages:
+                self._write("hugetlb", f"hugetlb.{h.page_size}.limit_in_bytes", h.limit)
+            hugepages = []
+        if (hugepages or res.unified) and self.unified is not None:
+            self.unified.update(Resources(hugepage_limits=hugepages, unified=res.unified))
+
+    # -- membership ---------------------------------------------------------------------------
+    def procs_files(self) -> list[str]:
+        files = [os.path.join(d, "cgroup.procs") for d in self._dirs()]
+        if self.unified is not None:
+            files += self.unified.procs_files()
+        return files
+
+    def add(self, pid: int) -> None:
+        for f in self.procs_files():
+            common.write(f, pid)
+
+    def pids(self) -> list[int]:
+        found: set[int] = set()
+        for d in self._dirs():
+            found |= common.procs_recursive(d)
+        if self.unified is not None:
+            found |= set(self.unified.pids())
+        return sorted(found)
+
+    # -- freezer and signals ------------------------------------------------------------------
+    def _freezer_state(self) -> str:
+        return common.read(os.path.join(self.dirs["freezer"], "freezer.state"))
+
+    def freeze(self) -> None:
+        self._write("freezer", "freezer.state", "FROZEN")
+        try:
+            common.wait_until(lambda: self._freezer_state() == "FROZEN", f"{self.path} to freeze")
+        except BaseException:
+            self._write("freezer", "freezer.state", "THAWED")  # never leave it half-frozen
+            raise
+
+    def thaw(self) -> None:
+        self._write("freezer", "freezer.state", "THAWED")
+        common.wait_until(lambda: self._freezer_state() == "THAWED", f"{self.path} to thaw")
+
+    def frozen(self) -> bool:
+        return self._freezer_state() == "FROZEN"
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Freeze so nothing forks while we signal, signal every process, thaw so signals are handled."""
+        was_frozen = self.frozen()
+        if not was_frozen:
+            self.freeze()
+        try:
+            common.signal_all(self.pids(), sig)
+        finally:
+            if not was_frozen or sig == signal.SIGKILL:
+                self.thaw()
+
+    # -- accounting ---------------------------------------------------------------------------
+    def stats(self) -> dict:
+        out: dict[str, int | None] = dict.fromkeys(
+            ("memory_current", "memory_peak", "memory_limit", "memory_swap_limit", "cpu_usage_usec",
+             "pids_current", "pids_limit"))
+        if "memory" in self.dirs:
+            from cgroupspy.controllers import MemoryController
+
+            mem = MemoryController(_node(self.dirs["memory"]))
+            out["memory_current"] = mem.usage_in_bytes
+            out["memory_peak"] = mem.max_usage_in_bytes
+            out["memory_limit"] = _unlimited(mem.limit_in_bytes)
+            if os.path.exists(mem.filepath(b"memory.memsw.limit_in_bytes")):
+                out["memory_swap_limit"] = _unlimited(mem.memsw_limit_in_bytes)
+        if "cpuacct" in self.dirs:
+            from cgroupspy.controllers import CpuAcctController
+
+            out["cpu_usage_usec"] = CpuAcctController(_node(self.dirs["cpuacct"])).usage // 1000
+        if "pids" in self.dirs:
+            out["pids_current"] = common.read_int_or_max(os.path.join(self.dirs["pids"], "pids.current"))
+            out["pids_limit"] = common.read_int_or_max(os.path.join(self.dirs["pids"], "pids.max"))
+        out["oom_kills"] = self.oom_kills()
+        return out
+
+    def oom_kills(self) -> int:
+        if "memory" not in self.dirs:
+            return 0
+        path = os.path.join(self.dirs["memory"], "memory.oom_control")
+        return common.read_keyed(path).get("oom_kill", 0)
+
+    def unified_id(self) -> int:
+        return os.stat(self.unified_path()).st_ino
+
+    def unified_path(self) -> str:
+        if self.unified is None:
+            common.refuse("this host has no cgroup2 tree: no cgroup id for BPF", "cgroups",
+                          "mount cgroup2 at /sys/fs/cgroup/unified (hybrid) or boot with cgroup v2")
+        assert self.unified is not None
+        return self.unified.unified_path()
+
+    # -- teardown -----------------------------------------------------------------------------
+    def destroy(self) -> None:
+        if "freezer" in self.dirs and os.path.isdir(self.dirs["freezer"]) and self.frozen():
+            self.thaw()
+        if self.pids():
+            self.kill(signal.SIGKILL)
+            common.wait_until(lambda: not self.pids(), f"{self.path} to empty")
+        self.remove_dirs()
+
+    def remove_dirs(self) -> None:
+        created = set(self.created)
+        for mount in self.mount_points():
+            common.remove_tree(os.path.join(mount, self.path))
+            common.remove_empty_parents(
+                mount, self.path, lambda p: p in created or os.path.basename(p) == "stockade")
+        if self.unified is not None:
+            self.unified.destroy()
+        elif self.driver.unified_root is not None and os.path.isdir(os.path.join(self.driver.unified_root,
+                                                                                 self.path)):
+            v2.Cgroup(self.driver.unified_root, self.path).destroy()
+
+    def undo_create(self) -> None:
+        """A failed create(): remove only the dirs it made (a pre-existing leaf belongs to someone else)."""
+        if self.unified is not None:
+            self.unified.destroy()
+        for d in reversed(self.created):
+            common.remove_tree(d)
+
+
+def _max(v: int) -> str:
+    return "max" if v == UNLIMITED else str(v)
+
+
+def _unlimited(v: int | None) -> int | None:
+    return UNLIMITED if v is None or v >= _UNLIMITED_V1 else v
+
+
+def _bfq_in_use() -> bool:
+    for path in glob.glob("/sys/block/*/queue/scheduler"):
+        try:
+            if "[bfq]" in common.read(path):
+                return True
+        except OSError:
+            continue
+    return False

@@ -1,0 +1,476 @@
+"""Container lifecycle: the library API behind `stockade-oci`, `stockade run` and the CRI daemon.
+
+Each public function takes the runtime root, does one OCI operation under the container's
+lock, and either completes or leaves nothing behind (no cgroup, state directory or process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ContainerError, StockadeError
+from .state import State, StateStore, process_alive, process_start_time, validate_id, write_atomic
+
+OCI_VERSION = "1.2.1"
+KILL_WAIT_SECONDS = 10.0
+
+
+@dataclass
+class CreateOptions:
+    """What `create` needs beyond the bundle; CLI flags and CRI requests fill it."""
+
+    pid_file: Path | None = None
+    console_socket: str | None = None
+    no_pivot: bool = False
+    preserve_fds: int = 0
+    allow_degraded: bool = False  # explicit opt-in to run without a layer the host cannot enforce
+    spec: Any = None  # an already-parsed Spec (stockade run builds one in memory)
+    rootfs: Path | None = None  # overrides spec.root.path resolution (stockade run's built-in rootfs)
+
+
+@dataclass
+class Status:
+    """OCI state plus what Stockade adds (cgroup, degraded layers)."""
+
+    state: State
+    status: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def oci(self) -> dict[str, Any]:
+        s = self.state
+        out: dict[str, Any] = {
+            "ociVersion": OCI_VERSION,
+            "id": s.id,
+            "status": self.status,
+            "pid": s.pid if self.status not in ("stopped",) else 0,
+            "bundle": s.bundle,
+            "rootfs": s.rootfs,
+            "created": s.created,
+            "owner": s.owner,
+        }
+        if s.annotations:
+            out["annotations"] = s.annotations
+        if s.degraded:
+            out["stockade.degraded"] = s.degraded
+        return out
+
+
+# ---------------------------------------------------------------- create
+
+
+def create(
+    root: Path | str, container_id: str, bundle: Path | str, opts: CreateOptions | None = None
+) -> State:
+    """Set up the container and leave its init waiting before the user's process (OCI `create`)."""
+    from . import spec as specmod
+
+    opts = opts or CreateOptions()
+    validate_id(container_id)
+    bundle = Path(bundle).resolve()
+    store = StateStore(root)
+    if store.dir(container_id).exists():
+        raise ContainerError(
+            f"container {container_id!r} already exists", hint="delete it first or pick another ID"
+        )
+    spec = opts.spec or specmod.load_bundle(bundle)
+    rootfs = opts.rootfs or _rootfs_of(spec, bundle)
+    seccomp_program = _compile_seccomp(spec)
+    state_dir = store.claim(container_id)
+    undo: list[Callable[[], None]] = [lambda: store.remove(container_id)]
+    try:
+        with store.lock(container_id):
+            state = _create_in(
+                store, state_dir, container_id, bundle, rootfs, spec, seccomp_program, opts, undo
+            )
+    except BaseException:
+        _rollback(undo)
+        raise
+    return state
+
+
+def _create_in(
+    store: StateStore,
+    state_dir: Path,
+    container_id: str,
+    bundle: Path,
+    rootfs: Path,
+    spec: Any,
+    seccomp_program: bytes | None,
+    opts: CreateOptions,
+    undo: list[Callable[[], None]],
+) -> State:
+    from . import cgroups, init
+    from .hooks import run_hooks
+
+    state = State(
+        id=container_id,
+        bundle=str(bundle),
+        rootfs=str(rootfs),
+        created=_now(),
+        owner="",
+        annotations=dict(spec.annotations or {}),
+    )
+    cg_path = cgroups.resolve_path(spec.linux.cgroups_path, container_id)
+    driver = cgroups.open_driver()
+    cgroup = driver.create(cg_path, _resources(spec))
+    undo.append(cgroup.destroy)
+    state.cgroup_path, state.cgroup_driver, state.cgroup_id = cg_path, driver.name, cgroup.unified_id()
+    _install_bpf(state, spec, cgroup, opts, undo)
+    write_atomic(state_dir / "config.json", _spec_json(spec, bundle))
+    fifo = state_dir / "exec.fifo"
+    os.mkfifo(fifo, 0o600)
+
+    def on_created(pid: int) -> None:
+        # The state hooks see has the init's pid while namespaces exist, before pivot_root.
+        snapshot = _oci_state(state, "creating", pid)
+        run_hooks("prestart", spec.hooks.prestart, snapshot)
+        run_hooks("createRuntime", spec.hooks.create_runtime, snapshot)
+
+    launch = init.Launch(
+        spec=spec,
+        bundle=bundle,
+        rootfs=rootfs,
+        exec_fifo=fifo,
+        cgroup_procs=cgroup.procs_files(),
+        seccomp_program=seccomp_program,
+        seccomp_flags=list((spec.linux.seccomp or {}).get("flags") or []),
+        console_socket=opts.console_socket,
+        no_pivot=opts.no_pivot,
+        on_created=on_created,
+        run_create_container_hooks=_in_container_hooks("createContainer", spec.hooks.create_container, state),
+        run_start_container_hooks=_in_container_hooks("startContainer", spec.hooks.start_container, state),
+        preserve_fds=opts.preserve_fds,
+    )
+    pid = init.spawn(launch)
+    undo.append(lambda: _kill_and_wait(pid, process_start_time(pid)))
+    state.pid, state.pid_start = pid, process_start_time(pid)
+    store.save(state)
+    if opts.pid_file:
+        write_atomic(Path(opts.pid_file), str(pid), 0o644)
+    return state
+
+
+def _rootfs_of(spec: Any, bundle: Path) -> Path:
+    rootfs = Path(spec.root.path)
+    return (rootfs if rootfs.is_absolute() else bundle / rootfs).resolve()
+
+
+def _resources(spec: Any) -> Any:
+    from .resources import Resources
+
+    res = spec.linux.resources
+    return res if isinstance(res, Resources) or res is None else Resources.from_oci(res)
+
+
+def _compile_seccomp(spec: Any) -> bytes | None:
+    if not spec.linux.seccomp:
+        return None
+    from .seccomp import compile_program
+
+    return compile_program(spec.linux.seccomp, where="config.json: linux.seccomp")
+
+
+def _install_bpf(
+    state: State, spec: Any, cgroup: Any, opts: CreateOptions, undo: list[Callable[[], None]]
+) -> None:
+    """Put the container's BPF policy into the pinned maps before its first instruction."""
+    from .bpfpolicy import install
+
+    installed = install(state, spec, cgroup, allow_degraded=opts.allow_degraded)
+    if installed:
+        undo.append(lambda: _remove_bpf(state))
+
+
+def _remove_bpf(state: State) -> None:
+    from .bpfpolicy import remove
+
+    remove(state)
+
+
+def _in_container_hooks(kind: str, hooks: list, state: State) -> Callable[[], None] | None:
+    if not hooks:
+        return None
+
+    def run() -> None:
+        from .hooks import run_hooks
+
+        run_hooks(kind, hooks, _oci_state(state, "created", os.getpid()))
+
+    return run
+
+
+def _spec_json(spec: Any, bundle: Path) -> str:
+    """The spec as created; `exec` reads it back, so the bundle may change or vanish later."""
+    config = bundle / "config.json"
+    raw = getattr(spec, "raw", None)
+    if raw is not None:
+        import json
+
+        return json.dumps(raw)
+    return config.read_text()
+
+
+def _rollback(undo: list[Callable[[], None]]) -> None:
+    for step in reversed(undo):
+        with contextlib.suppress(Exception):
+            step()
+
+
+# ---------------------------------------------------------------- start / state / kill / delete
+
+
+def start(root: Path | str, container_id: str) -> State:
+    """Release the waiting init so it execs the user's process (OCI `start`)."""
+    store = StateStore(root)
+    with store.lock(container_id) as state_dir:
+        state = store.load(container_id)
+        status = _status_of(state, state_dir)
+        if status != "created":
+            raise ContainerError(
+                f"cannot start container {container_id!r} in status {status!r}",
+                hint="only a created container can be started",
+            )
+        _release(state, state_dir / "exec.fifo")
+        state.started = True
+        store.save(state)
+    spec = _load_spec(state_dir)
+    if spec.hooks.poststart:
+        from .hooks import run_hooks
+
+        run_hooks("poststart", spec.hooks.poststart, _oci_state(state, "running", state.pid))
+    return state
+
+
+def _release(state: State, fifo: Path) -> None:
+    # Non-blocking open: a dead init must not hang `start`; then wait for its byte.
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        deadline = time.monotonic() + KILL_WAIT_SECONDS
+        while True:
+            ready, _, _ = select.select([fd], [], [], 0.05)
+            if ready and os.read(fd, 1):
+                break
+            if not process_alive(state.pid, state.pid_start):
+                raise ContainerError(f"container {state.id!r} init exited before start")
+            if time.monotonic() > deadline:
+                raise ContainerError(f"container {state.id!r} init did not answer start")
+    finally:
+        os.close(fd)
+    fifo.unlink()
+
+
+def status(root: Path | str, container_id: str) -> Status:
+    store = StateStore(root)
+    state_dir = store.dir(container_id)
+    state = store.load(container_id)
+    return Status(state, _status_of(state, state_dir))
+
+
+def _status_of(state: State, state_dir: Path) -> str:
+    if not state.pid or not process_alive(state.pid, state.pid_start):
+        return "stopped"
+    if (state_dir / "exec.fifo").exists():
+        return "created"
+    if _cgroup(state).frozen():
+        return "paused"
+    return "running"
+
+
+def _cgroup(state: State) -> Any:
+    from . import cgroups
+
+    return cgroups.open_driver().open(state.cgroup_path)
+
+
+def kill(root: Path | str, container_id: str, sig: int = signal.SIGTERM, all_processes: bool = False) -> None:
+    store = StateStore(root)
+    with store.lock(container_id) as state_dir:
+        state = store.load(container_id)
+        status = _status_of(state, state_dir)
+        if status == "stopped" and not all_processes:
+            raise ContainerError(f"container {container_id!r} is not running", hint="nothing to signal")
+        if all_processes:
+            _cgroup(state).kill(sig)
+        else:
+            os.kill(state.pid, sig)
+
+
+def delete(root: Path | str, container_id: str, force: bool = False) -> None:
+    """Remove every trace of the container (OCI `delete`); `force` kills it first."""
+    store = StateStore(root)
+    with store.lock(container_id) as state_dir:
+        state = store.load(container_id)
+        status = _status_of(state, state_dir)
+        if status in ("running", "paused") and not force:
+            raise ContainerError(
+                f"cannot delete container {container_id!r} in status {status!r}",
+                hint="stop it first or use --force",
+            )
+        spec = _load_spec(state_dir)
+        _teardown(state)
+    store.remove(container_id)
+    if spec is not None and spec.hooks.poststop:
+        from .hooks import run_hooks
+
+        run_hooks("poststop", spec.hooks.poststop, _oci_state(state, "stopped", 0))
+
+
+def _teardown(state: State) -> None:
+    cgroup = _cgroup(state)
+    with contextlib.suppress(OSError):
+        cgroup.thaw()  # a frozen process cannot die
+    _kill_and_wait(state.pid, state.pid_start)
+    cgroup.destroy()
+    if state.bpf_policy:
+        _remove_bpf(state)
+
+
+def _kill_and_wait(pid: int, start_time: int) -> None:
+    if not process_alive(pid, start_time):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_WAIT_SECONDS
+    while process_alive(pid, start_time) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        time.sleep(0.002)
+
+
+def _load_spec(state_dir: Path) -> Any:
+    from . import spec as specmod
+
+    try:
+        import json
+
+        return specmod.parse_spec(
+            json.loads((state_dir / "config.json").read_text()), where="state config.json"
+        )
+    except (OSError, ValueError, StockadeError):
+        return None
+
+
+# ---------------------------------------------------------------- exec / pause / resume / update / ps / list
+
+
+def exec_process(
+    root: Path | str,
+    container_id: str,
+    process: Any,
+    *,
+    console_socket: str | None = None,
+    detach: bool = False,
+    pid_file: Path | None = None,
+) -> int:
+    """Run another process in a running container (OCI `exec`); returns its exit code, or its pid if detached."""
+    from . import init
+
+    store = StateStore(root)
+    with store.lock(container_id) as state_dir:
+        state = store.load(container_id)
+        status = _status_of(state, state_dir)
+        if status not in ("running", "created"):
+            raise ContainerError(f"cannot exec in container {container_id!r} in status {status!r}")
+        spec = _load_spec(state_dir)
+        program = _compile_seccomp(spec)
+        cgroup = _cgroup(state)
+    return init.exec_process(
+        state.pid,
+        spec,
+        process,
+        cgroup_procs=cgroup.procs_files(),
+        seccomp_program=program,
+        seccomp_flags=list((spec.linux.seccomp or {}).get("flags") or []),
+        console_socket=console_socket,
+        detach=detach,
+        pid_file=pid_file,
+    )
+
+
+def pause(root: Path | str, container_id: str) -> None:
+    _freeze(root, container_id, True)
+
+
+def resume(root: Path | str, container_id: str) -> None:
+    _freeze(root, container_id, False)
+
+
+def _freeze(root: Path | str, container_id: str, freeze: bool) -> None:
+    store = StateStore(root)
+    with store.lock(container_id) as state_dir:
+        state = store.load(container_id)
+        status = _status_of(state, state_dir)
+        wanted = "running" if freeze else "paused"
+        if status != wanted:
+            verb = "pause" if freeze else "resume"
+            raise ContainerError(f"cannot {verb} container {container_id!r} in status {status!r}")
+        cgroup = _cgroup(state)
+        cgroup.freeze() if freeze else cgroup.thaw()
+
+
+def update(root: Path | str, container_id: str, resources: dict) -> None:
+    from .resources import Resources
+
+    res = Resources.from_oci(resources, where="resources")
+    store = StateStore(root)
+    with store.lock(container_id) as state_dir:
+        state = store.load(container_id)
+        if _status_of(state, state_dir) == "stopped":
+            raise ContainerError(f"container {container_id!r} is stopped", hint="nothing to update")
+        _cgroup(state).update(res)
+
+
+def processes(root: Path | str, container_id: str) -> list[int]:
+    store = StateStore(root)
+    state = store.load(container_id)
+    return sorted(_cgroup(state).pids())
+
+
+def list_containers(root: Path | str) -> list[Status]:
+    store = StateStore(root)
+    out = []
+    for cid in store.ids():
+        with contextlib.suppress(ContainerError, OSError, ValueError):
+            out.append(status(root, cid))
+    return out
+
+
+def wait(state: State) -> int:
+    """Wait for the init (a child of this process or of its subreaper) and return an exit code."""
+    while True:
+        try:
+            _, raw = os.waitpid(state.pid, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            # Not our child: poll until it is gone (no exit code to be had).
+            while process_alive(state.pid, state.pid_start):
+                time.sleep(0.01)
+            return 0
+        return exit_code(raw)
+
+
+def exit_code(raw_status: int) -> int:
+    if os.WIFSIGNALED(raw_status):
+        return 128 + os.WTERMSIG(raw_status)
+    return os.waitstatus_to_exitcode(raw_status)
+
+
+def _oci_state(state: State, status_name: str, pid: int) -> dict[str, Any]:
+    out = Status(state, status_name).oci()
+    out["pid"] = pid
+    return out
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"

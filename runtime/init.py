@@ -1,0 +1,777 @@
+"""The container init: fork, namespaces, ID maps, mounts, pivot_root, then wait for `start` and exec.
+
+Process layout (runc semantics):
+
+    runtime ──fork──> stage 1: joins cgroups, setns to namespaces given by path, unshares the
+      │                        user ns (the runtime writes its maps), unshares the rest;
+      │                        forks stage 2 when there is a pid namespace, then exits
+      │                        (the runtime is a child subreaper, so stage 2 becomes its child)
+      └─ stage 2 (the init, PID 1 in a new pid ns): mounts, devices, pivot_root, hostname,
+                 sysctl, rlimits, ... reports "ready", blocks opening the exec fifo for writing,
+                 and once `start` reads it: startContainer hooks, user, caps, no_new_privs, seccomp, exec.
+
+The runtime and the init talk over two pipes with tiny framed messages; any error in the init
+travels back as a StockadeError and the init exits, so `create` fails with nothing left behind
+(mounts live in the init's mount namespace and die with it).
+
+Every module the child needs is imported before fork: after pivot_root the runtime's files are
+out of sight. Until execve the init is the host's Python binary, so it makes itself non-dumpable
+before it waits (a container process must not reach /proc/<init>/exe).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import capabilities, devices, mounts, namespaces, rlimits
+from . import syscalls as sc
+from .errors import ContainerError, NotSupported, SpecError, StockadeError
+from .idmap import write_maps
+from .spec import Process, Spec, sysctl_namespace, sysctl_path
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Message tags, child -> runtime.
+_MAP, _PID, _HOOKS, _READY, _ERROR = b"M", b"P", b"H", b"R", b"E"
+_OK = b"K"  # runtime -> child
+
+
+@dataclass
+class Launch:
+    spec: Spec
+    bundle: Path
+    rootfs: Path
+    exec_fifo: Path
+    cgroup_procs: list[str]
+    seccomp_program: bytes | None
+    seccomp_flags: list[str]
+    console_socket: str | None = None
+    no_pivot: bool = False
+    on_created: Callable[[int], None] | None = None
+    run_create_container_hooks: Callable[[], None] | None = None
+    run_start_container_hooks: Callable[[], None] | None = None
+    preserve_fds: int = 0
+
+
+_host_pid = 0
+
+
+def host_pid() -> int:
+    """Inside the container init (e.g. in run_start_container_hooks): its pid as the runtime sees it,
+    for the OCI state given to hooks (os.getpid() there says 1 in a new pid namespace)."""
+    return _host_pid or os.getpid()
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime side
+# ---------------------------------------------------------------------------------------------
+
+
+def spawn(launch: Launch) -> int:
+    """Create the container; returns the init's host pid once it is about to block on the exec fifo.
+
+    The calling process becomes a child subreaper so the init (a grandchild when a pid namespace
+    is created) is reparented to it and can be waited for.
+    """
+    if launch.spec.process.terminal and not launch.console_socket:
+        raise SpecError(
+            "a terminal needs a console socket",
+            where="process.terminal",
+            hint="pass --console-socket, or set terminal to false",
+        )
+    _give_fifo_to_container_root(launch)
+    _preload(launch.spec.process, launch.seccomp_program)
+    _preload_hooks(launch)
+    sc.set_child_subreaper()
+    to_parent_r, to_parent_w = os.pipe()
+    to_child_r, to_child_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(to_parent_r)
+        os.close(to_child_w)
+        _child_main(lambda: _Init(launch, to_parent_w, to_child_r).run(), to_parent_w)
+    os.close(to_parent_w)
+    os.close(to_child_r)
+    return _supervise(pid, to_parent_r, to_child_w, launch=launch)
+
+
+def _preload(process: Process, seccomp_program: bytes | None) -> None:
+    """Import, before forking, every module the child may need: after pivot_root (or setns into the
+    container's mount namespace) the runtime's own files are out of reach, and importing once in the
+    parent is cheaper than in each child."""
+    if process.terminal:
+        from . import console  # noqa: F401
+    if seccomp_program is not None:
+        from . import seccomp  # noqa: F401
+    import json  # noqa: F401 - error reports
+
+
+def _preload_hooks(launch: Launch) -> None:
+    """The startContainer callback runs after pivot_root: load the hook runner it imports now."""
+    if launch.run_start_container_hooks is not None or launch.run_create_container_hooks is not None:
+        try:
+            from . import hooks  # noqa: F401
+        except ImportError:
+            pass
+
+
+def _give_fifo_to_container_root(launch: Launch) -> None:
+    """In a new user namespace the init is not host root: let the container's root open the fifo."""
+    linux = launch.spec.linux
+    userns = linux.namespace("user")
+    if userns is None or userns.path:
+        return
+    uid = next((m.host_id for m in linux.uid_mappings if m.container_id == 0), None)
+    gid = next((m.host_id for m in linux.gid_mappings if m.container_id == 0), None)
+    if uid is not None:  # the mode stays as created (0600): the owner is all that needs to write
+        os.chown(launch.exec_fifo, uid, -1 if gid is None else gid)
+
+
+def exec_process(
+    pid: int,
+    spec: Spec,
+    process: Process,
+    *,
+    cgroup_procs: list[str],
+    seccomp_program: bytes | None,
+    seccomp_flags: list[str],
+    console_socket: str | None = None,
+    detach: bool = False,
+    pid_file: Path | None = None,
+    preserve_fds: int = 0,
+) -> int:
+    """`runc exec`: run `process` inside the namespaces and cgroups of container init `pid`.
+
+    Returns the exit code (128+signal) when attached, the new process's host pid when detached.
+    """
+    if process.terminal and not console_socket:
+        raise SpecError(
+            "a terminal needs a console socket",
+            where="process.terminal",
+            hint="pass --console-socket, or set terminal to false",
+        )
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        raise ContainerError(f"container process {pid} is not running") from None
+    _preload(process, seccomp_program)
+    sc.set_child_subreaper()
+    to_parent_r, to_parent_w = os.pipe()
+    to_child_r, to_child_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(to_parent_r)
+        os.close(to_child_w)
+        job = _Exec(
+            pid,
+            spec,
+            process,
+            cgroup_procs,
+            seccomp_program,
+            seccomp_flags,
+            console_socket,
+            preserve_fds,
+            to_parent_w,
+            to_child_r,
+        )
+        _child_main(job.run, to_parent_w)
+    os.close(to_parent_w)
+    os.close(to_child_r)
+    worker = _supervise(child, to_parent_r, to_child_w)
+    if pid_file is not None:
+        _write_pid_file(str(pid_file), worker)
+    if detach:
+        return worker
+    _, status = os.waitpid(worker, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(pid))
+    os.replace(tmp, path)
+
+
+def _supervise(stage1: int, rfd: int, wfd: int, launch: Launch | None = None) -> int:
+    """Serve the child's requests until it is ready; on any failure kill and reap everything."""
+    init_pid = 0
+    alive = {stage1}  # our unreaped children: only these may be signalled (a reaped pid can be reused)
+    try:
+        while True:
+            tag, payload = _recv(rfd)
+            if tag == _MAP:
+                write_maps(stage1, launch.spec.linux.uid_mappings, launch.spec.linux.gid_mappings)
+                _send(wfd, _OK)
+            elif tag == _PID:
+                init_pid = int(payload)
+                if init_pid != stage1:
+                    alive.add(init_pid)  # reparented to us (child subreaper) when stage 1 exits
+                    os.waitpid(stage1, 0)  # stage 1 exits once it has forked the init
+                    alive.discard(stage1)
+                _send(wfd, _OK, payload)  # tell the init its host pid (it may only know itself as 1)
+            elif tag == _HOOKS:
+                if launch is not None and launch.on_created is not None:
+                    launch.on_created(init_pid)
+                _send(wfd, _OK)
+            elif tag == _READY:
+                return init_pid
+            elif tag == _ERROR:
+                raise _decode_error(payload)
+            else:  # EOF: every child end of the pipe is closed, so the children are gone or going
+                raise StockadeError(_exit_reason(alive), where="container init")
+    except BrokenPipeError:  # the child died while we were answering it (nobody holds the read end)
+        reason = _exit_reason(alive)
+        _kill_and_reap(alive)
+        raise StockadeError(reason, where="container init") from None
+    except BaseException:
+        _kill_and_reap(alive)
+        raise
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
+def _exit_reason(alive: set[int]) -> str:
+    reason = "the container init exited before it was ready"
+    for pid in sorted(alive):
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            continue
+        alive.discard(pid)
+        if os.WIFSIGNALED(status):
+            reason = f"the container init was killed by signal {os.WTERMSIG(status)} before it was ready"
+    return reason
+
+
+def _kill_and_reap(alive: set[int]) -> None:
+    for pid in alive:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Framing: tag (1 byte) + length (4 bytes) + payload
+# ---------------------------------------------------------------------------------------------
+
+
+def _send(fd: int, tag: bytes, payload: bytes = b"") -> None:
+    os.write(fd, tag + len(payload).to_bytes(4, "little") + payload)
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+def _recv(fd: int) -> tuple[bytes, bytes]:
+    head = _read_exact(fd, 5)
+    if len(head) < 5:
+        return b"", b""
+    return head[:1], _read_exact(fd, int.from_bytes(head[1:], "little"))
+
+
+def _encode_error(exc: BaseException) -> bytes:
+    import json
+
+    if isinstance(exc, StockadeError):
+        d = {"type": type(exc).__name__, "what": exc.what, "where": exc.where, "hint": exc.hint}
+    elif isinstance(exc, OSError):
+        what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)
+        d = {"type": "StockadeError", "what": what, "where": "container init"}
+    else:
+        d = {
+            "type": "StockadeError",
+            "what": f"internal error: {type(exc).__name__}: {exc}",
+            "where": "container init",
+        }
+    return json.dumps(d).encode()
+
+
+def _decode_error(payload: bytes) -> StockadeError:
+    import json
+
+    d = json.loads(payload)
+    cls = {"SpecError": SpecError, "NotSupported": NotSupported, "ContainerError": ContainerError}.get(
+        d.get("type"), StockadeError
+    )
+    return cls(d.get("what", "unknown error"), where=d.get("where", ""), hint=d.get("hint", ""))
+
+
+def _child_main(body: Callable[[], None], report_fd: int) -> None:
+    """Run `body` in a forked child; never return to the caller's code."""
+    code = 1
+    try:
+        body()
+        code = 0
+    except _Reported as exc:
+        code = exc.code
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the runtime
+        try:
+            _send(report_fd, _ERROR, _encode_error(exc))
+        except OSError:
+            _stderr(f"stockade: {exc}")
+    finally:
+        os._exit(code)
+
+
+class _Reported(Exception):
+    """A failure after `ready`: already written to the container's stderr; exit with `code`."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+def _stderr(text: str) -> None:
+    try:
+        os.write(2, (text + "\n").encode(errors="replace"))
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Child side: shared steps
+# ---------------------------------------------------------------------------------------------
+
+
+def _join_cgroups(files: list[str]) -> None:
+    for path in files:
+        try:
+            with open(path, "w") as f:
+                f.write("0")
+        except OSError as exc:
+            raise StockadeError(
+                f"cannot join cgroup {path}: {exc.strerror}", where="linux.cgroupsPath"
+            ) from None
+
+
+def _find_executable(process: Process, env: dict[str, str]) -> str:
+    """Resolve args[0] in the container (after pivot_root) the way execvp would, so `create` can fail."""
+    name = process.args[0]
+    if "/" in name:
+        path = os.path.join(process.cwd, name)
+        if not os.path.isfile(path):
+            raise StockadeError(f"exec: {name!r}: no such file", where="process.args[0]")
+        if not os.access(path, os.X_OK):
+            raise StockadeError(f"exec: {name!r}: permission denied", where="process.args[0]")
+        return path
+    for directory in env.get("PATH", DEFAULT_PATH).split(":"):
+        path = os.path.join(directory or ".", name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise StockadeError(f"exec: {name!r}: executable file not found in $PATH", where="process.args[0]")
+
+
+def _environment(process: Process) -> dict[str, str]:
+    env = dict(item.split("=", 1) for item in process.env)
+    if "HOME" not in env:
+        env["HOME"] = _home_of(process.user.uid)
+    return env
+
+
+def _home_of(uid: int) -> str:
+    try:
+        with open("/etc/passwd") as f:
+            for line in f:
+                parts = line.split(":")
+                if len(parts) >= 6 and parts[2] == str(uid):
+                    return parts[5]
+    except OSError:
+        pass
+    return "/"
+
+
+def _apply_oom_score_adj(value: int | None, where: str) -> None:
+    if value is None:
+        return
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError as exc:
+        hint = "lowering the OOM score needs CAP_SYS_RESOURCE, which the runtime lacks" if value < 0 else ""
+        raise StockadeError(
+            f"cannot set oomScoreAdj to {value}: {exc.strerror}", where=where, hint=hint
+        ) from None
+
+
+def _become_user(process: Process) -> None:
+    """Switch to process.user, keeping the permitted capabilities for the capset that follows."""
+    user = process.user
+    try:
+        sc.set_keepcaps(True)
+        os.setgroups(user.additional_gids)
+        os.setresgid(user.gid, user.gid, user.gid)
+        os.setresuid(user.uid, user.uid, user.uid)
+        sc.set_keepcaps(False)
+    except OSError as exc:
+        raise StockadeError(
+            f"cannot switch to uid {user.uid} gid {user.gid}: {exc.strerror}",
+            where="process.user",
+            hint="the IDs must be mapped in the user namespace",
+        ) from None
+    if user.umask is not None:
+        os.umask(user.umask)
+    try:
+        os.chdir(process.cwd)
+    except OSError as exc:
+        raise StockadeError(
+            f"cannot enter cwd {process.cwd!r} as uid {user.uid}: {exc.strerror}", where="process.cwd"
+        ) from None
+
+
+def _finish_and_exec(
+    personality: int | None,
+    process: Process,
+    path: str,
+    env: dict[str, str],
+    preserve_fds: int,
+    seccomp_program: bytes | None,
+    seccomp_flags: list[str],
+) -> None:
+    """Everything from the user switch to execve; failures go to the container's stderr."""
+    try:
+        capabilities.drop_bounding(process.capabilities)
+        _become_user(process)
+        capabilities.apply(process.capabilities)
+        if personality is not None:
+            sc.personality(personality)
+        if process.apparmor_profile:
+            _set_apparmor(process.apparmor_profile)
+        if process.no_new_privileges:
+            sc.set_no_new_privs()
+        sc.close_range(3 + preserve_fds)
+        if seccomp_program is not None:
+            from .seccomp import load_program  # last: the filter also applies to us from here on
+
+            load_program(seccomp_program, seccomp_flags)
+    except StockadeError as exc:
+        _stderr(f"stockade: {exc}")
+        raise _Reported(1) from None
+    except OSError as exc:
+        _stderr(f"stockade: {exc}")
+        raise _Reported(1) from None
+    # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive execve, so restore them.
+    import _signal
+
+    for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):
+        _signal.signal(sig, _signal.SIG_DFL)
+    try:
+        os.execve(path, process.args, env)
+    except OSError as exc:
+        _stderr(f"stockade: exec {process.args[0]!r}: {exc.strerror}")
+        raise _Reported(127 if exc.errno == 2 else 126) from None
+
+
+def _hide_runtime() -> None:
+    """Until execve (which makes the workload dumpable again) this process is the host's Python:
+    non-dumpable, processes in the container cannot open its /proc/<pid>/exe, fds or memory
+    (the CVE-2019-5736 route to overwriting the host binary)."""
+    sc.set_dumpable(False)
+
+
+def _set_apparmor(profile: str) -> None:
+    for path in ("/proc/self/attr/apparmor/exec", "/proc/self/attr/exec"):
+        try:
+            with open(path, "w") as f:
+                f.write(f"exec {profile}")
+            return
+        except FileNotFoundError:
+            continue
+    raise StockadeError(f"cannot set AppArmor profile {profile!r}", where="process.apparmorProfile")
+
+
+# ---------------------------------------------------------------------------------------------
+# Child side: create
+# ---------------------------------------------------------------------------------------------
+
+
+class _Init:
+    def __init__(self, launch: Launch, wfd: int, rfd: int) -> None:
+        self.launch, self.spec, self.wfd, self.rfd = launch, launch.spec, wfd, rfd
+
+    def _ask(self, tag: bytes, payload: bytes = b"") -> bytes:
+        _send(self.wfd, tag, payload)
+        reply, answer = _recv(self.rfd)
+        if reply != _OK:
+            os._exit(1)  # the runtime gave up (it kills us anyway)
+        return answer
+
+    def run(self) -> None:
+        launch, spec = self.launch, self.spec
+        linux, process = spec.linux, spec.process
+        sock = None
+        if process.terminal:
+            from . import console
+
+            sock = console.connect(launch.console_socket)
+
+        capabilities.check_grantable(process.capabilities)
+        try:
+            fifo = os.open(launch.exec_fifo, os.O_PATH | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StockadeError(
+                f"cannot open the exec fifo: {exc.strerror}", where=str(launch.exec_fifo)
+            ) from None
+        _join_cgroups(launch.cgroup_procs)
+
+        runtime_ns = {kind: namespaces.inode("self", kind) for kind in ("uts", "ipc", "network")}
+        # Namespaces given by path first (user first), as runc does, so that e.g. a netns owned by
+        # the host user namespace can still be joined before we create a new user namespace.
+        namespaces.join(namespaces.open_paths(linux.namespaces))
+        userns = linux.namespace("user")
+        if userns is not None and not userns.path:
+            namespaces.unshare(sc.CLONE_NEWUSER)
+            self._ask(_MAP)
+        if userns is not None:
+            try:
+                os.setresgid(0, 0, 0)
+                os.setresuid(0, 0, 0)
+            except OSError:
+                pass  # root is not mapped: setup continues with the capabilities the user ns gave us
+        namespaces.unshare(namespaces.new_flags(linux.namespaces, exclude=("user",)))
+        self._refuse_runtime_namespaces(runtime_ns)
+        if linux.time_offsets:
+            namespaces.set_time_offsets(linux.time_offsets)
+        timens = linux.namespace("time")
+        if linux.namespace("pid") is not None or (timens is not None and not timens.path):
+            # New pid and time namespaces apply to children only: the workload is the child.
+            child = os.fork()
+            if child:
+                _send(self.wfd, _PID, str(child).encode())
+                os._exit(0)
+            reply, payload = _recv(self.rfd)
+            if reply != _OK:
+                os._exit(1)
+        else:
+            payload = self._ask(_PID, str(os.getpid()).encode())
+        global _host_pid
+        _host_pid = int(payload)
+
+        self._build_rootfs(userns is not None, sock, fifo)
+
+    def _refuse_runtime_namespaces(self, runtime_ns: dict[str, int]) -> None:
+        """hostname/domainname/sysctls would change the host if a namespace joined by path is the
+        runtime's own (e.g. linux.namespaces[].path=/proc/1/ns/net): refuse, as runc does."""
+        spec = self.spec
+        wants = [
+            (key, kind) for key, kind in (("hostname", "uts"), ("domainname", "uts")) if getattr(spec, key)
+        ]
+        wants += [(f"linux.sysctl.{key}", sysctl_namespace(key)) for key in spec.linux.sysctl]
+        for where, kind in wants:
+            if kind and namespaces.inode("self", kind) == runtime_ns[kind]:
+                raise SpecError(
+                    f"the {kind} namespace joined by path is the host's: setting this would change the host",
+                    where=where,
+                    hint=f"use a private {kind} namespace",
+                )
+
+    def _build_rootfs(self, in_userns: bool, sock, fifo: int) -> None:
+
+        launch, spec = self.launch, self.spec
+        linux, process = spec.linux, spec.process
+        rootfs = str(launch.rootfs)
+        mounts.prepare_root(rootfs, linux.rootfs_propagation)
+        rootfd = mounts.open_root(rootfs)
+        mounts.mount_all(spec.mounts, rootfd, str(launch.bundle))
+        devices.setup(rootfd, linux.devices, in_userns)
+        pty = None
+        if process.terminal:
+            pty = self._open_console(rootfd)
+        os.close(rootfd)
+
+        self._ask(_HOOKS)  # the runtime runs createRuntime/prestart hooks (on_created)
+        if launch.run_create_container_hooks is not None:
+            launch.run_create_container_hooks()
+        if launch.no_pivot:
+            mounts.move_root(rootfs)
+        else:
+            mounts.pivot(rootfs)
+        mounts.set_root_propagation(linux.rootfs_propagation)
+
+        if spec.hostname:
+            sc.sethostname(spec.hostname)
+        if spec.domainname:
+            sc.setdomainname(spec.domainname)
+        self._sysctl()
+        mounts.make_readonly(linux.readonly_paths)
+        mounts.mask(linux.masked_paths)
+        if spec.root.readonly:
+            mounts.readonly_root()
+        if pty is not None:
+            from . import console
+
+            master, slave, number = pty
+            console.send_master(sock, master, f"/dev/pts/{number}")
+            console.make_controlling(slave)
+        if process.rlimits:
+            rlimits.apply(process.rlimits)
+        _apply_oom_score_adj(process.oom_score_adj, "process.oomScoreAdj")
+        if not os.path.isdir("/proc/self/fd"):
+            raise SpecError(
+                "the container has no /proc",
+                where="mounts",
+                hint="mount proc at /proc: the exec fifo is reopened through it",
+            )
+        if not os.access(f"/proc/self/fd/{fifo}", os.W_OK):
+            raise StockadeError(
+                "the container's root cannot open the exec fifo for writing",
+                where=str(launch.exec_fifo),
+                hint="it must be writable by the container's root",
+            )
+        env = _environment(process)
+        path = _find_executable(process, env)
+
+        _hide_runtime()
+        _send(self.wfd, _READY)
+        os.close(self.wfd)
+        os.close(self.rfd)
+        self._wait_for_start(fifo)
+        if launch.run_start_container_hooks is not None:
+            try:
+                launch.run_start_container_hooks()
+            except Exception as exc:  # noqa: BLE001 - a failing hook must stop the container, loudly
+                _stderr(f"stockade: startContainer hook failed: {exc}")
+                raise _Reported(1) from None
+        _finish_and_exec(
+            spec.linux.personality,
+            process,
+            path,
+            env,
+            launch.preserve_fds,
+            launch.seccomp_program,
+            launch.seccomp_flags,
+        )
+
+    def _open_console(self, rootfd: int) -> tuple[int, int, int]:
+        from . import console
+        from .mounts import fd_path, open_in_root
+
+        ptmx = open_in_root(rootfd, "/dev/pts/ptmx")
+        try:
+            master, slave, number = console.open_pty(fd_path(ptmx), self.spec.process.console_size)
+        finally:
+            os.close(ptmx)
+        target = open_in_root(rootfd, "/dev/console", "file")
+        try:
+            sc.mount(fd_path(slave), fd_path(target), None, sc.MS_BIND)
+        finally:
+            os.close(target)
+        return master, slave, number
+
+    def _sysctl(self) -> None:
+        for key, value in self.spec.linux.sysctl.items():
+            try:
+                with open(sysctl_path(key), "w") as f:
+                    f.write(value)
+            except OSError as exc:
+                raise StockadeError(
+                    f"cannot set sysctl {key}={value!r}: {exc.strerror}", where=f"linux.sysctl.{key}"
+                ) from None
+
+    def _wait_for_start(self, fifo: int) -> None:
+        """Block until `start` opens the fifo for reading; the fd is reopened via /proc (the host path
+        is gone after pivot_root)."""
+        fd = os.open(f"/proc/self/fd/{fifo}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+            os.close(fifo)
+
+
+# ---------------------------------------------------------------------------------------------
+# Child side: exec
+# ---------------------------------------------------------------------------------------------
+
+
+class _Exec:
+    def __init__(
+        self,
+        pid: int,
+        spec: Spec,
+        process: Process,
+        cgroup_procs: list[str],
+        seccomp_program: bytes | None,
+        seccomp_flags: list[str],
+        console_socket: str | None,
+        preserve_fds: int,
+        wfd: int,
+        rfd: int,
+    ) -> None:
+        self.pid, self.spec, self.process = pid, spec, process
+        self.cgroup_procs, self.seccomp_program, self.seccomp_flags = (
+            cgroup_procs,
+            seccomp_program,
+            seccomp_flags,
+        )
+        self.console_socket, self.preserve_fds, self.wfd, self.rfd = console_socket, preserve_fds, wfd, rfd
+
+    def run(self) -> None:
+
+        process = self.process
+        sock = None
+        if process.terminal:
+            from . import console
+
+            sock = console.connect(self.console_socket)
+        capabilities.check_grantable(process.capabilities)
+        opened = namespaces.open_process(self.pid)
+        _join_cgroups(self.cgroup_procs)
+        namespaces.join(opened)
+        if any(kind == "user" for kind, _ in opened):
+            try:
+                os.setresgid(0, 0, 0)
+                os.setresuid(0, 0, 0)
+            except OSError:
+                pass
+        child = os.fork()  # a joined pid namespace applies to children only
+        if child:
+            _send(self.wfd, _PID, str(child).encode())
+            os._exit(0)
+        reply, _ = _recv(self.rfd)
+        if reply != _OK:
+            os._exit(1)
+        if sock is not None:
+            from . import console
+
+            master, slave, number = console.open_pty("/dev/pts/ptmx", process.console_size)
+            console.send_master(sock, master, f"/dev/pts/{number}")
+            console.make_controlling(slave)
+        if process.rlimits:
+            rlimits.apply(process.rlimits)
+        _apply_oom_score_adj(process.oom_score_adj, "process.oomScoreAdj")
+        env = _environment(process)
+        path = _find_executable(process, env)
+        _hide_runtime()
+        _send(self.wfd, _READY)
+        os.close(self.wfd)
+        os.close(self.rfd)
+        _finish_and_exec(
+            self.spec.linux.personality,
+            process,
+            path,
+            env,
+            self.preserve_fds,
+            self.seccomp_program,
+            self.seccomp_flags,
+        )

@@ -1,0 +1,267 @@
+"""The container's filesystem: rootfs bind, spec mounts, pivot_root, masked/readonly paths.
+
+Destinations are resolved with openat2(RESOLVE_IN_ROOT) under the rootfs, so a symlink in the
+image (`/proc -> /`, `../../etc`) can never make a mount land outside it; the mount then
+targets the opened fd through /proc/self/fd.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from . import syscalls as sc
+from .errors import StockadeError
+from .spec import MOUNT_PROPAGATION, Mount
+
+_ATIME = sc.MS_NOATIME | sc.MS_NODIRATIME | sc.MS_RELATIME | sc.MS_STRICTATIME
+# statvfs f_flag bits -> mount flags that a user namespace locks on a remount.
+_ST_TO_MS = (
+    (2, sc.MS_NOSUID),
+    (4, sc.MS_NODEV),
+    (8, sc.MS_NOEXEC),
+    (1024, sc.MS_NOATIME),
+    (2048, sc.MS_NODIRATIME),
+    (4096, sc.MS_RELATIME),
+)
+
+
+def prepare_root(rootfs: str, propagation: str) -> None:
+    """Stop mount events leaking to the host, then make the rootfs a mount point of its own."""
+    private = propagation in ("private", "rprivate")
+    sc.mount(None, "/", None, sc.MS_REC | (sc.MS_PRIVATE if private else sc.MS_SLAVE))
+    try:
+        sc.mount(rootfs, rootfs, None, sc.MS_BIND | sc.MS_REC)
+    except OSError as exc:
+        raise StockadeError(
+            f"cannot bind the rootfs onto itself: {exc.strerror}", where="root.path"
+        ) from None
+
+
+def open_root(rootfs: str) -> int:
+    return os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def open_in_root(rootfd: int, path: str, create: str = "") -> int:
+    """O_PATH fd for `path` resolved inside the root; create="dir"/"file" makes it (and parents)."""
+    rel = path.strip("/") or "."
+    how = sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS
+    try:
+        return sc.openat2(rootfd, rel, os.O_PATH, how)
+    except FileNotFoundError:
+        if not create:
+            raise
+    parent, _, name = rel.rpartition("/")
+    pfd = open_in_root(rootfd, parent, "dir") if parent else os.dup(rootfd)
+    try:
+        if create == "dir":
+            os.mkdir(name, 0o755, dir_fd=pfd)
+        else:
+            os.close(
+                os.open(name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=pfd)
+            )
+    except FileExistsError:
+        pass  # a dangling symlink: the reopen below reports it
+    finally:
+        os.close(pfd)
+    try:
+        return sc.openat2(rootfd, rel, os.O_PATH, how)
+    except FileNotFoundError:
+        raise StockadeError(f"{path!r} is a dangling symlink in the rootfs", hint="fix the image") from None
+
+
+def fd_path(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+def locked_flags(path: str, wanted: int) -> int:
+    """Flags a bind remount must keep (a user namespace refuses to clear them): nosuid/nodev/noexec,
+    and the current atime mode unless the spec chose one."""
+    current = 0
+    f_flag = os.statvfs(path).f_flag
+    for st, ms in _ST_TO_MS:
+        if f_flag & st:
+            current |= ms
+    keep = current & (sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    if not wanted & _ATIME:
+        keep |= current & _ATIME
+    return keep
+
+
+def remount_bind(path: str, flags: int) -> None:
+    flags &= ~(sc.MS_BIND | sc.MS_REC | sc.MS_REMOUNT)
+    sc.mount(None, path, None, sc.MS_BIND | sc.MS_REMOUNT | flags | locked_flags(path, flags))
+
+
+def mount_all(mounts: list[Mount], rootfd: int, bundle: str) -> None:
+    for i, m in enumerate(mounts):
+        try:
+            _mount_one(m, rootfd, bundle)
+        except StockadeError as exc:
+            raise StockadeError(exc.what, where=exc.where or f"mounts[{i}]", hint=exc.hint) from None
+        except OSError as exc:
+            raise StockadeError(
+                f"cannot mount {m.type} on {m.destination}: {exc.strerror}",
+                where=f"mounts[{i}]",
+                hint=_hint(m, exc),
+            ) from None
+
+
+def _hint(m: Mount, exc: OSError) -> str:
+    if exc.errno == errno.EPERM and m.type in ("proc", "sysfs", "mqueue", "cgroup"):
+        return f"{m.type} needs the matching namespace (pid/network/ipc/cgroup) owned by the container"
+    if exc.errno == errno.ENOENT and m.type == "bind":
+        return "the bind source must exist on the host (relative sources are relative to the bundle)"
+    return ""
+
+
+def _mount_one(m: Mount, rootfd: int, bundle: str) -> None:
+    if m.type == "bind":
+        source = os.path.join(bundle, m.source)
+        create = "dir" if os.path.isdir(source) else "file"
+        if not os.path.exists(source):
+            raise OSError(errno.ENOENT, "no such file or directory", source)
+    else:
+        source, create = m.type if not m.source or m.source == "none" else m.source, "dir"
+    if m.type in ("proc", "sysfs"):
+        _refuse_symlinks(rootfd, m.destination)
+    fd = open_in_root(rootfd, m.destination, create)
+    try:
+        if m.type == "bind":
+            sc.mount(source, fd_path(fd), None, m.flags & (sc.MS_BIND | sc.MS_REC))
+        elif m.type == "cgroup":
+            _mount_cgroup(fd, rootfd, m)
+        else:
+            sc.mount(source, fd_path(fd), m.type, m.flags, m.data or None)
+    finally:
+        os.close(fd)
+    extra = m.flags & ~(sc.MS_BIND | sc.MS_REC)
+    if m.type == "bind" and extra or m.propagation:
+        # The fd named the directory under the mount; reopen to reach the new mount itself.
+        fd = open_in_root(rootfd, m.destination)
+        try:
+            if m.type == "bind" and extra:
+                remount_bind(fd_path(fd), extra)
+            for flag in m.propagation:
+                sc.mount(None, fd_path(fd), None, flag)
+        finally:
+            os.close(fd)
+
+
+def _refuse_symlinks(rootfd: int, path: str) -> None:
+    """procfs/sysfs must land where the runtime later looks for them (e.g. /proc/self/fd, /proc/sys):
+    an image symlink like /proc -> /etc would quietly move them (runc refuses the same)."""
+    try:
+        os.close(sc.openat2(rootfd, path.strip("/"), os.O_PATH, sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_SYMLINKS))
+    except FileNotFoundError:
+        return  # created as a plain directory
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StockadeError(f"{path} is a symlink in the rootfs", hint="fix the image") from None
+        raise
+
+
+def _mount_cgroup(fd: int, rootfd: int, m: Mount) -> None:
+    """`cgroup` mount: cgroup2 on a pure v2 host; on v1/hybrid a tmpfs holding each hierarchy.
+
+    In a cgroup namespace each hierarchy shows the container's own cgroup as its root.
+    """
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        sc.mount("cgroup2", fd_path(fd), "cgroup2", m.flags, m.data or None)
+        return
+    flags = m.flags & ~sc.MS_RDONLY
+    sc.mount("tmpfs", fd_path(fd), "tmpfs", flags, "mode=755")
+    top = open_in_root(rootfd, m.destination)  # the new tmpfs, not the directory under it
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            _, controllers, _ = line.split(":", 2)
+            name = controllers.removeprefix("name=") if controllers else "unified"
+            os.mkdir(name, 0o755, dir_fd=top)
+            sub = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top)
+            try:
+                if controllers:
+                    sc.mount("cgroup", fd_path(sub), "cgroup", m.flags, controllers)
+                else:
+                    sc.mount("cgroup2", fd_path(sub), "cgroup2", m.flags)
+            finally:
+                os.close(sub)
+        if m.flags & sc.MS_RDONLY:
+            sc.mount(None, fd_path(top), None, sc.MS_REMOUNT | sc.MS_RDONLY | flags, "mode=755")
+    finally:
+        os.close(top)
+
+
+def pivot(rootfs: str) -> None:
+    """pivot_root into the rootfs and detach the old root, without a temporary directory."""
+    old = os.open("/", os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
+    new = os.open(rootfs, os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fchdir(new)
+        sc.pivot_root(".", ".")
+        os.fchdir(old)
+        # Never let the unmount of the old root propagate to the host.
+        sc.mount(None, ".", None, sc.MS_SLAVE | sc.MS_REC)
+        sc.umount2(".", sc.MNT_DETACH)
+        os.chdir("/")
+    except OSError as exc:
+        raise StockadeError(
+            f"pivot_root failed: {exc.strerror}",
+            where="root.path",
+            hint="a rootfs on ramfs/initramfs needs --no-pivot",
+        ) from None
+    finally:
+        os.close(old)
+        os.close(new)
+
+
+def move_root(rootfs: str) -> None:
+    """--no-pivot: move the rootfs mount over / and chroot (old root stays reachable by fd tricks)."""
+    os.chdir(rootfs)
+    sc.mount(rootfs, "/", None, sc.MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+
+
+def set_root_propagation(propagation: str) -> None:
+    if propagation:
+        sc.mount(None, "/", None, MOUNT_PROPAGATION[propagation])
+
+
+def mask(paths: list[str]) -> None:
+    """Hide files behind /dev/null and directories behind an empty read-only tmpfs."""
+    for i, path in enumerate(paths):
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY, "size=0k")
+            else:
+                sc.mount("/dev/null", path, None, sc.MS_BIND)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StockadeError(
+                f"cannot mask {path}: {exc.strerror}", where=f"linux.maskedPaths[{i}]"
+            ) from None
+
+
+def make_readonly(paths: list[str]) -> None:
+    for i, path in enumerate(paths):
+        try:
+            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+            remount_bind(path, sc.MS_RDONLY)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StockadeError(
+                f"cannot make {path} read-only: {exc.strerror}", where=f"linux.readonlyPaths[{i}]"
+            ) from None
+
+
+def readonly_root() -> None:
+    try:
+        remount_bind("/", sc.MS_RDONLY)
+    except OSError as exc:
+        raise StockadeError(
+            f"cannot make the rootfs read-only: {exc.strerror}", where="root.readonly"
+        ) from None

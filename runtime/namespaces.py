@@ -1,0 +1,130 @@
+"""Namespaces: OCI names -> clone flags, joining by path (setns) and creating (unshare)."""
+
+from __future__ import annotations
+
+import os
+
+from . import syscalls as sc
+from .errors import StockadeError
+from .spec import Namespace
+
+FLAGS = {
+    "user": sc.CLONE_NEWUSER,
+    "mount": sc.CLONE_NEWNS,
+    "uts": sc.CLONE_NEWUTS,
+    "ipc": sc.CLONE_NEWIPC,
+    "network": sc.CLONE_NEWNET,
+    "cgroup": sc.CLONE_NEWCGROUP,
+    "pid": sc.CLONE_NEWPID,
+    "time": sc.CLONE_NEWTIME,
+}
+# /proc/<pid>/ns/<name> for each OCI type.
+PROC_NAMES = {
+    "user": "user",
+    "mount": "mnt",
+    "uts": "uts",
+    "ipc": "ipc",
+    "network": "net",
+    "cgroup": "cgroup",
+    "pid": "pid",
+    "time": "time",
+}
+# Order to join an existing container's namespaces (`exec`): user first so we hold capabilities
+# over the others; mount last because it changes our root.
+JOIN_ORDER = ("user", "cgroup", "ipc", "uts", "network", "pid", "time", "mount")
+
+
+def open_paths(namespaces: list[Namespace], where: str = "linux.namespaces") -> list[tuple[str, int]]:
+    """Open every namespace given by path (before anything changes our view of the filesystem)."""
+    opened = []
+    try:
+        for i, ns in enumerate(namespaces):
+            if ns.path:
+                try:
+                    opened.append((ns.type, os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)))
+                except OSError as exc:
+                    raise StockadeError(
+                        f"cannot open {ns.type} namespace {ns.path!r}: {exc.strerror}",
+                        where=f"{where}[{i}].path",
+                    ) from None
+    except BaseException:
+        close_all(opened)
+        raise
+    return sorted(opened, key=lambda item: JOIN_ORDER.index(item[0]))
+
+
+def join(opened: list[tuple[str, int]]) -> None:
+    """setns into each opened namespace (user namespace first), closing the fds."""
+    for kind, fd in opened:
+        try:
+            sc.setns(fd, FLAGS[kind])
+        except OSError as exc:
+            raise StockadeError(
+                f"cannot join the {kind} namespace: {exc.strerror}", where="linux.namespaces"
+            ) from None
+        finally:
+            os.close(fd)
+
+
+def close_all(opened: list[tuple[str, int]]) -> None:
+    for _, fd in opened:
+        os.close(fd)
+
+
+def new_flags(namespaces: list[Namespace], exclude: tuple[str, ...] = ()) -> int:
+    flags = 0
+    for ns in namespaces:
+        if not ns.path and ns.type not in exclude:
+            flags |= FLAGS[ns.type]
+    return flags
+
+
+def unshare(flags: int) -> None:
+    try:
+        sc.unshare(flags)
+    except OSError as exc:
+        names = [k for k, v in FLAGS.items() if v & flags]
+        raise StockadeError(
+            f"cannot create namespaces {', '.join(names)}: {exc.strerror}", where="linux.namespaces"
+        ) from None
+
+
+def inode(pid: int | str, kind: str) -> int:
+    return os.stat(f"/proc/{pid}/ns/{PROC_NAMES[kind]}").st_ino
+
+
+def same_namespace(pid: int, kind: str) -> bool:
+    """True when `pid` is already in our namespace of this kind (setns to our own user ns is EINVAL)."""
+    return inode(pid, kind) == inode("self", kind)
+
+
+def open_process(pid: int) -> list[tuple[str, int]]:
+    """Open the namespaces of a running process that differ from ours, in join order."""
+    opened = []
+    try:
+        for kind in JOIN_ORDER:
+            if kind == "time" and not os.path.exists("/proc/self/ns/time"):
+                continue  # kernel without time namespaces
+            if not same_namespace(pid, kind):
+                opened.append(
+                    (kind, os.open(f"/proc/{pid}/ns/{PROC_NAMES[kind]}", os.O_RDONLY | os.O_CLOEXEC))
+                )
+    except OSError as exc:
+        close_all(opened)
+        raise StockadeError(
+            f"cannot open the namespaces of process {pid}: {exc.strerror}",
+            hint="is the container still running?",
+        ) from None
+    return opened
+
+
+def set_time_offsets(offsets: dict[str, tuple[int, int]]) -> None:
+    """Offsets of the time namespace our children will enter (writable until the first one does)."""
+    text = "".join(f"{clock} {secs} {nanosecs}\n" for clock, (secs, nanosecs) in offsets.items())
+    try:
+        with open("/proc/self/timens_offsets", "w") as f:
+            f.write(text)
+    except OSError as exc:
+        raise StockadeError(
+            f"cannot set time namespace offsets: {exc.strerror}", where="linux.timeOffsets"
+        ) from None

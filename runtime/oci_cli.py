@@ -1,0 +1,390 @@
+"""`stockade-oci`: the OCI runtime command line, with runc's grammar.
+
+podman (--runtime), conmon and containerd's runc shim (BinaryName) drive it exactly as they
+drive runc. Thin: parse arguments, call stockade.runtime.container, print, set the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .errors import StockadeError
+from .state import DEFAULT_ROOT
+
+VERSION = "0.1.0"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stockade-oci", description="Stockade OCI runtime (runc-compatible CLI)")
+    p.add_argument("--root", default=str(DEFAULT_ROOT), help="state directory (default %(default)s)")
+    p.add_argument("--log", help="append errors and debug messages to this file")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument(
+        "--systemd-cgroup", action="store_true", help="refused: Stockade manages cgroupfs directly"
+    )
+    p.add_argument(
+        "--rootless", default="auto", help="accepted for runc compatibility; only 'false'/'auto' work"
+    )
+    p.add_argument("-v", "--version", action="version", version=f"stockade-oci {VERSION}\nspec: 1.2.0")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("create", help="create a container, leaving its process waiting for start")
+    _create_flags(c)
+    r = sub.add_parser("run", help="create and start a container")
+    _create_flags(r)
+    r.add_argument("-d", "--detach", action="store_true")
+    r.add_argument("--keep", action="store_true", help="do not delete the container when it exits")
+
+    for name, text in (
+        ("start", "start a created container"),
+        ("pause", "freeze all processes"),
+        ("resume", "thaw all processes"),
+    ):
+        sub.add_parser(name, help=text).add_argument("id")
+    s = sub.add_parser("state", help="print the OCI state JSON")
+    s.add_argument("id")
+    k = sub.add_parser("kill", help="send a signal to the container's init (or all processes)")
+    k.add_argument("-a", "--all", action="store_true")
+    k.add_argument("id")
+    k.add_argument("signal", nargs="?", default="SIGTERM")
+    d = sub.add_parser("delete", help="remove a container and everything it holds")
+    d.add_argument("-f", "--force", action="store_true")
+    d.add_argument("id")
+    e = sub.add_parser("exec", help="run a process in a running container")
+    _exec_flags(e)
+    ps = sub.add_parser("ps", help="processes in the container")
+    ps.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    ps.add_argument("id")
+    ls = sub.add_parser("list", help="containers under --root")
+    ls.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    ls.add_argument("-q", "--quiet", action="store_true")
+    u = sub.add_parser("update", help="change a container's resource limits")
+    _update_flags(u)
+    sub.add_parser("features", help="print the OCI features JSON")
+    return p
+
+
+def _create_flags(c: argparse.ArgumentParser) -> None:
+    c.add_argument("-b", "--bundle", default=".")
+    c.add_argument("--pid-file")
+    c.add_argument("--console-socket")
+    c.add_argument("--no-pivot", action="store_true")
+    c.add_argument(
+        "--no-new-keyring", action="store_true", help="accepted: Stockade never joins a new keyring"
+    )
+    c.add_argument("--preserve-fds", type=int, default=0)
+    c.add_argument(
+        "--allow-degraded",
+        action="store_true",
+        help="run even if a BPF layer the policy needs cannot be enforced (reported in state)",
+    )
+    c.add_argument("id")
+
+
+def _exec_flags(e: argparse.ArgumentParser) -> None:
+    e.add_argument("-p", "--process", help="process.json with the OCI process to run")
+    e.add_argument("-d", "--detach", action="store_true")
+    e.add_argument("--pid-file")
+    e.add_argument("-t", "--tty", action="store_true")
+    e.add_argument("--console-socket")
+    e.add_argument("--cwd")
+    e.add_argument("-e", "--env", action="append", default=[])
+    e.add_argument("-u", "--user", help="UID[:GID]")
+    e.add_argument("--cap", action="append", default=[])
+    e.add_argument("--no-new-privs", action="store_true")
+    e.add_argument("--preserve-fds", type=int, default=0)
+    e.add_argument("id")
+    e.add_argument("args", nargs=argparse.REMAINDER)
+
+
+UPDATE_FLAGS = {
+    # flag: (OCI section, OCI key, parser)
+    "memory": ("memory", "limit", "size"),
+    "memory-reservation": ("memory", "reservation", "size"),
+    "memory-swap": ("memory", "swap", "size"),
+    "cpu-shares": ("cpu", "shares", "int"),
+    "cpu-quota": ("cpu", "quota", "int"),
+    "cpu-period": ("cpu", "period", "int"),
+    "cpuset-cpus": ("cpu", "cpus", "str"),
+    "cpuset-mems": ("cpu", "mems", "str"),
+    "pids-limit": ("pids", "limit", "int"),
+    "blkio-weight": ("blockIO", "weight", "int"),
+}
+
+
+def _update_flags(u: argparse.ArgumentParser) -> None:
+    u.add_argument("-r", "--resources", help="linux.resources JSON file ('-' for stdin)")
+    for flag in UPDATE_FLAGS:
+        u.add_argument(f"--{flag}")
+    u.add_argument("id")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.systemd_cgroup:
+            raise StockadeError(
+                "--systemd-cgroup is not supported",
+                hint="use the cgroupfs manager "
+                "(podman: --cgroup-manager=cgroupfs; containerd: SystemdCgroup = false)",
+            )
+        return COMMANDS[args.command](args) or 0
+    except StockadeError as err:
+        _log_error(args, err.render())
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _log_error(args: argparse.Namespace, message: str) -> None:
+    print(f"stockade-oci: {message}", file=sys.stderr)
+    if not args.log:
+        return
+    if args.log_format == "json":
+        line = json.dumps(
+            {"level": "error", "msg": message, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        )
+    else:
+        line = f"error: {message}"
+    with open(args.log, "a") as f:
+        f.write(line + "\n")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _create(args: argparse.Namespace) -> int:
+    from . import container
+
+    container.create(args.root, args.id, args.bundle, _create_options(args))
+    return 0
+
+
+def _create_options(args: argparse.Namespace):  # noqa: ANN202 - lazy import keeps start fast
+    from .container import CreateOptions
+
+    return CreateOptions(
+        pid_file=Path(args.pid_file) if args.pid_file else None,
+        console_socket=args.console_socket,
+        no_pivot=args.no_pivot,
+        preserve_fds=args.preserve_fds,
+        allow_degraded=args.allow_degraded,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.detach:
+        from . import container
+
+        container.create(args.root, args.id, args.bundle, _create_options(args))
+        container.start(args.root, args.id)
+        return 0
+    from . import foreground
+
+    return foreground.run(args.root, args.id, args.bundle, _create_options(args), keep=args.keep)
+
+
+def _start(args: argparse.Namespace) -> int:
+    from . import container
+
+    container.start(args.root, args.id)
+    return 0
+
+
+def _state(args: argparse.Namespace) -> int:
+    from . import container
+
+    print(json.dumps(container.status(args.root, args.id).oci(), indent=2))
+    return 0
+
+
+def parse_signal(text: str) -> int:
+    name = text.upper()
+    if name.isdigit():
+        return int(name)
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise StockadeError(
+            f"unknown signal {text!r}", hint="use a name like TERM or KILL, or a number"
+        ) from None
+
+
+def _kill(args: argparse.Namespace) -> int:
+    from . import container
+
+    container.kill(args.root, args.id, parse_signal(args.signal), all_processes=args.all)
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from . import container
+
+    container.delete(args.root, args.id, force=args.force)
+    return 0
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from . import container
+
+    process = _exec_process(args)
+    result = container.exec_process(
+        args.root,
+        args.id,
+        process,
+        console_socket=args.console_socket,
+        detach=args.detach,
+        pid_file=Path(args.pid_file) if args.pid_file else None,
+    )
+    return 0 if args.detach else result
+
+
+def _exec_process(args: argparse.Namespace):  # noqa: ANN202
+    """The OCI process to exec: from --process, or built from the arguments like runc does."""
+    from . import container, spec
+
+    if args.process:
+        where = args.process
+        try:
+            data = json.loads(Path(args.process).read_text())
+        except OSError as err:
+            raise StockadeError(f"cannot read process file: {err.strerror}", where=where) from None
+        except json.JSONDecodeError as err:
+            raise StockadeError(
+                f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}", where=where
+            ) from None
+        return spec.parse_process(data, where=where)
+    if not args.args:
+        raise StockadeError("exec needs a command", hint="stockade-oci exec ID CMD [ARGS...] or --process F")
+    base = container.status(args.root, args.id)
+    config = json.loads((Path(args.root) / base.state.id / "config.json").read_text())
+    proc = dict(config.get("process") or {})
+    proc["args"] = [a for a in args.args if a != "--"] if args.args[0] == "--" else args.args
+    proc["terminal"] = args.tty
+    if args.cwd:
+        proc["cwd"] = args.cwd
+    if args.env:
+        proc["env"] = list(proc.get("env") or []) + args.env
+    if args.user:
+        uid, _, gid = args.user.partition(":")
+        proc["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+    if args.no_new_privs:
+        proc["noNewPrivileges"] = True
+    return spec.parse_process(proc, where="exec arguments")
+
+
+def _ps(args: argparse.Namespace) -> int:
+    from . import container
+
+    pids = container.processes(args.root, args.id)
+    if args.format == "json":
+        print(json.dumps(pids))
+        return 0
+    import subprocess
+
+    if pids:
+        subprocess.run(["ps", "-f", "-p", ",".join(map(str, pids))], check=False)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from . import container
+
+    items = container.list_containers(args.root)
+    if args.quiet:
+        print("\n".join(s.state.id for s in items))
+    elif args.format == "json":
+        print(json.dumps([s.oci() for s in items], indent=2))
+    else:
+        rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+        rows += [
+            (s.state.id, str(s.oci()["pid"]), s.status, s.state.bundle, s.state.created, s.state.owner)
+            for s in items
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    from . import container
+
+    container.update(args.root, args.id, update_resources(args))
+    return 0
+
+
+def update_resources(args: argparse.Namespace) -> dict:
+    """linux.resources from --resources and/or the runc-style flags."""
+    from .resources import parse_size
+
+    resources: dict = {}
+    if args.resources:
+        text = sys.stdin.read() if args.resources == "-" else Path(args.resources).read_text()
+        try:
+            resources = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise StockadeError(
+                f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}", where=args.resources
+            ) from None
+    for flag, (section, key, kind) in UPDATE_FLAGS.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if value is None:
+            continue
+        where = f"--{flag}"
+        if kind == "size":
+            parsed: object = parse_size(value, where)
+        elif kind == "int":
+            try:
+                parsed = int(value)
+            except ValueError:
+                raise StockadeError(f"not a whole number: {value!r}", where=where) from None
+        else:
+            parsed = value
+        resources.setdefault(section, {})[key] = parsed
+    if not resources:
+        raise StockadeError("nothing to update", hint="pass --resources FILE or flags like --memory 256M")
+    return resources
+
+
+def _pause(args: argparse.Namespace, freeze: bool) -> int:
+    from . import container
+
+    (container.pause if freeze else container.resume)(args.root, args.id)
+    return 0
+
+
+def _features(args: argparse.Namespace) -> int:
+    from .features import features
+
+    print(json.dumps(features(), indent=2))
+    return 0
+
+
+COMMANDS = {
+    "create": _create,
+    "run": _run,
+    "start": _start,
+    "state": _state,
+    "kill": _kill,
+    "delete": _delete,
+    "exec": _exec,
+    "ps": _ps,
+    "list": _list,
+    "update": _update,
+    "features": _features,
+    "pause": lambda a: _pause(a, True),
+    "resume": lambda a: _pause(a, False),
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

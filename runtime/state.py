@@ -1,0 +1,165 @@
+"""Container state under the runtime root (default /run/stockade).
+
+Layout, one directory per container: <root>/<id>/state.json (written atomically), exec.fifo
+while the container is `created`, config.json (the spec as created, for `exec`), and the
+directory itself is the per-container lock (flock), so concurrent commands are safe.
+Creating the directory with mkdir is what claims an ID: a duplicate fails atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ContainerError
+
+DEFAULT_ROOT = Path("/run/stockade")
+MAX_ID_LENGTH = 128
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+")
+
+
+def validate_id(container_id: str) -> str:
+    """Refuse IDs that could escape the root directory or confuse other tools."""
+    hint = f"use 1-{MAX_ID_LENGTH} characters from [A-Za-z0-9_.+-], not starting with '.' or '-'"
+    if not container_id or len(container_id) > MAX_ID_LENGTH:
+        raise ContainerError(f"invalid container ID {container_id[:40]!r}: length", hint=hint)
+    if set(container_id) - _ID_CHARS or container_id[0] in ".-" or ".." in container_id:
+        raise ContainerError(f"invalid container ID {container_id!r}", hint=hint)
+    return container_id
+
+
+@dataclass
+class State:
+    """What the runtime remembers about one container (beyond the OCI state it reports)."""
+
+    id: str
+    bundle: str
+    rootfs: str
+    pid: int = 0
+    pid_start: int = 0  # /proc/<pid>/stat starttime: detects PID reuse after the init dies
+    created: str = ""
+    owner: str = ""
+    cgroup_path: str = ""
+    cgroup_driver: str = ""
+    cgroup_id: int = 0
+    annotations: dict[str, str] = field(default_factory=dict)
+    seccomp_digest: str = ""  # cache key of the compiled filter, reused by `exec`
+    bpf_policy: str = ""  # name of the installed BPF policy, "" when none
+    degraded: list[str] = field(default_factory=list)  # layers run without, by explicit opt-in
+    started: bool = False
+
+
+class StateStore:
+    """The runtime root: claims, locks, reads and writes per-container state."""
+
+    def __init__(self, root: Path | str = DEFAULT_ROOT) -> None:
+        self.root = Path(root)
+
+    def dir(self, container_id: str) -> Path:
+        return self.root / validate_id(container_id)
+
+    def claim(self, container_id: str) -> Path:
+        """Create the container's directory; fails if the ID is taken."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.dir(container_id)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise ContainerError(
+                f"container {container_id!r} already exists",
+                where=str(self.root),
+                hint="pick another ID or delete the old container first",
+            ) from None
+        return path
+
+    def exists(self, container_id: str) -> bool:
+        return (self.dir(container_id) / "state.json").exists()
+
+    @contextlib.contextmanager
+    def lock(self, container_id: str) -> Iterator[Path]:
+        """Hold the container's lock (flock on its directory) for one command."""
+        path = self.dir(container_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ContainerError(
+                f"container {container_id!r} does not exist",
+                where=str(self.root),
+                hint="see `stockade-oci list`",
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield path
+        finally:
+            # Unlock explicitly: a process forked meanwhile (the container init) shares this open
+            # file description, and closing our fd alone would leave the lock held by it.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def load(self, container_id: str) -> State:
+        path = self.dir(container_id) / "state.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ContainerError(
+                f"container {container_id!r} does not exist",
+                where=str(self.root),
+                hint="see `stockade-oci list`",
+            ) from None
+        return State(**data)
+
+    def save(self, state: State) -> None:
+        write_atomic(self.dir(state.id) / "state.json", json.dumps(asdict(state), indent=1))
+
+    def remove(self, container_id: str) -> None:
+        shutil.rmtree(self.dir(container_id), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()  # only when empty: leave nothing behind after the last container
+
+    def ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "state.json").exists())
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    """Fields of /proc/<pid>/stat after the command name; [] when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return []
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks); 0 when the process is gone."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else 0
+
+
+def process_alive(pid: int, start_time: int) -> bool:
+    """True while `pid` is the process we started and has not exited (a zombie counts as dead)."""
+    if pid <= 0:
+        return False
+    fields = _stat_fields(pid)
+    return bool(fields) and int(fields[19]) == start_time and fields[0] not in (b"Z", b"X")

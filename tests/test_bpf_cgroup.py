@@ -1,0 +1,415 @@
+"""cgroup-BPF enforcement on this host: agent, pins, map client, sock_create, connect/sendmsg,
+sysctl, device filter, events, audit mode, restart. Processes run in a test cgroup below a
+private Stockade parent and in network namespaces the tests create."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from kernel import require
+from stockade.bpf import maps
+from stockade.bpf.policy import compile_policy, parse_policy
+from test_bpf_helpers import (
+    PYTHON,
+    cleanup_agent,
+    in_cgroup,
+    make_agent,
+    no_bcc_imported,
+    op_connect,
+    op_open,
+    op_sendto,
+    op_socket,
+    op_sysctl_read,
+    op_sysctl_write,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for bpf(2) and cgroups")
+
+NET_POLICY = """
+name: test-net
+mode: {mode}
+kernel: {{sysctl_write: deny}}
+network:
+  families: [unix, inet, netlink]
+  raw_sockets: deny
+  egress:
+    default: deny
+    rules:
+      - {{to: 127.0.0.1/32, action: allow}}
+      - {{to: "::1/128", action: allow}}
+"""
+
+
+def compiled(mode: str = "enforce"):
+    return compile_policy(parse_policy(NET_POLICY.format(mode=mode), "test-net.yaml"))
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    a = make_agent(tmp_path_factory.mktemp("agent"))
+    proc = a.run("--load-only", "--no-lsm", check=False)
+    require(proc.returncode == 0, f"cgroup BPF programs do not load here: {proc.stderr.strip()}")
+    yield a
+    cleanup_agent(a)
+
+
+@pytest.fixture
+def container(agent, request):
+    """A container cgroup under the agent's parent; policy entries and the cgroup go afterwards."""
+    path, cgid = agent.container_cgroup(f"ctr-{request.node.name[:40]}")
+    yield path, cgid
+    maps.remove_policy(cgid, agent.pin_dir)
+    assert maps.entries_for(cgid, agent.pin_dir) == {"stk_policies": 0, "stk_net": 0, "stk_files": 0}
+    os.rmdir(path)
+
+
+def net_ops(ports):
+    return {
+        "connect_allowed": op_connect("127.0.0.1", ports["tcp"]),
+        "connect_denied": op_connect("127.0.0.2", ports["tcp"]),
+        "sendmsg_allowed": op_sendto("127.0.0.1", 9),
+        "sendmsg_denied": op_sendto("127.0.0.2", 9),
+        "raw": op_socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
+        "inet_stream": op_socket(socket.AF_INET, socket.SOCK_STREAM),
+        "unix": op_socket(socket.AF_UNIX, socket.SOCK_STREAM),
+        "sysctl_write": op_sysctl_write("net.ipv4.ping_group_range"),
+        "sysctl_read": op_sysctl_read("net.ipv4.ping_group_range"),
+    }
+
+
+def test_agent_pins_everything_and_never_the_root_cgroup(agent):
+    assert maps.agent_running(agent.pin_dir)
+    assert {"cgroup_sock", "cgroup_sock_addr", "cgroup_sysctl"} <= maps.loaded_layers(agent.pin_dir)
+    assert agent.cgroup_root != os.path.dirname(agent.cgroup_root) and os.path.basename(agent.cgroup_root)
+    from stockade.bpf import agent as agent_mod
+
+    with pytest.raises(Exception, match="below the cgroup2 root"):
+        agent_mod.cgroup_level(agent_mod.unified_mount())
+    # the runtime prunes empty parents; the agent's keeper child keeps its attach point alive
+    with pytest.raises(OSError):
+        os.rmdir(agent.cgroup_root)
+
+
+def test_egress_socket_and_sysctl_rules_apply_inside_only(agent, container):
+    path, cgid = container
+    maps.install_policy(cgid, "ctr-net", compiled(), pin_dir=agent.pin_dir)
+    inside = in_cgroup(path, net_ops)
+    assert inside["connect_allowed"] == "ok"
+    assert inside["connect_denied"] == "EPERM"
+    assert inside["sendmsg_allowed"] == "ok"
+    assert inside["sendmsg_denied"] == "EPERM"
+    assert inside["raw"] == "EPERM"
+    assert inside["inet_stream"] == "ok" and inside["unix"] == "ok"
+    assert inside["sysctl_write"] == "EPERM" and inside["sysctl_read"] == "ok"
+    outside = in_cgroup(None, net_ops)
+    assert all(v == "ok" for v in outside.values()), outside
+
+
+def test_ipv6_rules_and_v4_mapped_addresses(agent, container):
+    path, cgid = container
+
+    def ops(ports):
+        return {
+            "v6_allowed": op_connect("::1", ports["tcp6"], socket.AF_INET6),
+            "v6_denied": op_connect("::2", 80, socket.AF_INET6),
+            "mapped_denied": op_connect("::ffff:127.0.0.2", ports["tcp"], socket.AF_INET6),
+            "udp6_denied": op_sendto("::2", 9, socket.AF_INET6),
+        }
+
+    policy = compile_policy(
+        parse_policy(
+            NET_POLICY.format(mode="enforce").replace(
+                "families: [unix, inet, netlink]", "families: [unix, inet, inet6, netlink]"
+            ),
+            "v6.yaml",
+        )
+    )
+    maps.install_policy(cgid, "ctr-v6", policy, pin_dir=agent.pin_dir)
+    result = in_cgroup(path, ops)
+    assert result == {
+        "v6_allowed": "ok",
+        "v6_denied": "EPERM",
+        "mapped_denied": "EPERM",
+        "udp6_denied": "EPERM",
+    }
+
+
+def test_socket_family_rule_for_inet6(agent, container):
+    path, cgid = container
+    maps.install_policy(cgid, "ctr-fam", compiled(), pin_dir=agent.pin_dir)
+    result = in_cgroup(path, lambda ports: {"inet6": op_socket(socket.AF_INET6, socket.SOCK_STREAM)})
+    assert result["inet6"] == "EPERM"
+
+
+def test_port_ranges_in_rules(agent, container):
+    path, cgid = container
+    policy = compile_policy(
+        parse_policy(
+            """
+name: ports
+network:
+  egress:
+    default: allow
+    rules:
+      - {to: 127.0.0.2/32, ports: 1-1023, action: deny}
+""",
+            "ports.yaml",
+        )
+    )
+    maps.install_policy(cgid, "ctr-ports", policy, pin_dir=agent.pin_dir)
+    result = in_cgroup(
+        path, lambda ports: {"low": op_sendto("127.0.0.2", 53), "high": op_sendto("127.0.0.2", 5353)}
+    )
+    assert result == {"low": "EPERM", "high": "ok"}
+
+
+def test_two_containers_with_different_policies(agent):
+    a_path, a_id = agent.container_cgroup("ctr-a")
+    b_path, b_id = agent.container_cgroup("ctr-b")
+    try:
+        maps.install_policy(a_id, "ctr-a", compiled(), pin_dir=agent.pin_dir)
+        open_policy = compile_policy(parse_policy("name: open\n", "open.yaml"))
+        maps.install_policy(b_id, "ctr-b", open_policy, pin_dir=agent.pin_dir)
+        def ops(ports):
+            return {"denied": op_connect("127.0.0.2", ports["tcp"]),
+                    "raw": op_socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)}
+
+        assert in_cgroup(a_path, ops) == {"denied": "EPERM", "raw": "EPERM"}
+        assert in_cgroup(b_path, ops) == {"denied": "ok", "raw": "ok"}
+        # a cgroup without any policy under the parent is untouched as well
+        c_path, _ = agent.container_cgroup("ctr-none")
+        try:
+            assert in_cgroup(c_path, ops) == {"denied": "ok", "raw": "ok"}
+        finally:
+            os.rmdir(c_path)
+    finally:
+        for cgid, path in ((a_id, a_path), (b_id, b_path)):
+            maps.remove_policy(cgid, agent.pin_dir)
+            os.rmdir(path)
+
+
+def test_nested_cgroup_inherits_the_container_policy(agent, container):
+    path, cgid = container
+    maps.install_policy(cgid, "ctr-nested", compiled(), pin_dir=agent.pin_dir)
+    inner = os.path.join(path, "inner")
+    os.mkdir(inner)
+    try:
+        result = in_cgroup(inner, lambda ports: {"denied": op_connect("127.0.0.2", ports["tcp"])})
+        assert result == {"denied": "EPERM"}
+    finally:
+        os.rmdir(inner)
+
+
+def test_remove_policy_restores_and_leaves_no_entry(agent, container):
+    path, cgid = container
+    maps.install_policy(cgid, "ctr-rm", compiled(), pin_dir=agent.pin_dir)
+    assert maps.entries_for(cgid, agent.pin_dir) == {"stk_policies": 1, "stk_net": 2, "stk_files": 0}
+    maps.remove_policy(cgid, agent.pin_dir)
+    assert maps.entries_for(cgid, agent.pin_dir) == {"stk_policies": 0, "stk_net": 0, "stk_files": 0}
+    assert in_cgroup(path, lambda ports: {"c": op_connect("127.0.0.2", ports["tcp"])}) == {"c": "ok"}
+    maps.remove_policy(cgid, agent.pin_dir)  # idempotent
+
+
+def test_start_path_is_bcc_free_and_fast(agent, container):
+    assert no_bcc_imported(["stockade.bpf.maps", "stockade.bpf.policy", "stockade.bpf.devices"])
+    _, cgid = container
+    policy = compiled()
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        maps.install_policy(cgid, "ctr-fast", policy, pin_dir=agent.pin_dir)
+        times.append(time.perf_counter() - t0)
+        maps.remove_policy(cgid, agent.pin_dir)
+    times.sort()
+    assert times[len(times) // 2] < 0.005, f"median install {times[len(times) // 2] * 1e3:.2f} ms"
+
+
+def test_install_without_agent_is_refused(tmp_path):
+    from stockade.runtime.errors import NotSupported
+
+    with pytest.raises(NotSupported, match="not pinned"):
+        maps.install_policy(12345, "x", compiled(), pin_dir=str(tmp_path / "no-agent"))
+
+
+def test_events_audit_mode_and_cli(agent, container):
+    path, cgid = container
+    # the event reader runs as the agent would in production
+    reader = subprocess.Popen(
+        [PYTHON, "-m", "stockade.bpf.agent", "--foreground", "--no-lsm"],
+        env=agent.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert json.loads(reader.stdout.readline())["cgroup_programs"] == "pinned"
+        maps.install_policy(
+            cgid, "ctr-audit-0123456789", compiled("audit"), tenant="tenant-a", pin_dir=agent.pin_dir
+        )
+        result = in_cgroup(
+            path,
+            lambda ports: {
+                "denied": op_connect("127.0.0.2", ports["tcp"]),
+                "raw": op_socket(socket.AF_INET, socket.SOCK_RAW, 1),
+            },
+        )
+        assert result == {"denied": "ok", "raw": "ok"}, "audit mode must not deny"
+        maps.install_policy(
+            cgid, "ctr-audit-0123456789", compiled("enforce"), tenant="tenant-a", pin_dir=agent.pin_dir
+        )
+        assert in_cgroup(path, lambda ports: {"c": op_sendto("127.0.0.2", 7)}) == {"c": "EPERM"}
+        want = {("connect4", "audited"), ("sock_create", "audited"), ("sendmsg4", "denied")}
+        ours = []
+        for _ in range(50):
+            if agent.events_file.exists():
+                events = [json.loads(line) for line in agent.events_file.read_text().splitlines()]
+                ours = [e for e in events if e["cgroup_id"] == cgid]
+                if {(e["hook"], e["decision"]) for e in ours} >= want:
+                    break
+            time.sleep(0.1)
+        assert {(e["hook"], e["decision"]) for e in ours} >= want, ours
+        connect = next(e for e in ours if e["hook"] == "connect4")
+        assert connect["container_id"] == "ctr-audit-0123456789" and connect["tenant"] == "tenant-a"
+        assert connect["object"].startswith("127.0.0.2:")
+        assert abs(connect["time"] - time.time()) < 60
+        cli = subprocess.run(
+            [PYTHON, "-m", "stockade.bpf.cli", "events", "--json", "--container", "ctr-audit"],
+            env=agent.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        lines = [json.loads(line) for line in cli.stdout.splitlines()]
+        assert len(lines) == len(ours)
+        other = subprocess.run(
+            [PYTHON, "-m", "stockade.bpf.cli", "events", "--container", "nope"],
+            env=agent.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert other.stdout == ""
+    finally:
+        reader.send_signal(signal.SIGTERM)
+        reader.wait(timeout=10)
+        reader.stdout.close()
+        reader.stderr.close()
+    assert reader.returncode == 0
+
+
+def test_restart_keeps_policies_and_stop_removes_everything(tmp_path):
+    a = make_agent(tmp_path, "restart-")
+    try:
+        first = json.loads(a.run("--load-only", "--no-lsm").stdout)
+        assert first["cgroup_programs"] in ("bcc", "cache")
+        path, cgid = a.container_cgroup("ctr")
+        try:
+            maps.install_policy(cgid, "ctr", compiled(), pin_dir=a.pin_dir)
+            again = json.loads(a.run("--load-only", "--no-lsm").stdout)
+            assert again["cgroup_programs"] == "pinned"  # re-used, not reloaded
+            check = lambda ports: {"c": op_connect("127.0.0.2", ports["tcp"])}  # noqa: E731
+            assert in_cgroup(path, check) == {"c": "EPERM"}
+            # stop: programs detached, pins gone, the container is no longer filtered
+            a.run("--stop")
+            assert not os.path.exists(a.pin_dir)
+            assert in_cgroup(path, check) == {"c": "ok"}
+            # a fresh start loads from the bytecode cache, without recompiling
+            third = json.loads(a.run("--load-only", "--no-lsm").stdout)
+            assert third["cgroup_programs"] == "cache"
+            maps.install_policy(cgid, "ctr", compiled(), pin_dir=a.pin_dir)
+            assert in_cgroup(path, check) == {"c": "EPERM"}
+            maps.remove_policy(cgid, a.pin_dir)
+        finally:
+            os.rmdir(path)
+    finally:
+        cleanup_agent(a)
+
+
+# -- device filter (cgroup v2 device control, hand-assembled program) ------------------------
+
+
+def test_device_filter_allows_listed_devices_only(agent):
+    from stockade.bpf.devices import attach_device_filter, attached_device_programs, detach_device_filter
+
+    path, _ = agent.container_cgroup("ctr-dev")
+    try:
+        rules = [
+            {"allow": False, "access": "rwm"},
+            {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rwm"},  # /dev/null
+            {"allow": True, "type": "c", "major": 1, "minor": 5, "access": "r"},  # /dev/zero read-only
+            {"allow": True, "type": "c", "major": 1, "minor": None, "access": "rw"},
+            {"allow": False, "type": "c", "major": 1, "minor": 7, "access": "w"},  # later deny wins
+        ]
+        attach_device_filter(path, rules, pin_dir=agent.pin_dir)
+        attach_device_filter(path, rules, pin_dir=agent.pin_dir)  # replacing keeps exactly one
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert len(attached_device_programs(fd)) == 1
+        finally:
+            os.close(fd)
+        ops = lambda ports: {  # noqa: E731
+            "null_rw": op_open("/dev/null", os.O_RDWR),
+            "zero_r": op_open("/dev/zero", os.O_RDONLY),
+            "zero_rw": op_open("/dev/zero", os.O_RDWR),
+            "full_r": op_open("/dev/full", os.O_RDONLY),
+            "full_w": op_open("/dev/full", os.O_WRONLY),
+            "random_r": op_open("/dev/urandom", os.O_RDONLY),
+            "tty": op_open("/dev/tty", os.O_RDONLY),
+        }
+        inside = in_cgroup(path, ops, netns=False)
+        assert inside["null_rw"] == "ok" and inside["zero_r"] == "ok" and inside["random_r"] == "ok"
+        assert inside["zero_rw"] == "ok"  # the wildcard minor rule allows rw on major 1
+        assert inside["full_r"] == "ok" and inside["full_w"] == "EPERM"
+        assert inside["tty"] == "EPERM"
+        # denials reach the agent's event ring
+        from stockade.bpf import events
+
+        events.pump(agent.pin_dir, agent.events_file, once=True)
+        logged = [json.loads(x) for x in agent.events_file.read_text().splitlines()]
+        cgid = os.stat(path).st_ino
+        ours = {e["object"] for e in logged if e["hook"] == "device" and e["cgroup_id"] == cgid}
+        assert {"c 1:7 w", "c 5:0 r"} <= ours, ours
+        assert detach_device_filter(path) == 1
+        assert in_cgroup(path, ops, netns=False)["full_w"] == "ok"
+        # the kernel's verifier accepts the edge shapes: allow-all, deny-all, empty
+        for edge in ([{"allow": True}], [{"allow": False}], []):
+            attach_device_filter(path, edge, pin_dir=agent.pin_dir)
+        assert in_cgroup(path, ops, netns=False)["null_rw"] == "EPERM"  # [] denies everything
+        attach_device_filter(path, [{"allow": True}], pin_dir=agent.pin_dir)
+        assert in_cgroup(path, ops, netns=False)["full_w"] == "ok"
+        assert detach_device_filter(path) == 1
+    finally:
+        detach_device_filter(path) if os.path.isdir(path) else None
+        os.rmdir(path)
+
+
+def test_device_rules_are_validated():
+    from stockade.bpf.devices import assemble
+    from stockade.runtime.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"devices\[1\]"):
+        assemble([{"allow": True}, {"allow": True, "type": "x"}])
+    with pytest.raises(SpecError, match="access"):
+        assemble([{"allow": True, "access": "rwx"}])
+    assert len(assemble([])) % 8 == 0
+    assert len(assemble([{"allow": True}])) % 8 == 0  # allow-all: no unreachable deny path
+    assert len(assemble([{"allow": True}], events_fd=3)) % 8 == 0
+
+
+def test_reinstall_replaces_the_rule_set(agent, container):
+    path, cgid = container
+    maps.install_policy(cgid, "ctr-up", compiled(), pin_dir=agent.pin_dir)
+    assert maps.entries_for(cgid, agent.pin_dir)["stk_net"] == 2
+    narrower = compile_policy(parse_policy(
+        "name: up\nnetwork:\n  egress:\n    default: allow\n    rules: [{to: 127.0.0.2/32, action: deny}]\n"))
+    maps.install_policy(cgid, "ctr-up", narrower, pin_dir=agent.pin_dir)
+    assert maps.entries_for(cgid, agent.pin_dir) == {"stk_policies": 1, "stk_net": 1, "stk_files": 0}
+    result = in_cgroup(path, lambda ports: {"a": op_connect("127.0.0.2", ports["tcp"]),
+                                            "raw": op_socket(socket.AF_INET, socket.SOCK_RAW, 1)})
+    assert result == {"a": "EPERM", "raw": "ok"}
