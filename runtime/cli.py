@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return _guard(lambda: getattr(module, func)(argv[1:]))
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "run":
+    if args.subcommand == "run":
         from . import run
 
         return _guard(lambda: run.main(args))
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="stockade", description="Stockade: run untrusted code confined by the kernel"
     )
     p.add_argument("--version", action="version", version=f"stockade {VERSION}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="subcommand", metavar="COMMAND")
     run.add_arguments(sub.add_parser("run", help="run a command in a sandbox (built-in root filesystem)"))
     for name, (_, _, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)

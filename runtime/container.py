@@ -202,7 +202,9 @@ def _in_container_hooks(kind: str, hooks: list, state: State) -> Callable[[], No
     def run() -> None:
         from .hooks import run_hooks
 
-        run_hooks(kind, hooks, _oci_state(state, "created", os.getpid()))
+        from .init import host_pid
+
+        run_hooks(kind, hooks, _oci_state(state, "created", host_pid()))
 
     return run
 
@@ -279,12 +281,12 @@ def _status_of(state: State, state_dir: Path) -> str:
         return "stopped"
     if (state_dir / "exec.fifo").exists():
         return "created"
-    if _cgroup(state).frozen():
+    if cgroup_of(state).frozen():
         return "paused"
     return "running"
 
 
-def _cgroup(state: State) -> Any:
+def cgroup_of(state: State) -> Any:
     from . import cgroups
 
     return cgroups.open_driver().open(state.cgroup_path)
@@ -298,7 +300,7 @@ def kill(root: Path | str, container_id: str, sig: int = signal.SIGTERM, all_pro
         if status == "stopped" and not all_processes:
             raise ContainerError(f"container {container_id!r} is not running", hint="nothing to signal")
         if all_processes:
-            _cgroup(state).kill(sig)
+            cgroup_of(state).kill(sig)
         else:
             os.kill(state.pid, sig)
 
@@ -324,7 +326,7 @@ def delete(root: Path | str, container_id: str, force: bool = False) -> None:
 
 
 def _teardown(state: State) -> None:
-    cgroup = _cgroup(state)
+    cgroup = cgroup_of(state)
     with contextlib.suppress(OSError):
         cgroup.thaw()  # a frozen process cannot die
     _kill_and_wait(state.pid, state.pid_start)
@@ -382,7 +384,7 @@ def exec_process(
             raise ContainerError(f"cannot exec in container {container_id!r} in status {status!r}")
         spec = _load_spec(state_dir)
         program = _compile_seccomp(spec)
-        cgroup = _cgroup(state)
+        cgroup = cgroup_of(state)
     return init.exec_process(
         state.pid,
         spec,
@@ -413,7 +415,7 @@ def _freeze(root: Path | str, container_id: str, freeze: bool) -> None:
         if status != wanted:
             verb = "pause" if freeze else "resume"
             raise ContainerError(f"cannot {verb} container {container_id!r} in status {status!r}")
-        cgroup = _cgroup(state)
+        cgroup = cgroup_of(state)
         cgroup.freeze() if freeze else cgroup.thaw()
 
 
@@ -426,13 +428,13 @@ def update(root: Path | str, container_id: str, resources: dict) -> None:
         state = store.load(container_id)
         if _status_of(state, state_dir) == "stopped":
             raise ContainerError(f"container {container_id!r} is stopped", hint="nothing to update")
-        _cgroup(state).update(res)
+        cgroup_of(state).update(res)
 
 
 def processes(root: Path | str, container_id: str) -> list[int]:
     store = StateStore(root)
     state = store.load(container_id)
-    return sorted(_cgroup(state).pids())
+    return sorted(cgroup_of(state).pids())
 
 
 def list_containers(root: Path | str) -> list[Status]:

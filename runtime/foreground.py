@@ -67,6 +67,16 @@ class _Supervisor:
             print(f"stockade: could not kill container: {err}", file=sys.stderr)
 
 
+def _report_oom(state: container.State) -> None:
+    try:
+        kills = container.cgroup_of(state).oom_kills()
+    except OSError:
+        return
+    if kills:
+        print(f"stockade: {state.id}: {kills} process(es) killed: out of memory (the container's memory limit)",
+              file=sys.stderr)
+
+
 def run(
     root: Path | str,
     container_id: str,
@@ -86,6 +96,7 @@ def run(
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, timeout)
         code = container.wait(state)
+        _report_oom(state)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in saved.items():

@@ -383,6 +383,7 @@ def _root_filesystem(args: argparse.Namespace):  # noqa: ANN202 - yields (bundle
     tmp = Path(tempfile.mkdtemp(prefix="stockade-rootfs-", dir="/run"))
     try:
         _populate_default_rootfs(tmp)
+        _bind_mount_points(tmp, args.bind)
         yield tmp, tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -397,10 +398,24 @@ def _must_be_dir(path: Path, where: str) -> None:
         )
 
 
+def _bind_mount_points(root: Path, binds: list[str]) -> None:
+    """Create --bind destinations up front: root in the user namespace cannot write our rootfs."""
+    for item in binds:
+        src, dst = item.split(":")[:2]
+        target = root / dst.lstrip("/")
+        if target.exists() or target.is_symlink():
+            continue
+        if Path(src).is_dir():
+            target.mkdir(parents=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+
+
 def _populate_default_rootfs(root: Path) -> None:
     """Mount points and a minimal /etc; the host's /usr and friends are bind-mounted read-only."""
     os.chmod(root, 0o755)
-    for name in ("proc", "dev", "sys", "tmp", "etc", "root", "var/tmp", "run", "home"):
+    for name in ("proc", "dev", "sys", "tmp", "etc", "root", "var/tmp", "run", "home", "mnt", "opt", "srv"):
         (root / name).mkdir(parents=True, exist_ok=True)
     for name in HOST_DIRS:
         host = Path("/") / name

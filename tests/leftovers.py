@@ -23,6 +23,9 @@ def snapshot(state_root: Path | None = None) -> dict[str, set[str]]:
     return {"mounts": mounts, "cgroups": cgroups, "state": state, "processes": _processes()}
 
 
+RUNTIME_MARKERS = ("bin/stockade-oci", "bin/stockade run", "stockade.runtime")
+
+
 def _processes() -> set[str]:
     out = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -30,7 +33,8 @@ def _processes() -> set[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "stockade" in cmd and "pytest" not in cmd and int(pid) != os.getpid():
+        # Runtime processes only: a leaked workload keeps its cgroup, which the cgroup check sees.
+        if any(m in cmd for m in RUNTIME_MARKERS) and "pytest" not in cmd and int(pid) != os.getpid():
             out.add(f"{pid} {cmd.strip()}")
     return out
 

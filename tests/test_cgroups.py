@@ -140,6 +140,13 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def _eventually(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
@@ -439,8 +446,7 @@ def test_freeze_thaw_stops_busy_process(driver, lab):
     assert _cpu_ticks(p.pid) == t1
     cg.thaw()
     assert not cg.frozen()
-    time.sleep(0.5)
-    assert _cpu_ticks(p.pid) > t1 + 10  # ~50 ticks at 100 Hz; it ran again
+    _eventually(lambda: _cpu_ticks(p.pid) > t1 + 5)  # it runs again (slowly on a loaded 2-core host)
 
 
 def test_kill_empties_cgroup(driver, lab):
@@ -503,24 +509,17 @@ def test_unified_id_is_inode(driver, lab):
 
 def test_open_existing_and_stats(driver, lab):
     cg = lab.create(driver)
-    p = lab.spawn(cg, "x = b'y' * (8 << 20)\nwhile True: pass")
-    time.sleep(0.3)
+    p = lab.spawn(cg, "x = b'y' * (8 << 20)\nprint('up', flush=True)\nwhile True: pass")
+    assert p.stdout.readline().strip() == "up"
     again = driver.open(cg.path)
     assert again.pids() == [p.pid]
     stats = again.stats()
-    assert set(stats) >= {
-        "memory_current",
-        "memory_peak",
-        "memory_limit",
-        "cpu_usage_usec",
-        "pids_current",
-        "oom_kills",
-    }
+    keys = {"memory_current", "memory_peak", "memory_limit", "cpu_usage_usec", "pids_current", "oom_kills"}
+    assert set(stats) >= keys
+    _eventually(lambda: again.stats()["cpu_usage_usec"] > 50_000)  # cpu.stat is core in cgroup2 too
     if driver.name == "v1":
-        assert stats["cpu_usage_usec"] > 100_000 and stats["memory_current"] > 8 * MiB
+        assert stats["memory_current"] > 8 * MiB
         assert stats["pids_current"] == 1 and stats["memory_limit"] == -1
-    else:
-        assert stats["cpu_usage_usec"] > 100_000  # cpu.stat is core in cgroup2
 
 
 def test_open_missing_refused(driver, lab):

@@ -76,15 +76,24 @@ def resolve_path(cgroups_path: str | None, container_id: str) -> str:
     if not isinstance(cgroups_path, str):
         raise SpecError(f"must be a string, got {type(cgroups_path).__name__}", where=where)
     if ":" in cgroups_path and not cgroups_path.startswith("/"):
-        raise NotSupported(f"systemd cgroup path {cgroups_path!r} is not supported", where=where,
-                           hint='Stockade has no systemd cgroup driver: use a path such as "/stockade/<id>"')
+        raise NotSupported(
+            f"systemd cgroup path {cgroups_path!r} is not supported",
+            where=where,
+            hint='Stockade has no systemd cgroup driver: use a path such as "/stockade/<id>"',
+        )
     parts = [p for p in cgroups_path.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
-        raise SpecError(f"{cgroups_path!r} escapes the cgroup hierarchy with '..'", where=where,
-                        hint="use a path below the hierarchy root without '..'")
+        raise SpecError(
+            f"{cgroups_path!r} escapes the cgroup hierarchy with '..'",
+            where=where,
+            hint="use a path below the hierarchy root without '..'",
+        )
     if not parts:
-        raise SpecError(f"{cgroups_path!r} names the hierarchy root", where=where,
-                        hint="a container needs its own cgroup, e.g. /stockade/<id>")
+        raise SpecError(
+            f"{cgroups_path!r} names the hierarchy root",
+            where=where,
+            hint="a container needs its own cgroup, e.g. /stockade/<id>",
+        )
     if any("\0" in p or "\n" in p for p in parts):
         raise SpecError(f"invalid character in {cgroups_path!r}", where=where)
     return "/".join(parts)
@@ -107,5 +116,9 @@ def describe_host(root: str = DEFAULT_ROOT) -> dict:
         per_hierarchy.setdefault(point, []).append(controller)
     if unified is not None:
         per_hierarchy[unified] = open(os.path.join(unified, "cgroup.controllers")).read().split()
-    return {"mode": "hybrid" if unified else "v1", "driver": "v1" if mounts else "none",
-            "unified_mount": unified, "controllers": per_hierarchy}
+    return {
+        "mode": "hybrid" if unified else "v1",
+        "driver": "v1" if mounts else "none",
+        "unified_mount": unified,
+        "controllers": per_hierarchy,
+    }

@@ -27,8 +27,9 @@ def write(path: str, value: str | int) -> None:
 
 
 def write_failed(path: str, value: object, e: OSError) -> None:
-    raise StockadeError(f"cannot write {str(value)!r} to {path}: {os.strerror(e.errno or 0)}",
-                        where="cgroups", hint=_hint(e)) from e
+    raise StockadeError(
+        f"cannot write {str(value)!r} to {path}: {os.strerror(e.errno or 0)}", where="cgroups", hint=_hint(e)
+    ) from e
 
 
 def _hint(e: OSError) -> str:
@@ -76,15 +77,19 @@ def makedirs(root: str, rel: str) -> list[str]:
                 break
             except FileExistsError:
                 if leaf:
-                    raise StockadeError(f"cgroup {path} already exists", where="cgroups",
-                                        hint="another container uses this cgroupsPath, or a leftover "
-                                             "of a crashed one: delete it first") from None
+                    raise StockadeError(
+                        f"cgroup {path} already exists",
+                        where="cgroups",
+                        hint="another container uses this cgroupsPath, or a leftover "
+                        "of a crashed one: delete it first",
+                    ) from None
                 break
             except FileNotFoundError:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             except OSError as e:
-                raise StockadeError(f"cannot create cgroup {path}: {os.strerror(e.errno or 0)}",
-                                    where="cgroups") from e
+                raise StockadeError(
+                    f"cannot create cgroup {path}: {os.strerror(e.errno or 0)}", where="cgroups"
+                ) from e
     return created
 
 
@@ -109,8 +114,11 @@ def _rmdir(path: str) -> None:
         except OSError as e:
             # EBUSY right after the last process exited: the kernel releases the css lazily
             if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                raise StockadeError(f"cannot remove cgroup {path}: {os.strerror(e.errno or 0)}",
-                                    where="cgroups", hint="processes are still inside it") from e
+                raise StockadeError(
+                    f"cannot remove cgroup {path}: {os.strerror(e.errno or 0)}",
+                    where="cgroups",
+                    hint="processes are still inside it",
+                ) from e
             time.sleep(0.01)
 
 

@@ -65,8 +65,11 @@ class Driver:
         self.root = root
         self.mounts, self.unified_root = mounts(root)
         if not self.mounts:
-            common.refuse(f"no cgroup v1 hierarchy mounted under {root}", "cgroups",
-                          "mount the cgroup controllers (or use a cgroup v2 host)")
+            common.refuse(
+                f"no cgroup v1 hierarchy mounted under {root}",
+                "cgroups",
+                "mount the cgroup controllers (or use a cgroup v2 host)",
+            )
 
     def controllers(self) -> list[str]:
         return sorted(self.mounts)
@@ -95,8 +98,11 @@ class Driver:
     def open(self, path: str) -> Cgroup:
         cg = Cgroup(self, path)
         if not any(os.path.isdir(d) for d in cg.dirs.values()):
-            raise ContainerError(f"cgroup {path} does not exist in any v1 hierarchy", where="cgroups",
-                                 hint="the container was deleted or its cgroup removed by someone else")
+            raise ContainerError(
+                f"cgroup {path} does not exist in any v1 hierarchy",
+                where="cgroups",
+                hint="the container was deleted or its cgroup removed by someone else",
+            )
         if self.unified_root is not None and os.path.isdir(os.path.join(self.unified_root, path)):
             cg.unified = v2.Cgroup(self.unified_root, path)
         return cg
@@ -105,28 +111,41 @@ class Driver:
         """NotSupported for every requested resource this host's hierarchies cannot enforce."""
         for controller in ("devices", "freezer"):  # device isolation and pause/kill are never optional
             if controller not in self.mounts:
-                common.refuse(f"the cgroup v1 {controller} controller is not mounted", "cgroups",
-                              f"mount it under {self.root}/{controller}")
+                common.refuse(
+                    f"the cgroup v1 {controller} controller is not mounted",
+                    "cgroups",
+                    f"mount it under {self.root}/{controller}",
+                )
         if res is None:
             return
 
         def need(controller: str, field: str) -> None:
             if controller not in self.mounts:
-                common.refuse(f"the cgroup v1 {controller} controller is not mounted", f"{where}.{field}",
-                              f"mount it under {self.root}/{controller} or remove {field}")
+                common.refuse(
+                    f"the cgroup v1 {controller} controller is not mounted",
+                    f"{where}.{field}",
+                    f"mount it under {self.root}/{controller} or remove {field}",
+                )
 
         m = res.memory
         if m is not None:
-            for name, present in (("kernel", m.kernel is not None), ("kernelTCP", m.kernel_tcp is not None),
-                                  ("useHierarchy", m.use_hierarchy is False)):
+            for name, present in (
+                ("kernel", m.kernel is not None),
+                ("kernelTCP", m.kernel_tcp is not None),
+                ("useHierarchy", m.use_hierarchy is False),
+            ):
                 if present:
-                    common.refuse(f"memory.{name} is not supported (deprecated, gone from current kernels)",
-                                  f"{where}.memory.{name}", "remove it")
+                    common.refuse(
+                        f"memory.{name} is not supported (deprecated, gone from current kernels)",
+                        f"{where}.memory.{name}",
+                        "remove it",
+                    )
             need("memory", "memory")
         c = res.cpu
         if c is not None:
-            if (c.shares, c.quota, c.period, c.burst, c.idle, c.realtime_runtime, c.realtime_period) \
-                    != (None,) * 7:
+            if (c.shares, c.quota, c.period, c.burst, c.idle, c.realtime_runtime, c.realtime_period) != (
+                None,
+            ) * 7:
                 need("cpu", "cpu")
             if c.cpus or c.mems:
                 need("cpuset", "cpu.cpus")
@@ -134,26 +153,39 @@ class Driver:
             need("pids", "pids")
         if res.block_io is not None:
             if unsupported := res.block_io.unsupported_fields():
-                common.refuse(f"blockIO {', '.join(unsupported)} not implemented", f"{where}.blockIO",
-                              "only blockIO.weight and throttle*Device are enforced; remove the others")
+                common.refuse(
+                    f"blockIO {', '.join(unsupported)} not implemented",
+                    f"{where}.blockIO",
+                    "only blockIO.weight and throttle*Device are enforced; remove the others",
+                )
             if res.block_io.weight is not None or res.block_io.has_throttle():
                 need("blkio", "blockIO")
         hugetlb = "hugetlb" in self.mounts or "hugetlb" in self.unified_controllers()
         if res.hugepage_limits and not hugetlb:
-            common.refuse("hugepageLimits need the hugetlb controller (v1 or in the cgroup2 tree)",
-                          f"{where}.hugepageLimits", "mount hugetlb or remove hugepageLimits")
+            common.refuse(
+                "hugepageLimits need the hugetlb controller (v1 or in the cgroup2 tree)",
+                f"{where}.hugepageLimits",
+                "mount hugetlb or remove hugepageLimits",
+            )
         for key in res.unified:
             prefix = key.split(".")[0]
             if prefix != "cgroup" and prefix not in self.unified_controllers():
-                common.refuse(f"unified key {key} needs the {prefix} controller in the cgroup2 tree, "
-                              "which this hybrid host does not offer", f"{where}.unified.{key}",
-                              "remove it or use the v1 equivalent field")
+                common.refuse(
+                    f"unified key {key} needs the {prefix} controller in the cgroup2 tree, "
+                    "which this hybrid host does not offer",
+                    f"{where}.unified.{key}",
+                    "remove it or use the v1 equivalent field",
+                )
         if res.unified and self.unified_root is None:
-            common.refuse("unified keys need a cgroup2 tree", f"{where}.unified",
-                          "remove linux.resources.unified")
+            common.refuse(
+                "unified keys need a cgroup2 tree", f"{where}.unified", "remove linux.resources.unified"
+            )
         if res.network is not None and res.network.requested():
-            common.refuse("network classID/priorities need net_cls/net_prio, which Stockade does not manage",
-                          f"{where}.network", "remove linux.resources.network (use BPF/nftables policy)")
+            common.refuse(
+                "network classID/priorities need net_cls/net_prio, which Stockade does not manage",
+                f"{where}.network",
+                "remove linux.resources.network (use BPF/nftables policy)",
+            )
         if res.rdma:
             common.refuse("rdma limits are not implemented", f"{where}.rdma", "remove linux.resources.rdma")
 
@@ -248,18 +280,25 @@ class Cgroup:
         mem = MemoryController(_node(self.dirs["memory"]))
         has_memsw = os.path.exists(mem.filepath(b"memory.memsw.limit_in_bytes"))
         if m.swap is not None and not has_memsw:
-            common.refuse("swap limits need memory.memsw.limit_in_bytes (swap accounting is off)",
-                          "linux.resources.memory.swap", "boot with swapaccount=1 or remove memory.swap")
+            common.refuse(
+                "swap limits need memory.memsw.limit_in_bytes (swap accounting is off)",
+                "linux.resources.memory.swap",
+                "boot with swapaccount=1 or remove memory.swap",
+            )
         if m.check_before_update and m.limit not in (None, UNLIMITED) and m.limit < mem.usage_in_bytes:
-            raise SpecError(f"memory limit {m.limit} is below current usage {mem.usage_in_bytes}",
-                            where="linux.resources.memory.limit", hint="checkBeforeUpdate is set")
+            raise SpecError(
+                f"memory limit {m.limit} is below current usage {mem.usage_in_bytes}",
+                where="linux.resources.memory.limit",
+                hint="checkBeforeUpdate is set",
+            )
         swap = m.swap
         if m.limit == UNLIMITED and swap is None and has_memsw:
             swap = UNLIMITED  # as runc: unlimited memory with swap unset lifts memsw too
         # memory.limit_in_bytes <= memsw.limit_in_bytes at every step: raise memsw first when it grows
         current_memsw = mem.memsw_limit_in_bytes if has_memsw else None
-        swap_first = swap is not None and (swap == UNLIMITED or current_memsw is not None
-                                           and current_memsw < swap)
+        swap_first = swap is not None and (
+            swap == UNLIMITED or current_memsw is not None and current_memsw < swap
+        )
         if swap is not None and swap_first:
             _set(mem, "memsw_limit_in_bytes", swap, "memory.memsw.limit_in_bytes")
         if m.limit is not None:
@@ -310,9 +349,11 @@ class Cgroup:
         elif os.path.exists(blkio.filepath(b"blkio.bfq.weight")) and _bfq_in_use():
             self._write("blkio", "blkio.bfq.weight", weight)
         else:
-            common.refuse("blockIO.weight needs blkio.weight (CFQ) or a block device using the bfq scheduler",
-                          "linux.resources.blockIO.weight",
-                          "select bfq in /sys/block/<dev>/queue/scheduler, or remove blockIO.weight")
+            common.refuse(
+                "blockIO.weight needs blkio.weight (CFQ) or a block device using the bfq scheduler",
+                "linux.resources.blockIO.weight",
+                "select bfq in /sys/block/<dev>/queue/scheduler, or remove blockIO.weight",
+            )
 
     def _devices(self, rules: list[DeviceRule]) -> None:
         from cgroupspy.contenttypes import DeviceAccess
@@ -387,8 +428,16 @@ class Cgroup:
     # -- accounting ---------------------------------------------------------------------------
     def stats(self) -> dict:
         out: dict[str, int | None] = dict.fromkeys(
-            ("memory_current", "memory_peak", "memory_limit", "memory_swap_limit", "cpu_usage_usec",
-             "pids_current", "pids_limit"))
+            (
+                "memory_current",
+                "memory_peak",
+                "memory_limit",
+                "memory_swap_limit",
+                "cpu_usage_usec",
+                "pids_current",
+                "pids_limit",
+            )
+        )
         if "memory" in self.dirs:
             from cgroupspy.controllers import MemoryController
 
@@ -419,8 +468,11 @@ class Cgroup:
 
     def unified_path(self) -> str:
         if self.unified is None:
-            common.refuse("this host has no cgroup2 tree: no cgroup id for BPF", "cgroups",
-                          "mount cgroup2 at /sys/fs/cgroup/unified (hybrid) or boot with cgroup v2")
+            common.refuse(
+                "this host has no cgroup2 tree: no cgroup id for BPF",
+                "cgroups",
+                "mount cgroup2 at /sys/fs/cgroup/unified (hybrid) or boot with cgroup v2",
+            )
         assert self.unified is not None
         return self.unified.unified_path()
 
@@ -438,11 +490,13 @@ class Cgroup:
         for mount in self.mount_points():
             common.remove_tree(os.path.join(mount, self.path))
             common.remove_empty_parents(
-                mount, self.path, lambda p: p in created or os.path.basename(p) == "stockade")
+                mount, self.path, lambda p: p in created or os.path.basename(p) == "stockade"
+            )
         if self.unified is not None:
             self.unified.destroy()
-        elif self.driver.unified_root is not None and os.path.isdir(os.path.join(self.driver.unified_root,
-                                                                                 self.path)):
+        elif self.driver.unified_root is not None and os.path.isdir(
+            os.path.join(self.driver.unified_root, self.path)
+        ):
             v2.Cgroup(self.driver.unified_root, self.path).destroy()
 
     def undo_create(self) -> None:

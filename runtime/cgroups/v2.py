@@ -38,20 +38,29 @@ def needed_controllers(res: Resources | None, where: str = "linux.resources") ->
     need: set[str] = set()
     m = res.memory
     if m is not None:
-        for name, present in (("kernel", m.kernel is not None), ("kernelTCP", m.kernel_tcp is not None),
-                              ("swappiness", m.swappiness is not None),
-                              ("disableOOMKiller", bool(m.disable_oom_killer)),
-                              ("useHierarchy", m.use_hierarchy is False)):
+        for name, present in (
+            ("kernel", m.kernel is not None),
+            ("kernelTCP", m.kernel_tcp is not None),
+            ("swappiness", m.swappiness is not None),
+            ("disableOOMKiller", bool(m.disable_oom_killer)),
+            ("useHierarchy", m.use_hierarchy is False),
+        ):
             if present:
-                common.refuse(f"{name} is not supported on cgroup v2", f"{where}.memory.{name}",
-                              "remove it (cgroup v2 has no such knob)")
+                common.refuse(
+                    f"{name} is not supported on cgroup v2",
+                    f"{where}.memory.{name}",
+                    "remove it (cgroup v2 has no such knob)",
+                )
         if (m.limit, m.reservation, m.swap) != (None, None, None):
             need.add("memory")
     c = res.cpu
     if c is not None:
         if c.realtime_runtime is not None or c.realtime_period is not None:
-            common.refuse("realtime CPU limits are not supported on cgroup v2", f"{where}.cpu",
-                          "remove realtimeRuntime/realtimePeriod")
+            common.refuse(
+                "realtime CPU limits are not supported on cgroup v2",
+                f"{where}.cpu",
+                "remove realtimeRuntime/realtimePeriod",
+            )
         if (c.shares, c.quota, c.period, c.burst, c.idle) != (None,) * 5:
             need.add("cpu")
         if c.cpus or c.mems:
@@ -60,8 +69,11 @@ def needed_controllers(res: Resources | None, where: str = "linux.resources") ->
         need.add("pids")
     if res.block_io is not None:
         if unsupported := res.block_io.unsupported_fields():
-            common.refuse(f"blockIO {', '.join(unsupported)} not implemented", f"{where}.blockIO",
-                          "only blockIO.weight and throttle*Device are enforced; remove the others")
+            common.refuse(
+                f"blockIO {', '.join(unsupported)} not implemented",
+                f"{where}.blockIO",
+                "only blockIO.weight and throttle*Device are enforced; remove the others",
+            )
         if res.block_io.weight is not None or res.block_io.has_throttle():
             need.add("io")
     if res.hugepage_limits:
@@ -71,8 +83,11 @@ def needed_controllers(res: Resources | None, where: str = "linux.resources") ->
         if prefix != "cgroup":
             need.add(prefix)
     if res.network is not None and res.network.requested():
-        common.refuse("network classID/priorities need net_cls/net_prio, which cgroup v2 lacks",
-                      f"{where}.network", "remove linux.resources.network (use BPF/nftables policy)")
+        common.refuse(
+            "network classID/priorities need net_cls/net_prio, which cgroup v2 lacks",
+            f"{where}.network",
+            "remove linux.resources.network (use BPF/nftables policy)",
+        )
     if res.rdma:
         common.refuse("rdma limits are not implemented", f"{where}.rdma", "remove linux.resources.rdma")
     return need
@@ -148,8 +163,11 @@ class Driver:
     def open(self, path: str) -> Cgroup:
         cg = Cgroup(self.root, path)
         if not os.path.isdir(cg.dir):
-            raise ContainerError(f"cgroup {cg.dir} does not exist", where="cgroups",
-                                 hint="the container was deleted or its cgroup removed by someone else")
+            raise ContainerError(
+                f"cgroup {cg.dir} does not exist",
+                where="cgroups",
+                hint="the container was deleted or its cgroup removed by someone else",
+            )
         return cg
 
 
@@ -174,8 +192,11 @@ class Cgroup:
         missing = controllers - available
         if missing and required:
             names = ", ".join(sorted(missing))
-            common.refuse(f"cgroup v2 controller(s) {names} not available at {self.root}", "cgroups",
-                          "enable them on the host, or remove the resources that need them")
+            common.refuse(
+                f"cgroup v2 controller(s) {names} not available at {self.root}",
+                "cgroups",
+                "enable them on the host, or remove the resources that need them",
+            )
         for rel in common.ancestors(self.path):
             parent = os.path.join(self.root, rel)
             enabled = set(common.read(os.path.join(parent, "cgroup.subtree_control")).split())
@@ -200,8 +221,11 @@ class Cgroup:
         self._hugetlb(resources)
         for key, value in resources.unified.items():
             if not os.path.exists(self._file(key)):
-                common.refuse(f"cgroup v2 file {key} does not exist", f"linux.resources.unified.{key}",
-                              "check the name and that the kernel supports it")
+                common.refuse(
+                    f"cgroup v2 file {key} does not exist",
+                    f"linux.resources.unified.{key}",
+                    "check the name and that the kernel supports it",
+                )
             common.write(self._file(key), value)
         if resources.devices:
             self.device_rules = effective_device_rules(resources.devices)
@@ -219,8 +243,11 @@ class Cgroup:
             elif os.path.exists(self._file("io.weight")):
                 common.write(self._file("io.weight"), f"default {blkio_to_io_weight(w)}")
             else:
-                common.refuse("blockIO.weight needs io.bfq.weight or io.weight (iocost), absent here",
-                              "linux.resources.blockIO.weight", "remove blockIO.weight")
+                common.refuse(
+                    "blockIO.weight needs io.bfq.weight or io.weight (iocost), absent here",
+                    "linux.resources.blockIO.weight",
+                    "remove blockIO.weight",
+                )
 
     def _memory(self, res: Resources) -> None:
         m = res.memory
@@ -228,13 +255,19 @@ class Cgroup:
         if m.check_before_update and m.limit not in (None, UNLIMITED):
             current = common.read_int_or_max(self._file("memory.current")) or 0
             if m.limit < current:
-                raise SpecError(f"memory limit {m.limit} is below current usage {current}",
-                                where="linux.resources.memory.limit", hint="checkBeforeUpdate is set")
+                raise SpecError(
+                    f"memory limit {m.limit} is below current usage {current}",
+                    where="linux.resources.memory.limit",
+                    hint="checkBeforeUpdate is set",
+                )
         swap = swap_to_v2(m.swap, m.limit)
         swap_file = self._file("memory.swap.max")
         if swap not in (None, 0) and not os.path.exists(swap_file):
-            common.refuse("swap limits need memory.swap.max (swap accounting is off)",
-                          "linux.resources.memory.swap", "boot with swapaccount=1 or remove memory.swap")
+            common.refuse(
+                "swap limits need memory.swap.max (swap accounting is off)",
+                "linux.resources.memory.swap",
+                "boot with swapaccount=1 or remove memory.swap",
+            )
         if m.limit is not None:
             common.write(self._file("memory.max"), _max(m.limit))
         if swap is not None and os.path.exists(swap_file):
@@ -264,9 +297,11 @@ class Cgroup:
         sizes = _hugepage_sizes() if res.hugepage_limits else set()
         for i, h in enumerate(res.hugepage_limits):
             if h.page_size not in sizes:
-                common.refuse(f"huge page size {h.page_size} not supported by this kernel",
-                              f"linux.resources.hugepageLimits[{i}].pageSize",
-                              f"available: {', '.join(sorted(sizes)) or 'none'}")
+                common.refuse(
+                    f"huge page size {h.page_size} not supported by this kernel",
+                    f"linux.resources.hugepageLimits[{i}].pageSize",
+                    f"available: {', '.join(sorted(sizes)) or 'none'}",
+                )
             common.write(self._file(f"hugetlb.{h.page_size}.max"), h.limit)
             rsvd = self._file(f"hugetlb.{h.page_size}.rsvd.max")
             if os.path.exists(rsvd):

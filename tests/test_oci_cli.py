@@ -1,0 +1,279 @@
+"""`stockade-oci` end to end on the real kernel: the OCI state machine, exit codes, exec, pause,
+update, hooks, and bad input that leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bundles import default_config, make_bundle, remove_bundle, write_config
+from leftovers import new_since, snapshot
+
+OCI = str(Path(sys.executable).parent / "stockade-oci")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Path]:
+    """A private runtime root; afterwards no container, cgroup, mount or process may remain."""
+    state_root = tmp_path / "state"
+    before = snapshot()
+    yield state_root
+    for cid in (json.loads(_oci(state_root, "list", "--format", "json").stdout or "[]")):
+        _oci(state_root, "delete", "--force", cid["id"])
+    assert new_since(before) == {}
+    assert not state_root.exists() or not any(state_root.iterdir())
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Iterator[Path]:
+    b = make_bundle(["sh", "-c", "exit 0"], parent=str(tmp_path))
+    yield b
+    remove_bundle(b)
+
+
+def _oci(root: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run stockade-oci. Output goes through files: a created container's init keeps the
+    runtime's stdio open (as with runc), so pipes would never reach end-of-file."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        done = subprocess.run([OCI, "--root", str(root), *args], stdin=subprocess.DEVNULL, stdout=out,
+                              stderr=err, timeout=timeout)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(done.args, done.returncode, out.read().decode(), err.read().decode())
+
+
+def _set_args(bundle: Path, args: list[str], **changes) -> dict:  # noqa: ANN003
+    config = default_config(args)
+    for key, value in changes.items():
+        config[key] = value
+    write_config(bundle, config)
+    return config
+
+
+def _state(root: Path, cid: str) -> dict:
+    done = _oci(root, "state", cid)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_state_machine_create_start_kill_delete(root: Path, bundle: Path, tmp_path: Path) -> None:
+    _set_args(bundle, ["sleep", "300"])
+    pid_file = tmp_path / "init.pid"
+    done = _oci(root, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), "c1")
+    assert done.returncode == 0, done.stderr
+    state = _state(root, "c1")
+    assert state["status"] == "created" and state["id"] == "c1"
+    assert state["pid"] == int(pid_file.read_text()) > 0
+    assert state["bundle"] == str(bundle.resolve())
+    assert _oci(root, "start", "c1").returncode == 0
+    assert _state(root, "c1")["status"] == "running"
+    assert "cannot start" in _oci(root, "start", "c1").stderr
+    refused = _oci(root, "delete", "c1")
+    assert refused.returncode != 0 and "--force" in refused.stderr
+    assert _oci(root, "kill", "c1", "KILL").returncode == 0
+    _wait_status(root, "c1", "stopped")
+    assert _oci(root, "delete", "c1").returncode == 0
+    gone = _oci(root, "state", "c1")
+    assert gone.returncode != 0 and "does not exist" in gone.stderr
+
+
+def _wait_status(root: Path, cid: str, wanted: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while _state(root, cid)["status"] != wanted:
+        assert time.monotonic() < deadline, f"{cid} never became {wanted}"
+        time.sleep(0.02)
+
+
+def test_run_returns_exit_code_and_output(root: Path, bundle: Path) -> None:
+    _set_args(bundle, ["sh", "-c", "echo pid=$$ host=$(hostname); exit 3"])
+    done = _oci(root, "run", "--bundle", str(bundle), "c2")
+    assert done.returncode == 3
+    assert "pid=1 host=stockade" in done.stdout
+
+
+def test_run_reports_signal_as_128_plus_n(root: Path, bundle: Path) -> None:
+    _set_args(bundle, ["sleep", "300"])
+    proc = subprocess.Popen([OCI, "--root", str(root), "run", "--bundle", str(bundle), "c3"])
+    _wait_until(lambda: _oci(root, "state", "c3").returncode == 0 and _state(root, "c3")["status"] == "running")
+    assert _oci(root, "kill", "c3", "SIGKILL").returncode == 0
+    assert proc.wait(timeout=15) == 128 + signal.SIGKILL
+
+
+def _wait_until(check, seconds: float = 15) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.02)
+
+
+def test_exec_ps_pause_resume_update_list(root: Path, bundle: Path) -> None:
+    _set_args(bundle, ["sleep", "300"])
+    assert _oci(root, "run", "--detach", "--bundle", str(bundle), "c4").returncode == 0
+    done = _oci(root, "exec", "c4", "sh", "-c", "echo $$ $(cat /proc/1/comm)")
+    assert done.returncode == 0, done.stderr
+    exec_pid, init_comm = done.stdout.split()
+    assert init_comm == "sleep" and int(exec_pid) > 1  # same PID namespace as the init
+    assert _oci(root, "exec", "c4", "sh", "-c", "exit 5").returncode == 5
+    pids = json.loads(_oci(root, "ps", "--format", "json", "c4").stdout)
+    assert _state(root, "c4")["pid"] in pids
+    assert _oci(root, "pause", "c4").returncode == 0
+    assert _state(root, "c4")["status"] == "paused"
+    assert _oci(root, "resume", "c4").returncode == 0
+    assert _state(root, "c4")["status"] == "running"
+    assert _oci(root, "update", "--pids-limit", "42", "c4").returncode == 0
+    assert Path(f"/sys/fs/cgroup/pids/stockade/c4/pids.max").read_text().strip() == "42"
+    listed = _oci(root, "list", "--format", "json")
+    assert [c["id"] for c in json.loads(listed.stdout)] == ["c4"]
+    assert _oci(root, "delete", "--force", "c4").returncode == 0
+
+
+def test_exec_with_process_file(root: Path, bundle: Path, tmp_path: Path) -> None:
+    _set_args(bundle, ["sleep", "300"])
+    assert _oci(root, "run", "--detach", "--bundle", str(bundle), "c5").returncode == 0
+    process = default_config(["sh", "-c", "id -u; grep NoNewPrivs /proc/self/status"])["process"]
+    process["user"] = {"uid": 1000, "gid": 1000}
+    (tmp_path / "process.json").write_text(json.dumps(process))
+    done = _oci(root, "exec", "--process", str(tmp_path / "process.json"), "c5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1000", "NoNewPrivs:", "1"]
+
+
+def test_hooks_get_state_and_run_in_order(root: Path, bundle: Path, tmp_path: Path) -> None:
+    log = tmp_path / "hooks.log"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\necho \"$1 $(cat)\" >> {log}\n")
+    hook.chmod(0o755)
+    hooks = {kind: [{"path": str(hook), "args": ["hook.sh", kind]}]
+             for kind in ("createRuntime", "poststart", "poststop")}
+    _set_args(bundle, ["true"], hooks=hooks)
+    assert _oci(root, "run", "--bundle", str(bundle), "c6").returncode == 0
+    lines = log.read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["createRuntime", "poststart", "poststop"]
+    created = json.loads(lines[0].split(" ", 1)[1])
+    assert created["id"] == "c6" and created["pid"] > 0
+
+
+def test_failing_create_runtime_hook_leaves_nothing(root: Path, bundle: Path) -> None:
+    _set_args(bundle, ["true"], hooks={"createRuntime": [{"path": "/bin/false"}]})
+    done = _oci(root, "create", "--bundle", str(bundle), "c7")
+    assert done.returncode != 0 and "hooks.createRuntime[0]" in done.stderr
+
+
+def test_features_is_oci_json() -> None:
+    done = subprocess.run([OCI, "features"], capture_output=True, text=True, check=True)
+    features = json.loads(done.stdout)
+    assert "user" in features["linux"]["namespaces"]
+    assert features["linux"]["seccomp"]["enabled"] is True
+    assert "SCMP_ACT_ERRNO" in features["linux"]["seccomp"]["actions"]
+
+
+def test_json_log_for_shims(root: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log.json"
+    done = subprocess.run([OCI, "--root", str(root), "--log", str(log), "--log-format", "json", "state", "nope"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode != 0
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["level"] == "error" and "does not exist" in entry["msg"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("cid", ["../escape", "a/b", "x" * 200, "", ".hidden", "-flag"])
+def test_bad_container_ids(root: Path, bundle: Path, cid: str) -> None:
+    done = _oci(root, "create", "--bundle", str(bundle), "--", cid) if cid.startswith("-") else \
+        _oci(root, "create", "--bundle", str(bundle), cid)
+    assert done.returncode != 0
+    assert "container ID" in done.stderr or "invalid" in done.stderr
+
+
+def test_duplicate_id_refused_and_first_kept(root: Path, bundle: Path) -> None:
+    _set_args(bundle, ["sleep", "300"])
+    assert _oci(root, "create", "--bundle", str(bundle), "dup").returncode == 0
+    again = _oci(root, "create", "--bundle", str(bundle), "dup")
+    assert again.returncode != 0 and "already exists" in again.stderr
+    assert _state(root, "dup")["status"] == "created"
+    assert _oci(root, "delete", "dup").returncode == 0
+
+
+BAD_CONFIGS = {
+    "unknown namespace": (lambda c: c["linux"]["namespaces"].append({"type": "time-travel"}),
+                          "linux.namespaces[6].type"),
+    "unknown mount type": (lambda c: c["mounts"].append({"destination": "/x", "type": "nfs9", "source": "x"}),
+                           "mounts[7]"),
+    "unknown seccomp action": (lambda c: c["linux"].update(seccomp={"defaultAction": "SCMP_ACT_EXPLODE"}),
+                               "SCMP_ACT_EXPLODE"),
+    "bad memory value": (lambda c: c["linux"].update(resources={"memory": {"limit": "lots"}}),
+                         "linux.resources.memory.limit"),
+    "missing rootfs": (lambda c: c["root"].update(path="no-such-dir"), "root.path"),
+    "unknown capability": (lambda c: c["process"]["capabilities"]["bounding"].append("CAP_WIZARD"), "CAP_WIZARD"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_names_the_field(root: Path, bundle: Path, case: str) -> None:
+    mutate, expected = BAD_CONFIGS[case]
+    config = default_config(["true"])
+    mutate(config)
+    write_config(bundle, config)
+    done = _oci(root, "create", "--bundle", str(bundle), "bad")
+    assert done.returncode != 0
+    assert expected in done.stderr, done.stderr
+
+
+def test_malformed_and_missing_config(root: Path, bundle: Path) -> None:
+    (bundle / "config.json").write_text('{"ociVersion": "1.2.0",\n  "process": }')
+    done = _oci(root, "create", "--bundle", str(bundle), "bad")
+    assert done.returncode != 0 and "config.json:2:" in done.stderr
+    (bundle / "config.json").unlink()
+    done = _oci(root, "create", "--bundle", str(bundle), "bad")
+    assert done.returncode != 0 and "no config.json" in done.stderr
+
+
+def test_missing_executable_fails_clearly(root: Path, bundle: Path) -> None:
+    _set_args(bundle, ["/no/such/program"])
+    done = _oci(root, "run", "--bundle", str(bundle), "noexec")
+    assert done.returncode != 0
+    assert "/no/such/program" in done.stderr
+
+
+def test_commands_on_unknown_container(root: Path) -> None:
+    for command in (["start", "ghost"], ["kill", "ghost"], ["delete", "ghost"], ["pause", "ghost"],
+                    ["exec", "ghost", "true"]):
+        done = _oci(root, *command)
+        assert done.returncode != 0 and "does not exist" in done.stderr, command
+
+
+def test_oom_kill_is_reported_and_exit_code_returned(root: Path, bundle: Path) -> None:
+    hog = "x=a; while true; do x=$x$x$x$x; done"
+    _set_args(bundle, ["sh", "-c", hog])
+    config = json.loads((bundle / "config.json").read_text())
+    config["linux"]["resources"] = {"memory": {"limit": 32 << 20, "swap": 32 << 20}}
+    write_config(bundle, config)
+    done = _oci(root, "run", "--bundle", str(bundle), "hog", timeout=60)
+    assert done.returncode == 128 + signal.SIGKILL
+    assert "out of memory" in done.stderr
+
+
+def test_fork_bomb_stops_at_pids_limit(root: Path, bundle: Path) -> None:
+    # After the bomb, count with shell builtins only (a glob, `kill -1`): no fork is left to spend.
+    script = "(for i in $(seq 60); do sleep 30 & done) 2>/dev/null; set -- /proc/[0-9]*; " \
+             "echo running=$#; kill -9 -1; exit 0"
+    config = default_config(["sh", "-c", script])
+    config["linux"]["resources"] = {"pids": {"limit": 20}}
+    write_config(bundle, config)
+    done = _oci(root, "run", "--bundle", str(bundle), "bomb", timeout=60)
+    running = int(done.stdout.split("running=")[1].split()[0])
+    assert running <= 20, done.stdout
+
+
+if os.geteuid() != 0:  # pragma: no cover
+    pytest.skip("the runtime needs root", allow_module_level=True)

@@ -1,0 +1,146 @@
+"""`stockade run` on the built-in root filesystem: confinement, limits, exit codes, cleanup."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from leftovers import new_since, snapshot
+
+STOCKADE = str(Path(sys.executable).parent / "stockade")
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(tmp_path: Path) -> Iterator[None]:
+    before = snapshot()
+    yield
+    assert new_since(before) == {}
+    assert not list(Path("/run").glob("stockade-rootfs-*"))
+
+
+def run(*args: str, timeout: float = 60, root: Path | None = None) -> subprocess.CompletedProcess:
+    extra = ["--root", str(root)] if root else []
+    return subprocess.run([STOCKADE, "run", *extra, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def sh(script: str, *opts: str, **kw) -> subprocess.CompletedProcess:  # noqa: ANN003
+    return run(*opts, "--", "/bin/sh", "-c", script, **kw)
+
+
+def test_runs_in_user_namespace_as_unprivileged_host_ids() -> None:
+    done = sh("cat /proc/self/uid_map; id -u; echo $$")
+    assert done.returncode == 0, done.stderr
+    mapping, uid, pid = done.stdout.split("\n")[:3]
+    assert mapping.split() == ["0", "100000", "65536"]
+    assert uid == "0" and pid == "1"
+
+
+def test_tenants_get_distinct_id_ranges() -> None:
+    a = sh("cat /proc/self/uid_map", "--tenant", "alpha").stdout.split()
+    b = sh("cat /proc/self/uid_map", "--tenant", "beta").stdout.split()
+    assert a[1] != b[1] and int(a[1]) >= 100000 and int(b[1]) >= 100000
+
+
+def test_default_rootfs_is_read_only_private_and_offline() -> None:
+    script = ("touch /usr/x 2>/dev/null && echo usr-writable; echo ok > /tmp/t && cat /tmp/t; "
+              "ls /sys/class/net; ls -A /home /root | grep -v -e '^/' -e '^$' || echo no-home; "
+              "ls /proc | grep -c '^[0-9]'; test -e /run/dbus/system_bus_socket || echo no-host-sockets")
+    done = sh(script)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split()
+    assert "usr-writable" not in lines
+    assert lines[:2] == ["ok", "lo"]  # private /tmp; only loopback
+    assert "no-home" in lines and "no-host-sockets" in lines
+    assert int(lines[3]) <= 4  # sh, ls, grep (+ a subshell): no host processes
+
+
+def test_restricted_profile_denies_escape_syscalls_with_eperm() -> None:
+    done = sh("unshare -U true; echo unshare=$?")
+    assert "unshare=1" in done.stdout
+    assert "Operation not permitted" in done.stderr
+
+
+def test_capabilities_and_no_new_privs() -> None:
+    done = sh("grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status")
+    fields = dict(line.split(":\t") for line in done.stdout.splitlines())
+    assert fields["NoNewPrivs"] == "1"
+    assert int(fields["CapEff"], 16) & (1 << 21) == 0  # no CAP_SYS_ADMIN
+    assert int(fields["CapBnd"], 16) & (1 << 13) == 0  # no CAP_NET_RAW
+
+
+def test_user_env_workdir_and_bind() -> None:
+    # The bind source must be reachable by the container's mapped root (pytest's tmp_path is 0700).
+    tmp_path = Path(tempfile.mkdtemp(prefix="stockade-test-bind-"))
+    tmp_path.chmod(0o755)
+    (tmp_path / "data.txt").write_text("payload\n")
+    done = sh("id -u; echo $GREETING; pwd; cat /data/data.txt; touch /data/new 2>/dev/null || echo ro",
+              "--user", "1000:1000", "--env", "GREETING=hi", "--workdir", "/tmp",
+              "--bind", f"{tmp_path}:/data:ro")
+    assert done.returncode == 0, done.stderr
+    shutil.rmtree(tmp_path)
+    assert done.stdout.split() == ["1000", "hi", "/tmp", "payload", "ro"]
+
+
+def test_exit_code_and_signal_come_back() -> None:
+    assert sh("exit 42").returncode == 42
+    # PID 1 cannot be killed from inside by a signal it has no handler for: use a child.
+    assert sh("sh -c 'kill -9 $$'; exit $?").returncode == 128 + signal.SIGKILL
+
+
+def test_memory_hog_is_oom_killed_and_reported() -> None:
+    done = run("--memory", "64M", "--", "python3", "-c", "b = bytearray(512 << 20); b[::4096] = b'x' * (len(b) // 4096)")
+    assert done.returncode == 128 + signal.SIGKILL
+    assert "out of memory" in done.stderr
+
+
+def test_pids_limit_stops_fork_bomb() -> None:
+    script = "(for i in $(seq 80); do sleep 30 & done) 2>/dev/null; set -- /proc/[0-9]*; echo $#; kill -9 -1"
+    done = sh(script, "--pids", "24")
+    assert int(done.stdout.split()[0]) <= 24
+
+
+def test_timeout_kills_everything_and_returns_124() -> None:
+    start = time.monotonic()
+    done = sh("sleep 300 & sleep 300", "--timeout", "1")
+    assert done.returncode == 124
+    assert "timed out" in done.stderr
+    assert time.monotonic() - start < 20
+
+
+def test_sigint_forwarded_and_cleaned_up(tmp_path: Path) -> None:
+    proc = subprocess.Popen([STOCKADE, "run", "--", "/bin/sh", "-c", "trap 'exit 9' INT; echo ready; "
+                             "while :; do sleep 0.1; done"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 9
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--memory", "12Q"], "--memory"),
+    (["--cpus", "abc"], "--cpus"),
+    (["--pids", "0"], "--pids"),
+    (["--bind", "/no/such/dir:/x"], "does not exist"),
+    (["--user", "bob"], "--user"),
+    (["--net", "host"], "--net"),
+    (["--profile", "no-such-profile"], "no-such-profile"),
+    (["--rootfs", "/no/such/rootfs"], "--rootfs"),
+])
+def test_bad_input_is_refused_clearly(args: list[str], message: str) -> None:
+    done = run(*args, "--", "true")
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+
+
+def test_missing_command_is_refused() -> None:
+    done = run()
+    assert done.returncode != 0 and "no command" in done.stderr
+    done = run("--", "/no/such/program")
+    assert done.returncode != 0 and "/no/such/program" in done.stderr
