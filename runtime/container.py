@@ -122,7 +122,8 @@ def _create_in(
     driver = cgroups.open_driver()
     cgroup = driver.create(cg_path, _resources(spec))
     undo.append(cgroup.destroy)
-    state.cgroup_path, state.cgroup_driver, state.cgroup_id = cg_path, driver.name, cgroup.unified_id()
+    state.cgroup_path, state.cgroup_driver, state.cgroup_id = cg_path, driver.name, _unified_id(cgroup)
+    _enforce_devices(cgroup)
     _install_bpf(state, spec, cgroup, opts, undo)
     write_atomic(state_dir / "config.json", _spec_json(spec, bundle))
     fifo = state_dir / "exec.fifo"
@@ -156,6 +157,25 @@ def _create_in(
     if opts.pid_file:
         write_atomic(Path(opts.pid_file), str(pid), 0o644)
     return state
+
+
+def _unified_id(cgroup: Any) -> int:
+    """The cgroup id BPF keys on; 0 on a pure v1 host (then no BPF policy can be installed)."""
+    from .errors import NotSupported
+
+    try:
+        return cgroup.unified_id()
+    except NotSupported:
+        return 0
+
+
+def _enforce_devices(cgroup: Any) -> None:
+    """cgroup v2 has no devices.allow: the allow-list is a BPF program on the container's cgroup."""
+    if getattr(cgroup, "devices_enforced", True):
+        return
+    from stockade.bpf.devices import attach_device_filter
+
+    attach_device_filter(cgroup.unified_path(), [rule.to_oci() for rule in cgroup.device_rules])
 
 
 def _rootfs_of(spec: Any, bundle: Path) -> Path:

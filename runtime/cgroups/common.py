@@ -122,6 +122,11 @@ def _rmdir(path: str) -> None:
             time.sleep(0.01)
 
 
+def under_stockade(root: str, path: str) -> bool:
+    """Directories below the shared top-level "stockade" cgroup (tenant slices included) are ours."""
+    return os.path.relpath(path, root).split("/")[0] == "stockade"
+
+
 def remove_empty_parents(root: str, rel: str, owned: Callable[[str], bool]) -> None:
     """After the leaf is gone, rmdir empty ancestors inside `rel` that `owned(path)` accepts."""
     parts = rel.split("/")[:-1]

@@ -490,7 +490,7 @@ class Cgroup:
         for mount in self.mount_points():
             common.remove_tree(os.path.join(mount, self.path))
             common.remove_empty_parents(
-                mount, self.path, lambda p: p in created or os.path.basename(p) == "stockade"
+                mount, self.path, lambda p, m=mount: p in created or common.under_stockade(m, p)
             )
         if self.unified is not None:
             self.unified.destroy()

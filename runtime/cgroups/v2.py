@@ -396,4 +396,4 @@ class Cgroup:
 
     def _owned(self, path: str) -> bool:
         """Parents we may remove when empty: ones this object created, or the shared "stockade" dirs."""
-        return path in self._created or os.path.basename(path) == "stockade"
+        return path in self._created or common.under_stockade(self.root, path)
