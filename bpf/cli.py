@@ -47,28 +47,62 @@ def events_main(argv: list[str] | None = None) -> int:
 
 
 def policy_main(argv: list[str] | None = None) -> int:
-    """`stockade policy check|show NAME_OR_PATH`: validate, print the compiled form and layers."""
+    """`stockade policy check|show|apply|remove`: validate and show BPF policies; put one on a
+    cgroup (or take it off) with plain map updates, as the runtime does for its containers."""
     ap = argparse.ArgumentParser(prog="stockade policy")
-    ap.add_argument("action", choices=("check", "show"))
-    ap.add_argument("policy")
+    ap.add_argument("action", choices=("check", "show", "apply", "remove"))
+    ap.add_argument("policy", nargs="?", help="policy name (profiles/policy/NAME.yaml) or path")
+    ap.add_argument("--cgroup", help="apply/remove: the cgroup directory in the unified hierarchy")
+    ap.add_argument("--cgroup-id", type=int, help="apply/remove: the cgroup id instead of --cgroup")
+    ap.add_argument("--container-id", default="", help="apply: the name events show")
+    ap.add_argument("--tenant", default="")
+    ap.add_argument("--pin-dir", default=None)
     args = ap.parse_args(argv)
     from dataclasses import asdict
 
+    from stockade.bpf import maps
     from stockade.bpf import policy as pol
 
     try:
+        if args.action == "remove":
+            maps.remove_policy(_cgroup_id(args), args.pin_dir)
+            return 0
+        if not args.policy:
+            raise StockadeError("name a policy", hint="stockade policy check default")
         p = pol.load_policy(args.policy)
         compiled = pol.compile_policy(p)
+        needs = pol.requirements(p)
+        if args.action == "check":
+            print(f"{p.source}: ok (needs {', '.join(sorted(needs)) or 'nothing'})")
+        elif args.action == "show":
+            out = asdict(compiled)
+            out["requirements"] = sorted(needs)
+            print(json.dumps(out, indent=2))
+        else:
+            cgid = _cgroup_id(args)
+            missing = maps.missing_layers(needs, args.pin_dir)
+            name = args.container_id or f"cgroup-{cgid}"
+            maps.install_policy(cgid, name, compiled, args.tenant, args.pin_dir)
+            if missing:
+                print(f"warning: not enforced here: {', '.join(sorted(missing))}", file=sys.stderr)
     except StockadeError as e:
         print(f"stockade policy: {e}", file=sys.stderr)
         return e.exit_code
-    if args.action == "check":
-        print(f"{p.source}: ok (needs {', '.join(sorted(pol.requirements(p))) or 'nothing'})")
-    else:
-        out = asdict(compiled)
-        out["requirements"] = sorted(pol.requirements(p))
-        print(json.dumps(out, indent=2))
     return 0
+
+
+def _cgroup_id(args) -> int:
+    import os
+
+    if args.cgroup_id:
+        return args.cgroup_id
+    if not args.cgroup:
+        raise StockadeError("say which cgroup",
+                            hint="--cgroup /sys/fs/cgroup/unified/stockade/ID or --cgroup-id")
+    try:
+        return os.stat(args.cgroup).st_ino
+    except OSError as e:
+        raise StockadeError(f"no such cgroup: {e.strerror}", where=args.cgroup) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from stockade.bpf.maps import ACC_EXEC, ACC_READ, ACC_WRITE, CompiledPolicy, FileRule, NetRule
 from stockade.runtime.errors import SpecError
 
@@ -104,6 +103,9 @@ class Policy:
 
 class _Doc:
     def __init__(self, text: str, source: str) -> None:
+        import yaml  # lazy: a cached compiled policy needs no YAML at all
+
+        self.yaml = yaml
         self.source = source
         self.loader = yaml.SafeLoader(text)
         try:
@@ -120,7 +122,7 @@ class _Doc:
         return self.loader.construct_object(node, deep=True)
 
     def mapping(self, node, allowed: set[str], what: str) -> dict:
-        if not isinstance(node, yaml.MappingNode):
+        if not isinstance(node, self.yaml.MappingNode):
             raise SpecError(f"{what} must be a mapping", where=self.where(node))
         out = {}
         for key_node, value_node in node.value:
@@ -134,7 +136,7 @@ class _Doc:
         return out
 
     def seq(self, node, what: str) -> list:
-        if not isinstance(node, yaml.SequenceNode):
+        if not isinstance(node, self.yaml.SequenceNode):
             raise SpecError(f"{what} must be a list", where=self.where(node))
         return list(node.value)
 
@@ -300,18 +302,60 @@ def _parse_network(doc: _Doc, node, p: Policy) -> None:
                                              lo, hi, item.start_mark.line + 1))
 
 
-def load_policy(name_or_path: str) -> Policy:
-    """A policy by name (profiles/policy/<name>.yaml) or by path."""
+def _read(name_or_path: str) -> tuple[Path, str]:
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") or os.sep in name_or_path):
         path = POLICY_DIR / f"{name_or_path}.yaml"
     try:
-        text = path.read_text()
+        return path, path.read_text()
     except FileNotFoundError:
         known = sorted(f.stem for f in POLICY_DIR.glob("*.yaml"))
         raise SpecError(f"no BPF policy {name_or_path!r}", where=str(path),
                         hint=f"built-in policies: {', '.join(known)}") from None
+
+
+def load_policy(name_or_path: str) -> Policy:
+    """A policy by name (profiles/policy/<name>.yaml) or by path."""
+    path, text = _read(name_or_path)
     return parse_policy(text, str(path))
+
+
+CACHE_DIR = Path(os.environ.get("STOCKADE_BPF_CACHE", "/var/cache/stockade/bpf"))
+
+
+def load_compiled(name_or_path: str) -> tuple[CompiledPolicy, set[str]]:
+    """(compile_policy(p), requirements(p)) for a policy, cached by content: the start path's
+    call, which skips YAML parsing (and importing yaml) when the policy file is unchanged."""
+    import hashlib
+    import json
+
+    path, text = _read(name_or_path)
+    key = hashlib.sha256(f"{_FORMAT}\0{path}\0{text}".encode()).hexdigest()[:32]
+    cache_file = CACHE_DIR / f"policy-{key}.json"
+    try:
+        data = json.loads(cache_file.read_text())
+        compiled = CompiledPolicy(**{k: v for k, v in data["compiled"].items()
+                                     if k not in ("net_rules", "file_rules")},
+                                  net_rules=tuple(NetRule(**r) for r in data["compiled"]["net_rules"]),
+                                  file_rules=tuple(FileRule(**r) for r in data["compiled"]["file_rules"]))
+        return compiled, set(data["requirements"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    policy = parse_policy(text, str(path))
+    compiled, needs = compile_policy(policy), requirements(policy)
+    try:
+        from dataclasses import asdict
+
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"compiled": asdict(compiled), "requirements": sorted(needs)}))
+        tmp.replace(cache_file)
+    except OSError:
+        pass  # no cache: the next start parses again
+    return compiled, needs
+
+
+_FORMAT = 1  # bump when CompiledPolicy or the compiler changes meaning
 
 
 # -- compile ---------------------------------------------------------------------------------

@@ -413,3 +413,22 @@ def test_reinstall_replaces_the_rule_set(agent, container):
     result = in_cgroup(path, lambda ports: {"a": op_connect("127.0.0.2", ports["tcp"]),
                                             "raw": op_socket(socket.AF_INET, socket.SOCK_RAW, 1)})
     assert result == {"a": "EPERM", "raw": "ok"}
+
+
+def test_policy_cli_applies_and_removes_with_map_updates(agent, container):
+    path, cgid = container
+
+    def cli(*args):
+        return subprocess.run([PYTHON, "-m", "stockade.bpf.cli", "policy", *args, "--pin-dir", agent.pin_dir],
+                              env=agent.env, capture_output=True, text=True)
+
+    applied = cli("apply", "network-only", "--cgroup", path, "--container-id", "ctr-cli")
+    assert applied.returncode == 0, applied.stderr
+    assert maps.lookup_policy(cgid, agent.pin_dir)["container_id"] == "ctr-cli"
+    raw = lambda ports: {"raw": op_socket(socket.AF_INET, socket.SOCK_RAW, 1)}  # noqa: E731
+    assert in_cgroup(path, raw) == {"raw": "EPERM"}
+    assert cli("remove", "--cgroup", path).returncode == 0
+    assert maps.entries_for(cgid, agent.pin_dir) == {"stk_policies": 0, "stk_net": 0, "stk_files": 0}
+    assert in_cgroup(path, raw) == {"raw": "ok"}
+    bad = cli("apply", "default", "--cgroup", "/sys/fs/cgroup/unified/no-such-cgroup")
+    assert bad.returncode == 1 and "no such cgroup" in bad.stderr

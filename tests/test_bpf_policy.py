@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from stockade.bpf import maps
 from stockade.bpf.policy import (
@@ -131,3 +133,25 @@ def test_directory_rules_cover_what_the_directory_holds(tmp_path):
     keys = maps._file_keys(9, str(tmp_path))
     assert len(keys) == 4  # the directory, sub, sub/key, top
     assert maps._file_keys(9, str(tmp_path / "missing")) == []
+
+
+def test_load_compiled_caches_by_content(tmp_path, monkeypatch):
+    import subprocess
+
+    from stockade.bpf import policy as pol
+
+    monkeypatch.setattr(pol, "CACHE_DIR", tmp_path / "cache")
+    src = tmp_path / "p.yaml"
+    src.write_text("name: p\nnetwork: {egress: {default: deny, rules: [{to: 10.0.0.0/8, action: allow}]}}\n")
+    first = pol.load_compiled(str(src))
+    assert first == (compile_policy(load_policy(str(src))), {"cgroup_sock_addr"})
+    assert len(list((tmp_path / "cache").glob("policy-*.json"))) == 1
+    assert pol.load_compiled(str(src)) == first  # from the cache
+    src.write_text("name: p\nmode: audit\n")
+    assert pol.load_compiled(str(src))[0].mode == 1  # content changed: recompiled
+    # a warm start imports neither yaml nor bcc
+    cache = str(tmp_path / "cache")
+    code = (f"import sys; from stockade.bpf import policy, maps; policy.CACHE_DIR = policy.Path({cache!r})\n"
+            f"policy.load_compiled({str(src)!r}); print('yaml' in sys.modules, 'bcc' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

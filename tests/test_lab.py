@@ -326,3 +326,26 @@ def test_guest_crash_fails_the_rest_with_console_tail(lab_ready: None, tmp_path:
     assert outcomes["test_in_guest"][0] == "passed", proc.stdout
     assert outcomes["test_crashes"][0] == "failure"
     assert "the kernel lab failed" in proc.stdout and "console tail" in proc.stdout
+
+
+def test_missing_qemu_is_reported() -> None:
+    proc = subprocess.run([sys.executable, str(LAB), "run", "--", "true"], capture_output=True, text=True,
+                          timeout=30, cwd=CHECKOUT, env=dict(os.environ, PATH="/nonexistent"))
+    assert proc.returncode == 125
+    assert "qemu-system-x86_64 not found" in proc.stderr and "qemu-system-x86" in proc.stderr
+
+
+def test_full_cache_is_refused_before_download(tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "mounting a small tmpfs needs root")
+    small = tmp_path / "stockade-small-cache"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "stockade-test-cache", str(small)], check=True)
+    try:
+        proc = subprocess.run([sys.executable, str(LAB), "prepare", "--kernel", "linux-image-6.1.0-47-amd64"],
+                              capture_output=True, text=True, timeout=60, cwd=CHECKOUT,
+                              env=dict(os.environ, STOCKADE_LAB_CACHE=str(small)))
+        assert proc.returncode == 125
+        assert "not enough space for the lab cache" in proc.stderr and "STOCKADE_LAB_CACHE" in proc.stderr
+        assert not list(small.iterdir())
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
