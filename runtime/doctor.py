@@ -10,6 +10,7 @@ user-namespace child exits, securityfs is unmounted again if doctor had to mount
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -18,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -146,9 +148,24 @@ def bpf_lsm_status() -> tuple[bool, str]:
     except ImportError:
         return probe_bpf_lsm()
     try:
-        return lsm_available()
+        with _quiet_stderr():  # bcc prints the kernel's refusal itself; the report says it once
+            return lsm_available()
     except Exception:  # noqa: BLE001 - a broken helper must not hide the kernel's answer
         return probe_bpf_lsm()
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 # --- individual checks -----------------------------------------------------------------------

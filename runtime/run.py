@@ -334,9 +334,15 @@ def _apply_profile(config: dict[str, Any], name: str) -> None:
     seccomp = profile_seccomp(profile)
     if seccomp is not None:
         config["linux"]["seccomp"] = seccomp
-    policy = getattr(profile, "bpf_policy", None)
-    if policy:
-        config["annotations"]["io.stockade.bpf-policy"] = policy if isinstance(policy, str) else name
+    else:
+        # Only ever by explicit request (--profile unconfined), and never quietly.
+        print(f"stockade: warning: profile {name!r} installs no seccomp filter", file=sys.stderr)
+    policy = profile.bpf_policy
+    if isinstance(policy, str):
+        config["annotations"]["io.stockade.bpf-policy"] = policy
+    elif policy:
+        raise StockadeError(f"profile {name!r} has an inline BPF policy; name a policy file instead",
+                            where=f"profile {name}: bpf", hint="e.g. \"bpf\": \"default\"")
 
 
 def _merge_bundle(bundle: Path, ours: dict[str, Any]) -> dict[str, Any]:

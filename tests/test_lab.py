@@ -160,6 +160,8 @@ def test_environment_passes_through(lab_ready: None) -> None:
 def test_false_returns_one(lab_ready: None) -> None:
     proc = lab("run", "-q", "--", "false", timeout=60)
     assert proc.returncode == 1, proc.stderr
+    assert not list((CACHE / "runs").glob(f"{proc.pid}-*"))  # the run folder is gone
+    assert not qemu_processes(f"{CACHE / 'runs'}/{proc.pid}-")
 
 
 def test_unknown_kernel_package_fails_fast(lab_ready: None) -> None:
