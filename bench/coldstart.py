@@ -45,7 +45,17 @@ def make_bundle(root: Path) -> Path:
 def commands(bundle: Path, state: Path) -> dict[str, callable]:
     def oci(prefix: list[str], binary: str):  # noqa: ANN202
         def cmd(cid: str) -> list[str]:
-            return [*prefix, binary, "--root", str(state / Path(binary).name), "run", "--bundle", str(bundle), cid]
+            return [
+                *prefix,
+                binary,
+                "--root",
+                str(state / Path(binary).name),
+                "run",
+                "--bundle",
+                str(bundle),
+                cid,
+            ]
+
         return cmd
 
     return {
@@ -93,13 +103,19 @@ def pss_kib(pid: int) -> tuple[int, int]:
 def idle_memory(bundle: Path, state: Path) -> dict[str, dict[str, int]]:
     """RSS/PSS of what each runtime leaves behind for a created (not yet started) container."""
     out = {}
-    for name, prefix, binary in (("stockade-oci", [], str(VENV_BIN / "stockade-oci")), ("runc", [], "runc"),
-                                 ("crun", CRUN_WRAP, "crun")):
+    for name, prefix, binary in (
+        ("stockade-oci", [], str(VENV_BIN / "stockade-oci")),
+        ("runc", [], "runc"),
+        ("crun", CRUN_WRAP, "crun"),
+    ):
         root = state / f"mem-{Path(binary).name}"
         pidfile = state / f"{name}.pid"
         base = [*prefix, binary, "--root", str(root)]
-        subprocess.run([*base, "create", "--bundle", str(bundle), "--pid-file", str(pidfile), "memtest"],
-                       check=True, stdin=subprocess.DEVNULL)
+        subprocess.run(
+            [*base, "create", "--bundle", str(bundle), "--pid-file", str(pidfile), "memtest"],
+            check=True,
+            stdin=subprocess.DEVNULL,
+        )
         try:
             rss, pss = pss_kib(int(pidfile.read_text()))
             out[name] = {"created_rss_kib": rss, "created_pss_kib": pss, "running_overhead_kib": 0}
@@ -113,8 +129,12 @@ def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     out = {}
     for name, values in samples.items():
         med = statistics.median(values)
-        out[name] = {"median_ms": round(med, 2), "p90_ms": round(sorted(values)[int(len(values) * 0.9) - 1], 2),
-                     "vs_runc": round(med / runc, 2), "runs": len(values)}
+        out[name] = {
+            "median_ms": round(med, 2),
+            "p90_ms": round(sorted(values)[int(len(values) * 0.9) - 1], 2),
+            "vs_runc": round(med / runc, 2),
+            "runs": len(values),
+        }
     return out
 
 
@@ -129,8 +149,12 @@ def main() -> int:
         bundle = make_bundle(Path(tmp))
         state = Path(tmp) / "state"
         result = {
-            "versions": {name: subprocess.run([name, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-                         for name in ("runc", "crun")},
+            "versions": {
+                name: subprocess.run([name, "--version"], capture_output=True, text=True).stdout.split("\n")[
+                    0
+                ]
+                for name in ("runc", "crun")
+            },
             "cold_start": summarize(cold_start(bundle, state, args.runs)),
             "idle_memory": idle_memory(bundle, state),
         }

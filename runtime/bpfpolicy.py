@@ -20,8 +20,11 @@ def install(state: State, spec: Any, cgroup: Any, *, allow_degraded: bool) -> bo
     if not name:
         return False
     if not state.cgroup_id:
-        raise NotSupported("BPF policies key on the container's cgroup v2 id, and this host has no cgroup2 mount",
-                           where=f"annotation {POLICY_ANNOTATION}", hint="mount cgroup2 (see `stockade doctor`)")
+        raise NotSupported(
+            "BPF policies key on the container's cgroup v2 id, and this host has no cgroup2 mount",
+            where=f"annotation {POLICY_ANNOTATION}",
+            hint="mount cgroup2 (see `stockade doctor`)",
+        )
     from stockade.bpf import maps, policy
 
     pol = policy.load_policy(name)

@@ -108,7 +108,6 @@ def _create_in(
     undo: list[Callable[[], None]],
 ) -> State:
     from . import cgroups, init
-    from .hooks import run_hooks
 
     state = State(
         id=container_id,
@@ -131,6 +130,10 @@ def _create_in(
 
     def on_created(pid: int) -> None:
         # The state hooks see has the init's pid while namespaces exist, before pivot_root.
+        if not (spec.hooks.prestart or spec.hooks.create_runtime):
+            return  # no subprocess import on the common path
+        from .hooks import run_hooks
+
         snapshot = _oci_state(state, "creating", pid)
         run_hooks("prestart", spec.hooks.prestart, snapshot)
         run_hooks("createRuntime", spec.hooks.create_runtime, snapshot)
@@ -221,7 +224,6 @@ def _in_container_hooks(kind: str, hooks: list, state: State) -> Callable[[], No
 
     def run() -> None:
         from .hooks import run_hooks
-
         from .init import host_pid
 
         run_hooks(kind, hooks, _oci_state(state, "created", host_pid()))
@@ -393,7 +395,7 @@ def exec_process(
     detach: bool = False,
     pid_file: Path | None = None,
 ) -> int:
-    """Run another process in a running container (OCI `exec`); returns its exit code, or its pid if detached."""
+    """OCI `exec`: run another process in a running container; its exit code, or its pid if detached."""
     from . import init
 
     store = StateStore(root)

@@ -73,8 +73,10 @@ def _report_oom(state: container.State) -> None:
     except OSError:
         return
     if kills:
-        print(f"stockade: {state.id}: {kills} process(es) killed: out of memory (the container's memory limit)",
-              file=sys.stderr)
+        print(
+            f"stockade: {state.id}: {kills} process(es) killed: out of memory (the container's memory limit)",
+            file=sys.stderr,
+        )
 
 
 def run(

@@ -341,8 +341,11 @@ def _apply_profile(config: dict[str, Any], name: str) -> None:
     if isinstance(policy, str):
         config["annotations"]["io.stockade.bpf-policy"] = policy
     elif policy:
-        raise StockadeError(f"profile {name!r} has an inline BPF policy; name a policy file instead",
-                            where=f"profile {name}: bpf", hint="e.g. \"bpf\": \"default\"")
+        raise StockadeError(
+            f"profile {name!r} has an inline BPF policy; name a policy file instead",
+            where=f"profile {name}: bpf",
+            hint='e.g. "bpf": "default"',
+        )
 
 
 def _merge_bundle(bundle: Path, ours: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,6 +117,8 @@ class StateStore:
         write_atomic(self.dir(state.id) / "state.json", json.dumps(asdict(state), indent=1))
 
     def remove(self, container_id: str) -> None:
+        import shutil  # lazily: it drags in the compression modules, and only delete needs it
+
         shutil.rmtree(self.dir(container_id), ignore_errors=True)
         with contextlib.suppress(OSError):
             self.root.rmdir()  # only when empty: leave nothing behind after the last container

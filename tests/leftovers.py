@@ -16,7 +16,9 @@ def snapshot(state_root: Path | None = None) -> dict[str, set[str]]:
     cgroups = set()
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
         for dirpath, dirnames, _ in os.walk(hierarchy):
-            cgroups.update(os.path.join(dirpath, d) for d in dirnames if "stockade" in d or "stockade" in dirpath)
+            cgroups.update(
+                os.path.join(dirpath, d) for d in dirnames if "stockade" in d or "stockade" in dirpath
+            )
             if dirpath.count("/") > 8:
                 dirnames.clear()
     state = {str(p) for p in state_root.iterdir()} if state_root and state_root.exists() else set()

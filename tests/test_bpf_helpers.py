@@ -29,7 +29,7 @@ class Agent:
     env: dict
     state_dir: Path
 
-    def run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    def run(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
         proc = subprocess.run(
             [PYTHON, "-m", "stockade.bpf.agent", *args],
             env=self.env,

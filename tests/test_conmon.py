@@ -47,11 +47,36 @@ def test_conmon_creates_starts_logs_and_reports_exit_code(tmp_path: Path) -> Non
     cid = "conmon-test"
     try:
         subprocess.run(
-            ["conmon", "--syslog=false", "-c", cid, "-u", cid, "-n", cid, "-r", OCI, "-b", str(bundle),
-             "-p", str(tmp_path / "pid"), "--exit-dir", str(exits), "--socket-dir-path", str(sock),
-             "--runtime-arg", "--root", "--runtime-arg", str(root),
-             "--conmon-pidfile", str(tmp_path / "conmon.pid"), "-l", f"k8s-file:{log}"],
-            check=True, timeout=30,
+            [
+                "conmon",
+                "--syslog=false",
+                "-c",
+                cid,
+                "-u",
+                cid,
+                "-n",
+                cid,
+                "-r",
+                OCI,
+                "-b",
+                str(bundle),
+                "-p",
+                str(tmp_path / "pid"),
+                "--exit-dir",
+                str(exits),
+                "--socket-dir-path",
+                str(sock),
+                "--runtime-arg",
+                "--root",
+                "--runtime-arg",
+                str(root),
+                "--conmon-pidfile",
+                str(tmp_path / "conmon.pid"),
+                "-l",
+                f"k8s-file:{log}",
+            ],
+            check=True,
+            timeout=30,
         )
         _wait_for(lambda: _status(root, cid) == "created", "create through conmon")
         subprocess.run([OCI, "--root", str(root), "start", cid], check=True, timeout=30)

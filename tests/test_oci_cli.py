@@ -26,7 +26,7 @@ def root(tmp_path: Path) -> Iterator[Path]:
     state_root = tmp_path / "state"
     before = snapshot()
     yield state_root
-    for cid in (json.loads(_oci(state_root, "list", "--format", "json").stdout or "[]")):
+    for cid in json.loads(_oci(state_root, "list", "--format", "json").stdout or "[]"):
         _oci(state_root, "delete", "--force", cid["id"])
     assert new_since(before) == {}
     assert not state_root.exists() or not any(state_root.iterdir())
@@ -43,11 +43,18 @@ def _oci(root: Path, *args: str, timeout: float = 30) -> subprocess.CompletedPro
     """Run stockade-oci. Output goes through files: a created container's init keeps the
     runtime's stdio open (as with runc), so pipes would never reach end-of-file."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        done = subprocess.run([OCI, "--root", str(root), *args], stdin=subprocess.DEVNULL, stdout=out,
-                              stderr=err, timeout=timeout)
+        done = subprocess.run(
+            [OCI, "--root", str(root), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            timeout=timeout,
+        )
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(done.args, done.returncode, out.read().decode(), err.read().decode())
+        return subprocess.CompletedProcess(
+            done.args, done.returncode, out.read().decode(), err.read().decode()
+        )
 
 
 def _set_args(bundle: Path, args: list[str], **changes) -> dict:  # noqa: ANN003
@@ -102,7 +109,9 @@ def test_run_returns_exit_code_and_output(root: Path, bundle: Path) -> None:
 def test_run_reports_signal_as_128_plus_n(root: Path, bundle: Path) -> None:
     _set_args(bundle, ["sleep", "300"])
     proc = subprocess.Popen([OCI, "--root", str(root), "run", "--bundle", str(bundle), "c3"])
-    _wait_until(lambda: _oci(root, "state", "c3").returncode == 0 and _state(root, "c3")["status"] == "running")
+    _wait_until(
+        lambda: _oci(root, "state", "c3").returncode == 0 and _state(root, "c3")["status"] == "running"
+    )
     assert _oci(root, "kill", "c3", "SIGKILL").returncode == 0
     assert proc.wait(timeout=15) == 128 + signal.SIGKILL
 
@@ -129,7 +138,7 @@ def test_exec_ps_pause_resume_update_list(root: Path, bundle: Path) -> None:
     assert _oci(root, "resume", "c4").returncode == 0
     assert _state(root, "c4")["status"] == "running"
     assert _oci(root, "update", "--pids-limit", "42", "c4").returncode == 0
-    assert Path(f"/sys/fs/cgroup/pids/stockade/c4/pids.max").read_text().strip() == "42"
+    assert Path("/sys/fs/cgroup/pids/stockade/c4/pids.max").read_text().strip() == "42"
     listed = _oci(root, "list", "--format", "json")
     assert [c["id"] for c in json.loads(listed.stdout)] == ["c4"]
     assert _oci(root, "delete", "--force", "c4").returncode == 0
@@ -149,10 +158,12 @@ def test_exec_with_process_file(root: Path, bundle: Path, tmp_path: Path) -> Non
 def test_hooks_get_state_and_run_in_order(root: Path, bundle: Path, tmp_path: Path) -> None:
     log = tmp_path / "hooks.log"
     hook = tmp_path / "hook.sh"
-    hook.write_text(f"#!/bin/sh\necho \"$1 $(cat)\" >> {log}\n")
+    hook.write_text(f'#!/bin/sh\necho "$1 $(cat)" >> {log}\n')
     hook.chmod(0o755)
-    hooks = {kind: [{"path": str(hook), "args": ["hook.sh", kind]}]
-             for kind in ("createRuntime", "poststart", "poststop")}
+    hooks = {
+        kind: [{"path": str(hook), "args": ["hook.sh", kind]}]
+        for kind in ("createRuntime", "poststart", "poststop")
+    }
     _set_args(bundle, ["true"], hooks=hooks)
     assert _oci(root, "run", "--bundle", str(bundle), "c6").returncode == 0
     lines = log.read_text().splitlines()
@@ -177,8 +188,12 @@ def test_features_is_oci_json() -> None:
 
 def test_json_log_for_shims(root: Path, tmp_path: Path) -> None:
     log = tmp_path / "log.json"
-    done = subprocess.run([OCI, "--root", str(root), "--log", str(log), "--log-format", "json", "state", "nope"],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [OCI, "--root", str(root), "--log", str(log), "--log-format", "json", "state", "nope"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode != 0
     entry = json.loads(log.read_text().splitlines()[-1])
     assert entry["level"] == "error" and "does not exist" in entry["msg"]
@@ -189,8 +204,11 @@ def test_json_log_for_shims(root: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("cid", ["../escape", "a/b", "x" * 200, "", ".hidden", "-flag"])
 def test_bad_container_ids(root: Path, bundle: Path, cid: str) -> None:
-    done = _oci(root, "create", "--bundle", str(bundle), "--", cid) if cid.startswith("-") else \
-        _oci(root, "create", "--bundle", str(bundle), cid)
+    done = (
+        _oci(root, "create", "--bundle", str(bundle), "--", cid)
+        if cid.startswith("-")
+        else _oci(root, "create", "--bundle", str(bundle), cid)
+    )
     assert done.returncode != 0
     assert "container ID" in done.stderr or "invalid" in done.stderr
 
@@ -205,16 +223,27 @@ def test_duplicate_id_refused_and_first_kept(root: Path, bundle: Path) -> None:
 
 
 BAD_CONFIGS = {
-    "unknown namespace": (lambda c: c["linux"]["namespaces"].append({"type": "time-travel"}),
-                          "linux.namespaces[6].type"),
-    "unknown mount type": (lambda c: c["mounts"].append({"destination": "/x", "type": "nfs9", "source": "x"}),
-                           "mounts[7]"),
-    "unknown seccomp action": (lambda c: c["linux"].update(seccomp={"defaultAction": "SCMP_ACT_EXPLODE"}),
-                               "SCMP_ACT_EXPLODE"),
-    "bad memory value": (lambda c: c["linux"].update(resources={"memory": {"limit": "lots"}}),
-                         "linux.resources.memory.limit"),
+    "unknown namespace": (
+        lambda c: c["linux"]["namespaces"].append({"type": "time-travel"}),
+        "linux.namespaces[6].type",
+    ),
+    "unknown mount type": (
+        lambda c: c["mounts"].append({"destination": "/x", "type": "nfs9", "source": "x"}),
+        "mounts[7]",
+    ),
+    "unknown seccomp action": (
+        lambda c: c["linux"].update(seccomp={"defaultAction": "SCMP_ACT_EXPLODE"}),
+        "SCMP_ACT_EXPLODE",
+    ),
+    "bad memory value": (
+        lambda c: c["linux"].update(resources={"memory": {"limit": "lots"}}),
+        "linux.resources.memory.limit",
+    ),
     "missing rootfs": (lambda c: c["root"].update(path="no-such-dir"), "root.path"),
-    "unknown capability": (lambda c: c["process"]["capabilities"]["bounding"].append("CAP_WIZARD"), "CAP_WIZARD"),
+    "unknown capability": (
+        lambda c: c["process"]["capabilities"]["bounding"].append("CAP_WIZARD"),
+        "CAP_WIZARD",
+    ),
 }
 
 
@@ -246,8 +275,13 @@ def test_missing_executable_fails_clearly(root: Path, bundle: Path) -> None:
 
 
 def test_commands_on_unknown_container(root: Path) -> None:
-    for command in (["start", "ghost"], ["kill", "ghost"], ["delete", "ghost"], ["pause", "ghost"],
-                    ["exec", "ghost", "true"]):
+    for command in (
+        ["start", "ghost"],
+        ["kill", "ghost"],
+        ["delete", "ghost"],
+        ["pause", "ghost"],
+        ["exec", "ghost", "true"],
+    ):
         done = _oci(root, *command)
         assert done.returncode != 0 and "does not exist" in done.stderr, command
 
@@ -265,8 +299,10 @@ def test_oom_kill_is_reported_and_exit_code_returned(root: Path, bundle: Path) -
 
 def test_fork_bomb_stops_at_pids_limit(root: Path, bundle: Path) -> None:
     # After the bomb, count with shell builtins only (a glob, `kill -1`): no fork is left to spend.
-    script = "(for i in $(seq 60); do sleep 30 & done) 2>/dev/null; set -- /proc/[0-9]*; " \
-             "echo running=$#; kill -9 -1; exit 0"
+    script = (
+        "(for i in $(seq 60); do sleep 30 & done) 2>/dev/null; set -- /proc/[0-9]*; "
+        "echo running=$#; kill -9 -1; exit 0"
+    )
     config = default_config(["sh", "-c", script])
     config["linux"]["resources"] = {"pids": {"limit": 20}}
     write_config(bundle, config)

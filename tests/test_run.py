@@ -27,8 +27,13 @@ def nothing_left(tmp_path: Path) -> Iterator[None]:
 
 def run(*args: str, timeout: float = 60, root: Path | None = None) -> subprocess.CompletedProcess:
     extra = ["--root", str(root)] if root else []
-    return subprocess.run([STOCKADE, "run", *extra, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [STOCKADE, "run", *extra, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def sh(script: str, *opts: str, **kw) -> subprocess.CompletedProcess:  # noqa: ANN003
@@ -50,9 +55,11 @@ def test_tenants_get_distinct_id_ranges() -> None:
 
 
 def test_default_rootfs_is_read_only_private_and_offline() -> None:
-    script = ("touch /usr/x 2>/dev/null && echo usr-writable; echo ok > /tmp/t && cat /tmp/t; "
-              "ls /sys/class/net; ls -A /home /root | grep -v -e '^/' -e '^$' || echo no-home; "
-              "ls /proc | grep -c '^[0-9]'; test -e /run/dbus/system_bus_socket || echo no-host-sockets")
+    script = (
+        "touch /usr/x 2>/dev/null && echo usr-writable; echo ok > /tmp/t && cat /tmp/t; "
+        "ls /sys/class/net; ls -A /home /root | grep -v -e '^/' -e '^$' || echo no-home; "
+        "ls /proc | grep -c '^[0-9]'; test -e /run/dbus/system_bus_socket || echo no-host-sockets"
+    )
     done = sh(script)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.split()
@@ -81,9 +88,17 @@ def test_user_env_workdir_and_bind() -> None:
     tmp_path = Path(tempfile.mkdtemp(prefix="stockade-test-bind-"))
     tmp_path.chmod(0o755)
     (tmp_path / "data.txt").write_text("payload\n")
-    done = sh("id -u; echo $GREETING; pwd; cat /data/data.txt; touch /data/new 2>/dev/null || echo ro",
-              "--user", "1000:1000", "--env", "GREETING=hi", "--workdir", "/tmp",
-              "--bind", f"{tmp_path}:/data:ro")
+    done = sh(
+        "id -u; echo $GREETING; pwd; cat /data/data.txt; touch /data/new 2>/dev/null || echo ro",
+        "--user",
+        "1000:1000",
+        "--env",
+        "GREETING=hi",
+        "--workdir",
+        "/tmp",
+        "--bind",
+        f"{tmp_path}:/data:ro",
+    )
     assert done.returncode == 0, done.stderr
     shutil.rmtree(tmp_path)
     assert done.stdout.split() == ["1000", "hi", "/tmp", "payload", "ro"]
@@ -96,7 +111,14 @@ def test_exit_code_and_signal_come_back() -> None:
 
 
 def test_memory_hog_is_oom_killed_and_reported() -> None:
-    done = run("--memory", "64M", "--", "python3", "-c", "b = bytearray(512 << 20); b[::4096] = b'x' * (len(b) // 4096)")
+    done = run(
+        "--memory",
+        "64M",
+        "--",
+        "python3",
+        "-c",
+        "b = bytearray(512 << 20); b[::4096] = b'x' * (len(b) // 4096)",
+    )
     assert done.returncode == 128 + signal.SIGKILL
     assert "out of memory" in done.stderr
 
@@ -116,23 +138,36 @@ def test_timeout_kills_everything_and_returns_124() -> None:
 
 
 def test_sigint_forwarded_and_cleaned_up(tmp_path: Path) -> None:
-    proc = subprocess.Popen([STOCKADE, "run", "--", "/bin/sh", "-c", "trap 'exit 9' INT; echo ready; "
-                             "while :; do sleep 0.1; done"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            STOCKADE,
+            "run",
+            "--",
+            "/bin/sh",
+            "-c",
+            "trap 'exit 9' INT; echo ready; while :; do sleep 0.1; done",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=20) == 9
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--memory", "12Q"], "--memory"),
-    (["--cpus", "abc"], "--cpus"),
-    (["--pids", "0"], "--pids"),
-    (["--bind", "/no/such/dir:/x"], "does not exist"),
-    (["--user", "bob"], "--user"),
-    (["--net", "host"], "--net"),
-    (["--profile", "no-such-profile"], "no-such-profile"),
-    (["--rootfs", "/no/such/rootfs"], "--rootfs"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--memory", "12Q"], "--memory"),
+        (["--cpus", "abc"], "--cpus"),
+        (["--pids", "0"], "--pids"),
+        (["--bind", "/no/such/dir:/x"], "does not exist"),
+        (["--user", "bob"], "--user"),
+        (["--net", "host"], "--net"),
+        (["--profile", "no-such-profile"], "no-such-profile"),
+        (["--rootfs", "/no/such/rootfs"], "--rootfs"),
+    ],
+)
 def test_bad_input_is_refused_clearly(args: list[str], message: str) -> None:
     done = run(*args, "--", "true")
     assert done.returncode != 0
