@@ -18,6 +18,7 @@ import ctypes
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -219,7 +220,8 @@ def run(iterations: int, rounds: int) -> dict:
     container = os.path.join(root, "ctr")
     state = tempfile.mkdtemp(prefix="stockade-bench-")
     env = dict(os.environ, STOCKADE_BPF_PIN_DIR=f"/sys/fs/bpf/{tag}", STOCKADE_BPF_CGROUP_ROOT=root,
-               STOCKADE_AGENT_STATE=f"{state}/agent.json", STOCKADE_EVENTS_FILE=f"{state}/events.jsonl")
+               STOCKADE_AGENT_STATE=f"{state}/agent.json", STOCKADE_EVENTS_FILE=f"{state}/events.jsonl",
+               STOCKADE_BPF_CACHE=f"{state}/cache")
     pin_dir = env["STOCKADE_BPF_PIN_DIR"]
     os.makedirs(container)
     result: dict = {"kernel": platform.release(), "iterations": iterations, "rounds": rounds}
@@ -258,9 +260,7 @@ def run(iterations: int, rounds: int) -> dict:
         for path in (container, root):
             if os.path.isdir(path):
                 os.rmdir(path)
-        for f in os.listdir(state):
-            os.unlink(os.path.join(state, f))
-        os.rmdir(state)
+        shutil.rmtree(state, ignore_errors=True)
     return result
 
 

@@ -6,7 +6,7 @@ program's text is its .bpf.c with `#include "stockade.h"` replaced by the header
 Cache: after a bcc compile, each cgroup program's instructions are stored with the positions of
 its map references (ld_imm64 with BPF_PSEUDO_MAP_FD); a later load opens the pinned maps and
 patches their fds in. The cache key covers the sources, the pin directory, the kernel and bcc,
-so any change recompiles.
+so any change recompiles; the pin directory is not part of it (maps are relocated by name).
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ def cflags(pin_dir: str) -> list[str]:
 
 
 def cache_key(file_name: str, pin_dir: str) -> str:
+    # the pin directory is left out on purpose: map references are relocated by name at load
+    del pin_dir
     h = hashlib.sha256()
     h.update(source_text(file_name).encode())
-    h.update(pin_dir.encode())
     h.update(platform.release().encode())
     try:
         h.update(Path("/proc/version").read_bytes())

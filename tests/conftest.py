@@ -53,8 +53,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--lab-timeout",
         type=float,
-        default=float(os.environ.get("STOCKADE_LAB_TIMEOUT", 1200)),
-        help="hard limit in seconds for the whole lab session (default 1200)",
+        default=float(os.environ.get("STOCKADE_LAB_TIMEOUT", 1800)),
+        help="hard limit in seconds for the whole lab session (default 1800)",
     )
 
 
@@ -103,6 +103,7 @@ def strict() -> bool:
 _STATE = pytest.StashKey[LabSession]()
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: only selected tests go to the lab
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
@@ -165,8 +166,9 @@ def run_lab(config: pytest.Config, lab: LabSession) -> None:
         "pytest",
         "-p",
         "no:cacheprovider",
-        "-q",
+        "-v" if config.get_verbosity() > 0 else "-q",
         "-rN",
+        "--color=no",
         "-o",
         "addopts=",
         *[i.nodeid for i in lab.items],
@@ -176,19 +178,21 @@ def run_lab(config: pytest.Config, lab: LabSession) -> None:
     if reporter:
         reporter.write_line(f"lab: {len(lab.items)} tests go to the QEMU kernel lab ({lab.why})")
     t0 = time.monotonic()
+    live = reporter if reporter and config.get_verbosity() > 0 else None  # -v: stream the guest's lines
     with open(lab.log, "w") as log:
+        proc = subprocess.Popen(argv, cwd=config.rootpath, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace")
         try:
-            proc = subprocess.run(
-                argv,
-                cwd=config.rootpath,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=lab.timeout + 120,
-            )
-            code = proc.returncode
+            for line in proc.stdout:  # the lab enforces lab.timeout itself and then exits
+                log.write(line)
+                if live:
+                    live.write_line(f"lab| {line.rstrip()}")
+            code = proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            code = 124
+            proc.kill()
+            code = proc.wait()
+        finally:
+            proc.stdout.close()
     info = json.loads(report.read_text()) if report.exists() else {}
     lab.kernel, lab.boot_seconds = info.get("kernel"), info.get("boot_seconds")
     for line in results.read_text().splitlines() if results.exists() else []:
@@ -196,7 +200,7 @@ def run_lab(config: pytest.Config, lab: LabSession) -> None:
         lab.results.setdefault(rec["nodeid"], []).append(rec)
     for f in (results, report):
         f.unlink(missing_ok=True)
-    tail = "\n".join(lab.log.read_text(errors="replace").splitlines()[-40:])
+    tail = "\n".join(lab.log.read_text(errors="replace").splitlines()[-80:])
     if lab.kernel is None and info.get("stage") == "prepare":
         lab.cannot_run = f"the kernel lab could not start: {info.get('error')}"
     elif lab.kernel is None or code in (124, 125) or not lab.results:

@@ -128,3 +128,15 @@ def test_doctor_in_a_bpf_lsm_cgroup_v2_kernel(report: dict) -> None:
     layers = {x["name"]: x["status"] for x in report["layers"]}
     assert layers["BPF-LSM policy"] == "available"
     assert layers["cgroup limits"] == "available"
+
+
+def test_stockade_doctor_cli() -> None:
+    cli = Path(sys.executable).parent / "stockade"
+    if not cli.exists():
+        pytest.skip("the stockade entry point is not installed in this venv")
+    table = subprocess.run([str(cli), "doctor"], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert "enforcement layers:" in table.stdout
+    data = json.loads(subprocess.run([str(cli), "doctor", "--json"], capture_output=True, text=True,
+                                     timeout=120).stdout)
+    assert set(by_name(data)) == CHECKS
