@@ -12,18 +12,18 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ContainerError, StockadeError
+from .record import field, record
 from .state import State, StateStore, process_alive, process_start_time, validate_id, write_atomic
 
 OCI_VERSION = "1.2.1"
 KILL_WAIT_SECONDS = 10.0
 
 
-@dataclass
+@record
 class CreateOptions:
     """What `create` needs beyond the bundle; CLI flags and CRI requests fill it."""
 
@@ -36,7 +36,7 @@ class CreateOptions:
     rootfs: Path | None = None  # overrides spec.root.path resolution (stockade run's built-in rootfs)
 
 
-@dataclass
+@record
 class Status:
     """OCI state plus what Stockade adds (cgroup, degraded layers)."""
 
@@ -349,7 +349,7 @@ def delete(root: Path | str, container_id: str, force: bool = False) -> None:
 
 def _teardown(state: State) -> None:
     cgroup = cgroup_of(state)
-    with contextlib.suppress(OSError):
+    if cgroup.frozen():
         cgroup.thaw()  # a frozen process cannot die
     _kill_and_wait(state.pid, state.pid_start)
     cgroup.destroy()

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import capabilities, devices, mounts, namespaces, rlimits
 from . import syscalls as sc
 from .errors import ContainerError, NotSupported, SpecError, StockadeError
 from .idmap import write_maps
+from .record import record
 from .spec import Process, Spec, sysctl_namespace, sysctl_path
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ _MAP, _PID, _HOOKS, _READY, _ERROR = b"M", b"P", b"H", b"R", b"E"
 _OK = b"K"  # runtime -> child
 
 
-@dataclass
+@record
 class Launch:
     spec: Spec
     bundle: Path

@@ -12,10 +12,10 @@ and pids limit 0 are treated as "not set"; -1 means unlimited where OCI allows i
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SpecError
+from .record import field, record
 
 UNLIMITED = -1
 DEFAULT_CPU_PERIOD = 100_000  # microseconds, the kernel's default CFS period
@@ -75,7 +75,7 @@ def parse_cpus(text: str, where: str) -> tuple[int, int]:
     return quota, DEFAULT_CPU_PERIOD
 
 
-@dataclass
+@record
 class Memory:
     limit: int | None = None  # bytes; -1 unlimited
     reservation: int | None = None  # soft limit (v1 soft_limit_in_bytes, v2 memory.low)
@@ -88,7 +88,7 @@ class Memory:
     check_before_update: bool = False  # refuse an update that sets the limit below current usage
 
 
-@dataclass
+@record
 class Cpu:
     shares: int | None = None  # v1 shares (2..262144); v2 converted to cpu.weight
     quota: int | None = None  # microseconds per period; -1 unlimited
@@ -101,7 +101,7 @@ class Cpu:
     idle: int | None = None  # 0 or 1
 
 
-@dataclass
+@record
 class DeviceRule:
     allow: bool
     type: str = "a"  # a (all), c (char), b (block)
@@ -127,14 +127,14 @@ class DeviceRule:
         return d
 
 
-@dataclass
+@record
 class DeviceRate:  # blockIO throttle*Device entry
     major: int
     minor: int
     rate: int
 
 
-@dataclass
+@record
 class DeviceWeight:  # blockIO weightDevice entry
     major: int
     minor: int
@@ -142,7 +142,7 @@ class DeviceWeight:  # blockIO weightDevice entry
     leaf_weight: int | None = None
 
 
-@dataclass
+@record
 class BlockIO:
     weight: int | None = None  # 10..1000
     leaf_weight: int | None = None
@@ -170,13 +170,13 @@ class BlockIO:
         return any(entries for _, _, entries in self.throttles())
 
 
-@dataclass
+@record
 class HugepageLimit:
     page_size: str  # "2MB", "1GB" (the kernel's hugetlb file naming)
     limit: int  # bytes
 
 
-@dataclass
+@record
 class Network:
     class_id: int | None = None
     priorities: list[tuple[str, int]] = field(default_factory=list)
@@ -185,7 +185,7 @@ class Network:
         return self.class_id is not None or bool(self.priorities)
 
 
-@dataclass
+@record
 class Resources:
     """Parsed OCI linux.resources. `None`/empty means "leave the kernel default"."""
 

@@ -1,19 +1,19 @@
-"""OCI runtime-spec 1.x config.json -> plain dataclasses, every field validated.
+"""OCI runtime-spec 1.x config.json -> plain records (runtime.record), every field validated.
 
 Every refusal is a SpecError whose `where` is the JSON path of the offending field
 (`config.json: linux.namespaces[2].type`). Unknown properties are ignored as the spec requires;
 known properties this runtime cannot honour are refused, never dropped in silence.
-This module is on the container start path: it imports json, os and dataclasses only.
+This module is on the container start path: it imports json, os and the lean runtime.record only.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import SpecError
+from .record import field, record
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -183,7 +183,7 @@ SUPPORTED: dict[str, Any] = {
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
+@record
 class User:
     uid: int = 0
     gid: int = 0
@@ -191,7 +191,7 @@ class User:
     additional_gids: list[int] = field(default_factory=list)
 
 
-@dataclass
+@record
 class Capabilities:
     """Capability names (CAP_*). A missing `process.capabilities` means all sets empty."""
 
@@ -202,20 +202,20 @@ class Capabilities:
     ambient: list[str] = field(default_factory=list)
 
 
-@dataclass
+@record
 class Rlimit:
     type: str
     soft: int
     hard: int
 
 
-@dataclass
+@record
 class ConsoleSize:
     height: int
     width: int
 
 
-@dataclass
+@record
 class Process:
     args: list[str]
     cwd: str = "/"
@@ -231,13 +231,13 @@ class Process:
     selinux_label: str = ""
 
 
-@dataclass
+@record
 class Root:
     path: str
     readonly: bool = False
 
 
-@dataclass
+@record
 class Mount:
     destination: str
     type: str  # normalised: "bind" for bind/rbind mounts whatever the JSON said
@@ -249,7 +249,7 @@ class Mount:
     data: str = ""  # filesystem-specific options joined by ","
 
 
-@dataclass
+@record
 class Hook:
     path: str
     args: list[str] = field(default_factory=list)
@@ -257,7 +257,7 @@ class Hook:
     timeout: int | None = None
 
 
-@dataclass
+@record
 class Hooks:
     prestart: list[Hook] = field(default_factory=list)
     create_runtime: list[Hook] = field(default_factory=list)
@@ -267,20 +267,20 @@ class Hooks:
     poststop: list[Hook] = field(default_factory=list)
 
 
-@dataclass
+@record
 class Namespace:
     type: str
     path: str = ""
 
 
-@dataclass
+@record
 class IDMapping:
     container_id: int
     host_id: int
     size: int
 
 
-@dataclass
+@record
 class Device:
     path: str
     type: str  # c, b, u or p
@@ -291,7 +291,7 @@ class Device:
     gid: int | None = None
 
 
-@dataclass
+@record
 class Linux:
     namespaces: list[Namespace] = field(default_factory=list)
     uid_mappings: list[IDMapping] = field(default_factory=list)
@@ -314,7 +314,7 @@ class Linux:
         return None
 
 
-@dataclass
+@record
 class Spec:
     oci_version: str
     process: Process

@@ -13,10 +13,10 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ContainerError
+from .record import asdict, field, record
 
 DEFAULT_ROOT = Path("/run/stockade")
 MAX_ID_LENGTH = 128
@@ -33,7 +33,7 @@ def validate_id(container_id: str) -> str:
     return container_id
 
 
-@dataclass
+@record
 class State:
     """What the runtime remembers about one container (beyond the OCI state it reports)."""
 
@@ -130,12 +130,12 @@ class StateStore:
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
+    """Write via a temporary file and rename, so readers never see half a file. No fsync: the
+    state lives on tmpfs (/run) and means nothing after a reboot, while fsync costs a disk flush."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.write(fd, text.encode())
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)

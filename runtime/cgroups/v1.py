@@ -212,15 +212,14 @@ def _cpu_set(text: str) -> set[int]:
 
 
 def _inherit_cpuset(mount: str, created: list[str]) -> None:
-    """New cpuset dirs start with empty cpus/mems, where no task may join: copy the parent's."""
-    from cgroupspy.controllers import CpuSetController
-
+    """New cpuset dirs start with empty cpus/mems, where no task may join: copy the parent's.
+    Plain file copies: this runs on every create, where importing cgroupspy (and logging) would
+    cost more than the container start itself; cgroupspy applies the limits a spec asks for."""
     for d in created:  # shallowest first, so each parent is already filled
         if not d.startswith(mount + "/"):
             continue
-        parent, child = CpuSetController(_node(os.path.dirname(d))), CpuSetController(_node(d))
-        _set(child, "cpus", parent.cpus, "cpuset.cpus")
-        _set(child, "mems", parent.mems, "cpuset.mems")
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            common.write(os.path.join(d, name), common.read(os.path.join(os.path.dirname(d), name)))
 
 
 class Cgroup:
@@ -356,14 +355,10 @@ class Cgroup:
             )
 
     def _devices(self, rules: list[DeviceRule]) -> None:
-        from cgroupspy.contenttypes import DeviceAccess
-        from cgroupspy.controllers import DevicesController
-
-        devices = DevicesController(_node(self.dirs["devices"]))
+        # Every create writes the default device list: plain writes keep cgroupspy off that path.
         for rule in rules:
-            access = DeviceAccess(rule.type, rule.major, rule.minor, rule.access)
-            name = "allow" if rule.allow else "deny"
-            _set(devices, name, access, f"devices.{name}")
+            name = "devices.allow" if rule.allow else "devices.deny"
+            common.write(os.path.join(self.dirs["devices"], name), rule.v1_line())
         self.device_rules = list(rules)
 
     def _unified_part(self, res: Resources) -> None:
