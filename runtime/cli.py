@@ -18,6 +18,7 @@ DELEGATED = {
     ),
     "profile": ("stockade.profiles.cli", "main", "record, generate, lint, test and export profiles"),
     "events": ("stockade.bpf.cli", "events_main", "BPF denials and audit events"),
+    "policy": ("stockade.bpf.cli", "policy_main", "check, show, apply and remove BPF policies"),
     "agent": ("stockade.bpf.agent", "main", "load, attach and pin the BPF programs (long-lived)"),
     "oci": ("stockade.runtime.oci_cli", "main", "the OCI runtime command line (same as stockade-oci)"),
 }

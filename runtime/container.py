@@ -123,7 +123,6 @@ def _create_in(
     undo.append(cgroup.destroy)
     state.cgroup_path, state.cgroup_driver, state.cgroup_id = cg_path, driver.name, _unified_id(cgroup)
     _enforce_devices(cgroup)
-    _install_bpf(state, spec, cgroup, opts, undo)
     write_atomic(state_dir / "config.json", _spec_json(spec, bundle))
     fifo = state_dir / "exec.fifo"
     os.mkfifo(fifo, 0o600)
@@ -156,6 +155,7 @@ def _create_in(
     pid = init.spawn(launch)
     undo.append(lambda: _kill_and_wait(pid, process_start_time(pid)))
     state.pid, state.pid_start = pid, process_start_time(pid)
+    _install_bpf(state, spec, opts, undo)
     store.save(state)
     if opts.pid_file:
         write_atomic(Path(opts.pid_file), str(pid), 0o644)
@@ -201,14 +201,11 @@ def _compile_seccomp(spec: Any) -> bytes | None:
     return compile_program(spec.linux.seccomp, where="config.json: linux.seccomp")
 
 
-def _install_bpf(
-    state: State, spec: Any, cgroup: Any, opts: CreateOptions, undo: list[Callable[[], None]]
-) -> None:
-    """Put the container's BPF policy into the pinned maps before its first instruction."""
+def _install_bpf(state: State, spec: Any, opts: CreateOptions, undo: list[Callable[[], None]]) -> None:
+    """Put the container's BPF policy into the pinned maps while its init waits on the fifo."""
     from .bpfpolicy import install
 
-    installed = install(state, spec, cgroup, allow_degraded=opts.allow_degraded)
-    if installed:
+    if install(state, spec, allow_degraded=opts.allow_degraded):
         undo.append(lambda: _remove_bpf(state))
 
 

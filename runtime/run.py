@@ -135,7 +135,7 @@ def build_config(args: argparse.Namespace, command: list[str], cid: str) -> dict
             "uidMappings": [{"containerID": 0, "hostID": host_base, "size": size}],
             "gidMappings": [{"containerID": 0, "hostID": host_base, "size": size}],
             "resources": _resources(args),
-            "cgroupsPath": f"stockade/{_tenant(args.tenant)}/{cid}",
+            "cgroupsPath": f"{_cgroup_parent()}/{_tenant(args.tenant)}/{cid}",
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
         },
@@ -203,6 +203,18 @@ def _idmap(args: argparse.Namespace) -> tuple[int, int]:
     # A stable, distinct range per tenant: root of one tenant is nobody to another.
     slot = 1 + int.from_bytes(hashlib.sha256(args.tenant.encode()).digest()[:4], "big") % TENANT_SLOTS
     return IDMAP_BASE + slot * IDMAP_SIZE, IDMAP_SIZE
+
+
+def _cgroup_parent() -> str:
+    """Where tenant slices live: the cgroup the BPF agent attaches its programs to (its
+    --cgroup-root), so every container below it is covered. Default: "stockade"."""
+    parent = os.environ.get("STOCKADE_CGROUP_PARENT", "stockade").strip("/")
+    if not parent.startswith("stockade") or ".." in parent.split("/"):
+        raise StockadeError(
+            f"STOCKADE_CGROUP_PARENT={parent!r} must name a cgroup starting with 'stockade'",
+            where="environment",
+        )
+    return parent
 
 
 def _tenant(name: str) -> str:

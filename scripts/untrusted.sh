@@ -16,6 +16,7 @@ try "new user namespace"             unshare -U true
 try "ptrace another process"         python3 -c 'import ctypes, os; l=ctypes.CDLL(None, use_errno=True); r=l.ptrace(16, 1, 0, 0); raise SystemExit(os.strerror(ctypes.get_errno()) if r else 0)'
 try "raw socket (ping)"              python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)'
 try "reach the network"              python3 -c 'import socket; socket.create_connection(("1.1.1.1", 53), timeout=2)'
+try "reach cloud metadata"           python3 -c 'import socket; socket.create_connection(("169.254.169.254", 80), timeout=2)'
 try "load a kernel module"           python3 -c 'import ctypes; l=ctypes.CDLL(None, use_errno=True); r=l.syscall(175, 0, 0, 0); import os; raise SystemExit(os.strerror(ctypes.get_errno())) if r else None'
 try "allocate 512 MiB"               python3 -c 'b = bytearray(512 << 20); b[::4096] = b"x" * (len(b) // 4096)'
 try "write to private /tmp"          sh -c 'echo ok > /tmp/scratch && cat /tmp/scratch'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -25,14 +26,18 @@ def nothing_left(tmp_path: Path) -> Iterator[None]:
     assert not list(Path("/run").glob("stockade-rootfs-*"))
 
 
-def run(*args: str, timeout: float = 60, root: Path | None = None) -> subprocess.CompletedProcess:
-    extra = ["--root", str(root)] if root else []
+def run(
+    *args: str, timeout: float = 60, env: dict | None = None, degraded: bool = True
+) -> subprocess.CompletedProcess:
+    """stockade run; by default with --allow-degraded, since this host lacks BPF-LSM (tested below)."""
+    extra = ["--allow-degraded"] if degraded else []
     return subprocess.run(
         [STOCKADE, "run", *extra, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env=env,
     )
 
 
@@ -142,6 +147,7 @@ def test_sigint_forwarded_and_cleaned_up(tmp_path: Path) -> None:
         [
             STOCKADE,
             "run",
+            "--allow-degraded",
             "--",
             "/bin/sh",
             "-c",
@@ -179,3 +185,53 @@ def test_missing_command_is_refused() -> None:
     assert done.returncode != 0 and "no command" in done.stderr
     done = run("--", "/no/such/program")
     assert done.returncode != 0 and "/no/such/program" in done.stderr
+
+
+METADATA_CONNECT = """
+import errno, socket
+s = socket.socket()
+try:
+    s.connect(("169.254.169.254", 80))
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+
+
+def test_missing_bpf_layer_refuses_without_opt_in() -> None:
+    from stockade.bpf import maps, policy
+
+    _, required = policy.load_compiled("default")
+    missing = maps.missing_layers(required)
+    done = run("--", "true", degraded=False)
+    if not missing:  # a host with BPF-LSM and a running agent enforces everything
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode != 0
+    assert "needs" in done.stderr and "--allow-degraded" in done.stderr
+    done = run("--", "true")
+    assert done.returncode == 0 and "running without bpf:" in done.stderr
+
+
+def test_default_bpf_policy_enforced_through_the_agent(tmp_path: Path) -> None:
+    """A private agent (own pins, own parent cgroup): the cloud-metadata address is refused with
+    EPERM by the cgroup connect4 program (without it: ENETUNREACH), and the policy's map entries
+    are gone after the run."""
+    from test_bpf_helpers import cleanup_agent, make_agent
+
+    agent = make_agent(tmp_path, "run")
+    try:
+        agent.run("--load-only", "--no-lsm")
+        env = dict(agent.env, STOCKADE_CGROUP_PARENT=Path(agent.cgroup_root).name)
+        done = run("--", "python3", "-c", METADATA_CONNECT, env=env)
+        assert done.stdout.split() == ["EPERM"], done.stderr
+        status = json.loads(agent.run("--status").stdout)
+        assert status["policies"] == 0
+    finally:
+        cleanup_agent(agent)
+    assert run("--", "python3", "-c", METADATA_CONNECT).stdout.split() != ["EPERM"] or maps_agent_running()
+
+
+def maps_agent_running() -> bool:
+    from stockade.bpf import maps
+
+    return maps.agent_running()

@@ -123,8 +123,8 @@ def _rmdir(path: str) -> None:
 
 
 def under_stockade(root: str, path: str) -> bool:
-    """Directories below the shared top-level "stockade" cgroup (tenant slices included) are ours."""
-    return os.path.relpath(path, root).split("/")[0] == "stockade"
+    """Directories below a top-level "stockade*" cgroup (tenant slices included) are ours."""
+    return os.path.relpath(path, root).split("/")[0].startswith("stockade")
 
 
 def remove_empty_parents(root: str, rel: str, owned: Callable[[str], bool]) -> None:
