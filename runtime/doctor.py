@@ -386,6 +386,26 @@ def check_bpffs(report: Report) -> None:
 # --- layers ----------------------------------------------------------------------------------
 
 
+def _agent_layer() -> Layer:
+    """Per-container BPF policies are map entries on the agent's pinned programs."""
+    from stockade.bpf import maps
+
+    loaded = sorted(maps.loaded_layers())
+    if loaded:
+        return Layer("BPF agent (pinned programs)", "available", ", ".join(loaded))
+    return Layer("BPF agent (pinned programs)", "unavailable", "stockade agent", "start it: stockade agent")
+
+
+def _v1_controllers() -> list[str]:
+    try:
+        from .cgroups import describe_host
+
+        hierarchies = describe_host().get("controllers", {})
+    except Exception:  # noqa: BLE001 - doctor reports what it can
+        return []
+    return sorted({c for path, names in hierarchies.items() if "unified" not in path for c in names})
+
+
 def layers(report: Report, v2: list[str]) -> list[Layer]:
     st = {c.name: c for c in report.checks}
 
@@ -407,18 +427,20 @@ def layers(report: Report, v2: list[str]) -> list[Layer]:
     if st["cgroup-v2-controllers"].status == OK:
         out.append(Layer("cgroup limits", "available", "cgroup v2 controllers"))
     elif mode in ("v1", "hybrid"):
+        # The v1 driver (cgroupspy) enforces memory, cpu, cpuset, pids and devices; limits that
+        # only cgroup v2 has are refused per container, never skipped.
         out.append(
             Layer(
                 "cgroup limits",
-                "degraded",
-                "cgroup v2 controllers",
-                "limits go through the v1 hierarchies; " + st["cgroup-v2-controllers"].fix,
+                "available",
+                f"v1 driver (cgroupspy): {', '.join(_v1_controllers())}; v2-only limits refused",
             )
         )
     else:
         out.append(
             Layer("cgroup limits", "unavailable", "cgroup v2 controllers", st["cgroup-v2-controllers"].fix)
         )
+    out.append(_agent_layer())
     unified = mode == "v2" or bool(v2) or os.path.exists("/sys/fs/cgroup/unified/cgroup.procs")
     out.append(
         Layer(
@@ -453,7 +475,7 @@ def render_table(report: Report) -> str:
     lines += [f"{c.name:<{width}}  {c.status:<8}  {c.detail}" for c in report.checks]
     lines += ["", "enforcement layers:"]
     lwidth = max(len(layer.name) for layer in report.layers)
-    lines += [f"  {layer.name:<{lwidth}}  {layer.status}" for layer in report.layers]
+    lines += [f"  {layer.name:<{lwidth}}  {layer.status:<11}  {layer.needs}" for layer in report.layers]
     fixes = [layer for layer in report.layers if layer.fix]
     if fixes:
         lines += ["", "to fix:"]
