@@ -28,6 +28,24 @@ def snapshot(state_root: Path | None = None) -> dict[str, set[str]]:
 RUNTIME_MARKERS = ("bin/stockade-oci", "bin/stockade run", "stockade.runtime")
 
 
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
+def _ours(pid: int) -> bool:
+    """Descends from this test process (leaked inits are reparented to it: it is a subreaper)."""
+    me = os.getpid()
+    while pid > 1:
+        pid = _parent(pid)
+        if pid == me:
+            return True
+    return False
+
+
 def _processes() -> set[str]:
     out = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -36,7 +54,7 @@ def _processes() -> set[str]:
         except OSError:
             continue
         # Runtime processes only: a leaked workload keeps its cgroup, which the cgroup check sees.
-        if any(m in cmd for m in RUNTIME_MARKERS) and "pytest" not in cmd and int(pid) != os.getpid():
+        if any(m in cmd for m in RUNTIME_MARKERS) and int(pid) != os.getpid() and _ours(int(pid)):
             out.add(f"{pid} {cmd.strip()}")
     return out
 
