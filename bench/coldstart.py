@@ -63,7 +63,15 @@ def commands(bundle: Path, state: Path) -> dict[str, callable]:
         "runc": oci([], "runc"),
         "crun": oci(CRUN_WRAP, "crun"),
         "crun-wrapper-only": lambda cid: [*CRUN_WRAP, "true"],
-        "stockade run": lambda cid: [str(VENV_BIN / "stockade"), "run", "--name", cid, "--", "/bin/true"],
+        "stockade run": lambda cid: [
+            str(VENV_BIN / "stockade"),
+            "run",
+            "--allow-degraded",
+            "--name",
+            cid,
+            "--",
+            "/bin/true",
+        ],
     }
 
 
@@ -145,6 +153,17 @@ def main() -> int:
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root")
+    # `stockade run` installs the default BPF policy through the agent, as in real use (BPF-LSM is
+    # refused by this kernel, hence --allow-degraded; the cgroup-BPF layers are enforced).
+    started = subprocess.run([str(VENV_BIN / "stockade"), "agent"], capture_output=True).returncode == 0
+    try:
+        return _measure(args)
+    finally:
+        if started:
+            subprocess.run([str(VENV_BIN / "stockade"), "agent", "--stop"], capture_output=True)
+
+
+def _measure(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="stockade-bench-") as tmp:
         bundle = make_bundle(Path(tmp))
         state = Path(tmp) / "state"
