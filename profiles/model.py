@@ -12,6 +12,7 @@ import os
 import platform
 from dataclasses import dataclass, field
 
+from stockade.runtime.defaults import OCI_DEFAULT_CAPS
 from stockade.runtime.errors import SpecError
 from stockade.runtime.seccomp import ACTIONS, ARCHITECTURES, OPERATORS
 
@@ -21,22 +22,7 @@ BUILTIN_DIR = os.path.join(HERE, "builtin")
 GALLERY_DIR = os.path.join(HERE, "gallery")
 
 # What a container gets when nobody says otherwise (the OCI/Docker default capability set).
-DEFAULT_CAPS = (
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-)
+DEFAULT_CAPS = OCI_DEFAULT_CAPS
 # Go architecture names used by moby's includes/excludes.arches.
 GO_ARCHES = (
     "amd64",

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .defaults import MASKED_PATHS, OCI_DEFAULT_CAPS, READONLY_PATHS, standard_mounts
 from .errors import StockadeError
 from .state import DEFAULT_ROOT
 
@@ -31,34 +32,7 @@ TENANT_SLOTS = 4096  # other tenants get their own 65536-id range above the defa
 DEFAULT_PIDS = 1024
 # What an ordinary workload needs; the rest of the bounding set is dropped (runc's default, minus
 # NET_RAW and MKNOD: untrusted code needs neither raw sockets nor device nodes).
-DEFAULT_CAPS = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-]
-MASKED_PATHS = [
-    "/proc/acpi",
-    "/proc/asound",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/proc/sched_debug",
-    "/proc/scsi",
-    "/sys/firmware",
-    "/sys/devices/virtual/powercap",
-]
-READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+DEFAULT_CAPS = [c for c in OCI_DEFAULT_CAPS if c not in ("CAP_MKNOD", "CAP_NET_RAW")]
 HOST_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")  # shared read-only (or symlinks)
 HOST_ETC = ("alternatives", "ld.so.cache", "localtime")  # harmless host /etc entries programs look for
 
@@ -136,8 +110,8 @@ def build_config(args: argparse.Namespace, command: list[str], cid: str) -> dict
             "gidMappings": [{"containerID": 0, "hostID": host_base, "size": size}],
             "resources": _resources(args),
             "cgroupsPath": f"{_cgroup_parent()}/{_tenant(args.tenant)}/{cid}",
-            "maskedPaths": MASKED_PATHS,
-            "readonlyPaths": READONLY_PATHS,
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
         },
         "annotations": {"io.stockade.tenant": args.tenant, "io.stockade.profile": args.profile},
     }
@@ -246,45 +220,7 @@ def _resources(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _mounts(args: argparse.Namespace) -> list[dict[str, Any]]:
-    mounts: list[dict[str, Any]] = [
-        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-        {
-            "destination": "/dev",
-            "type": "tmpfs",
-            "source": "tmpfs",
-            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
-        },
-        {
-            "destination": "/dev/pts",
-            "type": "devpts",
-            "source": "devpts",
-            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
-        },
-        {
-            "destination": "/dev/shm",
-            "type": "tmpfs",
-            "source": "shm",
-            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
-        },
-        {
-            "destination": "/dev/mqueue",
-            "type": "mqueue",
-            "source": "mqueue",
-            "options": ["nosuid", "noexec", "nodev"],
-        },
-        {
-            "destination": "/sys",
-            "type": "sysfs",
-            "source": "sysfs",
-            "options": ["nosuid", "noexec", "nodev", "ro"],
-        },
-        {
-            "destination": "/tmp",
-            "type": "tmpfs",
-            "source": "tmpfs",
-            "options": ["nosuid", "nodev", "mode=1777"],
-        },
-    ]
+    mounts = standard_mounts()
     if not args.rootfs and not args.bundle:
         mounts += _host_mounts()
     for item in args.bind:

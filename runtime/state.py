@@ -87,11 +87,7 @@ class StateStore:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise ContainerError(
-                f"container {container_id!r} does not exist",
-                where=str(self.root),
-                hint="see `stockade-oci list`",
-            ) from None
+            raise self._unknown(container_id) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield path
@@ -106,12 +102,13 @@ class StateStore:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ContainerError(
-                f"container {container_id!r} does not exist",
-                where=str(self.root),
-                hint="see `stockade-oci list`",
-            ) from None
+            raise self._unknown(container_id) from None
         return State(**data)
+
+    def _unknown(self, container_id: str) -> ContainerError:
+        return ContainerError(
+            f"container {container_id!r} does not exist", where=str(self.root), hint="see `stockade-oci list`"
+        )
 
     def save(self, state: State) -> None:
         write_atomic(self.dir(state.id) / "state.json", json.dumps(asdict(state), indent=1))
