@@ -13,7 +13,7 @@ import sys
 from stockade.profiles import load_profile
 from stockade.profiles.formats import dump_json, write_atomic
 from stockade.profiles.model import Context, Profile
-from stockade.runtime.errors import SpecError, StockadeError
+from stockade.runtime.errors import NotSupported, SpecError, StockadeError
 
 
 def table(rows: list[list[object]], headers: list[str]) -> str:
@@ -303,17 +303,30 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.container:
         if args.duration is None:
             raise SpecError("--container needs --duration", where="--duration")
-        from stockade.runtime.state import StateStore
+        from stockade.runtime import container
 
-        state = StateStore(args.root).load(args.container)
+        status = container.status(args.root, args.container)
+        if status.status not in ("created", "running"):
+            raise StockadeError(
+                f"container is {status.status}: nothing to record",
+                where=args.container,
+                hint="record a created or running container",
+            )
+        state = status.state
         if not state.cgroup_id:
-            raise StockadeError("container has no cgroup id in its state", where=args.container)
+            raise NotSupported(
+                "container has no cgroup2 id in its state",
+                where=args.container,
+                hint="the recorder needs a cgroup2 hierarchy (e.g. /sys/fs/cgroup/unified)",
+            )
         recording = rec.record_cgroup(
             state.cgroup_id, args.duration, progress=True, label=f"container:{args.container}"
         )
     else:
         cmd = _command(args.command)
-        recording = rec.record(cmd, timeout=args.timeout, progress=True, sandbox_factory=_sandbox(args))
+        recording = rec.record(
+            cmd, timeout=args.timeout, progress=True, sandbox_factory=_sandbox(args), **_quiet(args)
+        )
         if recording.exit_code == 127 or not recording.syscalls:
             raise StockadeError(f"the command did not run (exit {recording.exit_code})", where=" ".join(cmd))
     recorded = recording.to_recorded()
@@ -349,12 +362,57 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sandbox(args: argparse.Namespace):  # noqa: ANN202
+def _sandbox(args: argparse.Namespace):  # noqa: ANN202 - a sandbox factory
+    """A real Stockade container by default; --sandbox local for a plain child in a fresh cgroup."""
     import functools
 
-    from stockade.profiles.record import LocalSandbox
+    from stockade.profiles.record import LocalSandbox, RuntimeSandbox
 
-    return functools.partial(LocalSandbox, netns=args.netns)
+    if args.sandbox == "local":
+        return functools.partial(LocalSandbox, netns=args.netns)
+    if args.netns:
+        raise SpecError(
+            "--netns is for --sandbox local",
+            where="--netns",
+            hint="the runtime sandbox always has its own network namespace (loopback down); "
+            "add --sandbox local for loopback",
+        )
+    run_args: list[str] = []
+    for flag in ("memory", "cpus", "pids", "user", "workdir", "rootfs"):
+        value = getattr(args, flag)
+        if value is not None:
+            run_args += [f"--{flag}", str(value)]
+    for item in args.bind:
+        run_args += ["--bind", item]
+    for item in args.env:
+        run_args += ["--env", item]
+    return functools.partial(RuntimeSandbox, run_args=run_args)
+
+
+def _quiet(args: argparse.Namespace) -> dict:
+    """With --json our stdout is the report: the command's own output goes to stderr."""
+    return {"stdout": 2} if args.json else {}  # fd 2, whatever sys.stderr is now
+
+
+def _sandbox_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sandbox",
+        choices=["runtime", "local"],
+        default="runtime",
+        help="runtime: a Stockade container as `stockade run` makes it (default); "
+        "local: a plain child process in a fresh cgroup",
+    )
+    p.add_argument("--netns", action="store_true", help="local: private network namespace, loopback up")
+    p.add_argument(
+        "--bind", action="append", default=[], metavar="SRC:DST[:ro]", help="runtime: as stockade run"
+    )
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="runtime: as stockade run")
+    p.add_argument("--workdir", help="runtime: working directory inside (default /)")
+    p.add_argument("--user", metavar="UID[:GID]", help="runtime: user inside (default 0:0)")
+    p.add_argument("--memory", help="runtime: memory limit, e.g. 256M")
+    p.add_argument("--cpus", help="runtime: CPU limit")
+    p.add_argument("--pids", help="runtime: process limit")
+    p.add_argument("--rootfs", help="runtime: root filesystem instead of the built-in one")
 
 
 def _command(cmd: list[str]) -> list[str]:
@@ -400,7 +458,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     if oci is None:
         raise SpecError("unconfined: nothing would be denied", where=p.name)
     cmd = _command(args.command)
-    result = rec.run_under(cmd, oci, mode=args.mode, timeout=args.timeout, sandbox_factory=_sandbox(args))
+    result = rec.run_under(
+        cmd, oci, mode=args.mode, timeout=args.timeout, sandbox_factory=_sandbox(args), **_quiet(args)
+    )
     if args.mode == "errno":
         denied = result.denied
     else:
@@ -480,7 +540,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--widen", action="store_true", help="allow whole syscall groups that were touched")
     p.add_argument("--force", action="store_true", help="overwrite --output instead of merging")
     p.add_argument("--timeout", type=float)
-    p.add_argument("--netns", action="store_true", help="private network namespace with loopback only")
+    _sandbox_options(p)
     p.add_argument("--container", help="record a running container instead of a command")
     p.add_argument("--duration", type=float, help="seconds to record a container for")
     p.add_argument("--root", default="/run/stockade", help="state root of --container")
@@ -495,7 +555,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", "-p", default="restricted")
     p.add_argument("--mode", choices=["errno", "log"], default="errno")
     p.add_argument("--timeout", type=float)
-    p.add_argument("--netns", action="store_true", help="private network namespace with loopback only")
+    _sandbox_options(p)
     p.add_argument("--caps")
     p.add_argument("command", nargs=argparse.REMAINDER)
     return ap

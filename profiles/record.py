@@ -1,10 +1,12 @@
 """Recording the syscalls of a sandboxed command (bcc raw tracepoint on sys_enter, filtered by the
 sandbox's cgroup id) and testing a command under a profile.
 
-The sandboxed run is pluggable: anything with `cgroup_id` and `run(cmd, program, flags, timeout)` works
-(see `Sandbox`). `LocalSandbox` is a plain child process in a fresh cgroup2 directory that sets
-no_new_privs and installs the filter just before execve, as the container init does; the container
-runtime can provide the same two members later.
+The sandboxed run is pluggable (see `Sandbox`). `RuntimeSandbox`, the default of the CLI, runs the
+command in a real Stockade container configured as `stockade run` does (user namespace, built-in root
+filesystem, limits) with the filter to record or test in place of the profile's; the runtime installs
+it right before execve. `LocalSandbox` is a plain child process in a fresh cgroup2 directory that sets
+no_new_privs and installs the filter just before execve in the same way (unit tests, the gallery's
+servers, which need loopback in a private network namespace).
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import fcntl
 import os
 import platform
 import secrets
+import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from stockade.runtime.errors import NotSupported, SpecError, StockadeError
 
@@ -37,6 +42,14 @@ RECORD_FILTER = {"defaultAction": "SCMP_ACT_ALLOW"}
 
 
 class Sandbox(Protocol):
+    """Runs one command confined and returns its exit code (124 on timeout).
+
+    The filter comes both compiled (`program`, `flags`: a sandbox that loads it itself) and as the OCI
+    LinuxSeccomp section (`seccomp`: a sandbox that hands it to the runtime). `on_cgroup(id)` is called
+    with the cgroup2 id of the command's cgroup once that cgroup exists and before the command's
+    set-up reaches its seccomp() call: the recorder is loaded there. `cgroup_id` holds that id from
+    then on (0 before)."""
+
     cgroup_id: int
 
     def run(
@@ -46,6 +59,9 @@ class Sandbox(Protocol):
         flags: list[str] | None = None,
         timeout: float | None = None,
         progress: Callable[[float], None] | None = None,
+        *,
+        seccomp: dict | None = None,
+        on_cgroup: Callable[[int], None] | None = None,
     ) -> int: ...
 
 
@@ -105,6 +121,9 @@ class LocalSandbox:
         flags: list[str] | None = None,
         timeout: float | None = None,
         progress: Callable[[float], None] | None = None,
+        *,
+        seccomp: dict | None = None,
+        on_cgroup: Callable[[int], None] | None = None,
         stdout: int | None = None,
         stderr: int | None = None,
     ) -> int:
@@ -115,6 +134,12 @@ class LocalSandbox:
                 where="command",
                 hint="give an existing program after --",
             )
+        if program is None and seccomp is not None:
+            from stockade.runtime.seccomp import compile_program
+
+            program, flags = compile_program(seccomp, where="seccomp"), list(seccomp.get("flags") or [])
+        if on_cgroup:
+            on_cgroup(self.cgroup_id)
         procs = os.open(os.path.join(self.path, "cgroup.procs"), os.O_WRONLY)
         try:
             child = subprocess.Popen(
@@ -198,6 +223,191 @@ def _kill_cgroup(path: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# the runtime sandbox
+
+
+class RuntimeSandbox:
+    """The command in a real Stockade container, set up as `stockade run` sets it up (user namespace,
+    the built-in root filesystem with the host's /usr read-only, no network, the limits given), except
+    that the filter is the one to record with or to test, and no BPF policy is installed (no agent
+    needed). Each run uses a private state root under /run and deletes the container and the root
+    afterwards, also on errors, timeouts and Ctrl-C.
+
+    `run_args` are `stockade run` options (e.g. ["--bind", "/src:/src:ro", "--memory", "256M"]); they
+    are parsed and checked by `stockade run`'s own parser."""
+
+    def __init__(self, run_args: list[str] | None = None, allow_degraded: bool = False) -> None:
+        self.run_args = list(run_args or [])
+        self.allow_degraded = allow_degraded
+        self.cgroup_id = 0
+        self.container_id = ""
+
+    def run(
+        self,
+        cmd: list[str],
+        program: bytes | None = None,
+        flags: list[str] | None = None,
+        timeout: float | None = None,
+        progress: Callable[[float], None] | None = None,
+        *,
+        seccomp: dict | None = None,
+        on_cgroup: Callable[[int], None] | None = None,
+        stdout: int | None = None,
+        stderr: int | None = None,
+    ) -> int:
+        from stockade.runtime import container
+        from stockade.runtime import run as runmod
+        from stockade.runtime.foreground import set_child_subreaper
+
+        if program is not None and seccomp is None:
+            raise StockadeError(
+                "the runtime sandbox needs the filter as an OCI seccomp section, not a compiled program",
+                where="RuntimeSandbox.run",
+                hint="pass seccomp=",
+            )
+        if not cmd:
+            raise SpecError("nothing to run", where="command", hint="... -- CMD ARGS")
+        args = _run_args(self.run_args + ["--", *cmd])
+        cid = f"stockade-rec-{secrets.token_hex(4)}"
+        config = runmod.build_config(args, cmd, cid)
+        _use_filter(config, seccomp)
+        root = tempfile.mkdtemp(prefix="stockade-rec-state-", dir="/run")
+        try:
+            with runmod.root_filesystem(args) as (bundle, rootfs):
+                config["root"]["path"] = str(rootfs)
+                opts = container.CreateOptions(
+                    spec=_parse(config), rootfs=rootfs, allow_degraded=self.allow_degraded
+                )
+                set_child_subreaper()  # the init (a grandchild) is reparented to us: we reap it
+                with _stdio(stdout, stderr):
+                    state = container.create(root, cid, bundle, opts)
+                self.container_id = cid
+                reaped = False
+                try:
+                    code = self._start_and_wait(root, state, timeout, progress, on_cgroup)
+                    reaped = True
+                    return code
+                finally:
+                    container.delete(root, cid, force=True)
+                    if not reaped:
+                        _reap(state.pid)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def _start_and_wait(
+        self,
+        root: str,
+        state: Any,
+        timeout: float | None,
+        progress: Callable[[float], None] | None,
+        on_cgroup: Callable[[int], None] | None,
+    ) -> int:
+        from stockade.runtime import container
+
+        if not state.cgroup_id:
+            raise NotSupported(
+                "the container has no cgroup2 id to record by",
+                where="/sys/fs/cgroup",
+                hint="mount cgroup2 (e.g. at /sys/fs/cgroup/unified)",
+            )
+        self.cgroup_id = state.cgroup_id
+        if on_cgroup:
+            on_cgroup(state.cgroup_id)  # the init waits on its exec fifo, before seccomp
+        container.start(root, state.id)
+        return _wait_init(root, state, timeout, progress)
+
+
+def _run_args(argv: list[str]):  # noqa: ANN202 - an argparse.Namespace
+    """`stockade run`'s options, parsed by its own parser; errors become StockadeError."""
+    import argparse
+
+    from stockade.runtime import run as runmod
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise SpecError(message, where="sandbox options", hint="stockade run's options")
+
+    parser = Parser(prog="stockade profile (runtime sandbox)", add_help=False)
+    runmod.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.bundle:
+        raise SpecError("--bundle is not a recording sandbox", where="sandbox options", hint="use --rootfs")
+    return args
+
+
+def _use_filter(config: dict, seccomp: dict | None) -> None:
+    """The filter under test in place of the profile's; no BPF policy (it would need the agent)."""
+    config["annotations"].pop("io.stockade.bpf-policy", None)
+    config["annotations"]["io.stockade.profile"] = "stockade-profile-record"
+    if seccomp is None:
+        config["linux"].pop("seccomp", None)
+    else:
+        config["linux"]["seccomp"] = seccomp
+
+
+def _parse(config: dict):  # noqa: ANN202 - a runtime Spec
+    from stockade.runtime.spec import parse_spec
+
+    spec = parse_spec(config, where="stockade profile sandbox")
+    spec.raw = config
+    return spec
+
+
+@contextlib.contextmanager
+def _stdio(stdout: int | None, stderr: int | None) -> Iterator[None]:
+    """The container's init inherits our fds 1 and 2 when it is forked: point them at the caller's
+    files for that moment only."""
+    saved, opened = [], []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        for fd, target in ((1, stdout), (2, stderr)):
+            if target is None:
+                continue
+            if target == subprocess.DEVNULL:  # as subprocess.Popen takes it
+                target = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                opened.append(target)
+            saved.append((fd, os.dup(fd)))
+            os.dup2(target, fd)
+        yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        for fd in opened:
+            os.close(fd)
+
+
+def _wait_init(root: str, state: Any, timeout: float | None, progress: Callable[[float], None] | None) -> int:
+    """Wait for the container's init (our child: we are its subreaper); kill everything on timeout."""
+    from stockade.runtime import container
+
+    start = time.monotonic()
+    pidfd = os.pidfd_open(state.pid)
+    try:
+        while True:
+            select.select([pidfd], [], [], 0.25)
+            pid, raw = os.waitpid(state.pid, os.WNOHANG)
+            if pid:
+                return container.exit_code(raw)
+            elapsed = time.monotonic() - start
+            if progress:
+                progress(elapsed)
+            if timeout is not None and elapsed > timeout:
+                container.kill(root, state.id, signal.SIGKILL, all_processes=True)
+                os.waitpid(state.pid, 0)
+                return 124
+    finally:
+        os.close(pidfd)
+
+
+def _reap(pid: int) -> None:
+    """After delete on an error path: collect the init if it is a zombie of ours."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,17 +510,70 @@ def _named(table) -> dict[str, int]:  # noqa: ANN001 - a bcc table
     return dict(sorted(out.items()))
 
 
-def progress_printer(label: str, recorder: Recorder | None = None) -> Callable[[float], None]:
-    """Progress on stderr for runs longer than a second."""
+def progress_printer(
+    label: str, recorder: Callable[[], Recorder | None] | None = None
+) -> Callable[[float], None]:
+    """Progress on stderr for runs longer than a second; `recorder` gives the recorder once loaded."""
 
     def show(elapsed: float) -> None:
         if elapsed < 1.0:
             return
-        extra = f", {len(recorder.counts())} distinct syscalls" if recorder else ""
+        current = recorder() if recorder else None
+        extra = f", {len(current.counts())} distinct syscalls" if current else ""
         sys.stderr.write(f"\r{label}: {elapsed:5.1f} s{extra}   ")
         sys.stderr.flush()
 
     return show
+
+
+class _Armed:
+    """Loads the recorder when the sandbox reports its cgroup (before the command's seccomp())."""
+
+    def __init__(self, **kwargs: object) -> None:
+        self.kwargs = kwargs
+        self.recorder: Recorder | None = None
+
+    def __call__(self, cgroup_id: int) -> None:
+        self.recorder = Recorder(cgroup_id, **self.kwargs)
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def get(self) -> Recorder:
+        if self.recorder is None:
+            raise StockadeError("the sandbox never reported its cgroup: nothing was recorded")
+        return self.recorder
+
+
+def _sandboxed(
+    cmd: list[str],
+    seccomp: dict,
+    sandbox_factory: Callable[[], Sandbox],
+    armed: _Armed,
+    timeout: float | None,
+    show: Callable[[float], None] | None,
+    run_kwargs: dict,
+) -> int:
+    from stockade.runtime.seccomp import compile_program
+
+    program = compile_program(seccomp, where="profile")
+    sandbox = sandbox_factory()
+    try:
+        return sandbox.run(
+            cmd,
+            program=program,
+            flags=list(seccomp.get("flags") or []),
+            timeout=timeout,
+            progress=show,
+            seccomp=seccomp,
+            on_cgroup=armed,
+            **run_kwargs,
+        )
+    finally:
+        close = getattr(sandbox, "close", None)
+        if close:
+            close()
 
 
 def record(
@@ -324,36 +587,21 @@ def record(
     """Run `cmd` in a fresh sandbox and count every syscall from the filter's installation on: the
     sandbox installs RECORD_FILTER (allows everything) where the real filter would go, as its last
     set-up step, and the recorder arms at that seccomp() call."""
-    from stockade.runtime.seccomp import compile_program
-
     if not cmd:
         raise SpecError("nothing to record", where="command", hint="stockade profile record -- CMD...")
     if not shutil.which(cmd[0]):
         raise SpecError(f"command not found: {cmd[0]}", where="command", hint="give an existing program")
     with tracefs():
-        sandbox = sandbox_factory()
+        armed = _Armed()
         try:
-            recorder = Recorder(sandbox.cgroup_id)
-            try:
-                start = time.monotonic()
-                show = progress_printer("recording", recorder) if progress else None
-                code = sandbox.run(
-                    cmd,
-                    program=compile_program(RECORD_FILTER, where="record filter"),
-                    flags=[],
-                    timeout=timeout,
-                    progress=show,
-                    **run_kwargs,
-                )
-                if show and time.monotonic() - start >= 1.0:
-                    sys.stderr.write("\n")
-                return Recording(cmd, code, recorder.counts(), seconds=time.monotonic() - start)
-            finally:
-                recorder.close()
+            start = time.monotonic()
+            show = progress_printer("recording", lambda: armed.recorder) if progress else None
+            code = _sandboxed(cmd, RECORD_FILTER, sandbox_factory, armed, timeout, show, run_kwargs)
+            if show and time.monotonic() - start >= 1.0:
+                sys.stderr.write("\n")
+            return Recording(cmd, code, armed.get().counts(), seconds=time.monotonic() - start)
         finally:
-            close = getattr(sandbox, "close", None)
-            if close:
-                close()
+            armed.close()
 
 
 def record_cgroup(cgroup_id: int, duration: float, progress: bool = False, label: str = "") -> Recording:
@@ -362,7 +610,7 @@ def record_cgroup(cgroup_id: int, duration: float, progress: bool = False, label
         recorder = Recorder(cgroup_id, arm="now")
         try:
             start = time.monotonic()
-            show = progress_printer("recording", recorder) if progress else None
+            show = progress_printer("recording", lambda: recorder) if progress else None
             while (elapsed := time.monotonic() - start) < duration:
                 time.sleep(min(0.25, duration - elapsed))
                 if show:
@@ -391,29 +639,18 @@ def run_under(
     if mode not in ("errno", "log"):
         raise SpecError(f"unknown mode {mode!r}", where="--mode", hint="errno or log")
     config = oci_seccomp if mode == "errno" else _as_log(oci_seccomp)
-    program = compile_program(config, where="profile")
+    compile_program(config, where="profile")  # a bad profile fails before anything is created
     if not cmd or not shutil.which(cmd[0]):
         raise SpecError(f"command not found: {cmd[0] if cmd else '(empty)'}", where="command")
     with tracefs():
-        sandbox = sandbox_factory()
+        armed = _Armed(denials=(mode == "errno"))
         try:
-            recorder = Recorder(sandbox.cgroup_id, denials=(mode == "errno"))
-            try:
-                start = time.monotonic()
-                code = sandbox.run(
-                    cmd,
-                    program=program,
-                    flags=list(oci_seccomp.get("flags") or []),
-                    timeout=timeout,
-                    **run_kwargs,
-                )
-                return Recording(cmd, code, recorder.counts(), recorder.denied(), time.monotonic() - start)
-            finally:
-                recorder.close()
+            start = time.monotonic()
+            code = _sandboxed(cmd, config, sandbox_factory, armed, timeout, None, run_kwargs)
+            recorder = armed.get()
+            return Recording(cmd, code, recorder.counts(), recorder.denied(), time.monotonic() - start)
         finally:
-            close = getattr(sandbox, "close", None)
-            if close:
-                close()
+            armed.close()
 
 
 def _as_log(config: dict) -> dict:

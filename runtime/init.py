@@ -550,6 +550,9 @@ class _Init:
                 pass  # root is not mapped: setup continues with the capabilities the user ns gave us
         namespaces.unshare(namespaces.new_flags(linux.namespaces, exclude=("user",)))
         self._refuse_runtime_namespaces(runtime_ns)
+        netns = linux.namespace("network")
+        if netns is not None and not netns.path:
+            namespaces.loopback_up()
         if linux.time_offsets:
             namespaces.set_time_offsets(linux.time_offsets)
         timens = linux.namespace("time")

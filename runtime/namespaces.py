@@ -128,3 +128,19 @@ def set_time_offsets(offsets: dict[str, tuple[int, int]]) -> None:
         raise StockadeError(
             f"cannot set time namespace offsets: {exc.strerror}", where="linux.timeOffsets"
         ) from None
+
+
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+_IFREQ = "16sH22x"  # struct ifreq: name, then ifr_flags in the union
+
+
+def loopback_up() -> None:
+    """A new network namespace starts with lo down; bring it up, as runc and crun do, so a
+    workload can reach its own services on 127.0.0.1 (and nothing else: no other interface)."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        _, flags = struct.unpack(_IFREQ, fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack(_IFREQ, b"lo", 0)))
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack(_IFREQ, b"lo", flags | IFF_UP))

@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
         raise StockadeError("no command to run", hint="stockade run [OPTIONS] -- CMD [ARGS...]")
     cid = args.name or f"run-{secrets.token_hex(6)}"
     config = build_config(args, command, cid)
-    with _root_filesystem(args) as (bundle, rootfs):
+    with root_filesystem(args) as (bundle, rootfs):
         from . import spec as specmod
 
         if args.bundle:
@@ -319,7 +319,7 @@ def _merge_bundle(bundle: Path, ours: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _root_filesystem(args: argparse.Namespace):  # noqa: ANN202 - yields (bundle, rootfs)
+def root_filesystem(args: argparse.Namespace):  # noqa: ANN202 - yields (bundle, rootfs)
     if args.bundle:
         bundle = Path(args.bundle).resolve()
         config = bundle / "config.json"

@@ -235,3 +235,14 @@ def maps_agent_running() -> bool:
     from stockade.bpf import maps
 
     return maps.agent_running()
+
+
+def test_loopback_is_up_and_the_only_interface() -> None:
+    script = (
+        "import os, socket\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "socket.create_connection(s.getsockname(), timeout=2)\n"
+        "print(' '.join(sorted(os.listdir('/sys/class/net'))), 'loopback-ok')\n"
+    )
+    done = run("--", "python3", "-c", script)
+    assert done.stdout.split() == ["lo", "loopback-ok"], done.stderr
