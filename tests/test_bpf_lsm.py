@@ -5,6 +5,7 @@ STOCKADE_REQUIRE_KERNEL_TESTS=1."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -26,6 +27,10 @@ libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWUTS = 0x20000, 0x10000000, 0x4000000
 PTRACE_ATTACH, PTRACE_DETACH = 16, 17
 SYS_INIT_MODULE, SYS_FINIT_MODULE, SYS_PERF_EVENT_OPEN = 175, 313, 298
+SYS_PIVOT_ROOT, SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 155, 429, 430, 431, 432
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
+FSCONFIG_CMD_CREATE, MOVE_MOUNT_F_EMPTY_PATH, AT_FDCWD = 6, 0x4, -100
+AF_PHONET = 35  # a family built as a module (phonet.ko, alias net-pf-35) that nothing loads by itself
 
 
 def _c(ret: int) -> str:
@@ -70,7 +75,23 @@ def box(agent, request):
     yield path, cgid, install
     maps.remove_policy(cgid, agent.pin_dir)
     assert maps.entries_for(cgid, agent.pin_dir) == {"stk_policies": 0, "stk_net": 0, "stk_files": 0}
-    os.rmdir(path)
+    _remove_cgroup(path)
+
+
+def _remove_cgroup(path: str, seconds: float = 10) -> None:
+    """rmdir once empty: a signalled or ptraced test process may still be exiting (EBUSY)."""
+    with contextlib.suppress(OSError):
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:
+            f.write("1")
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def both(path, ops, netns=False):
@@ -107,6 +128,22 @@ def test_exec_deny_and_writable_mounts(box, tmp_path):
     inside, outside = both(path, ops)
     assert inside == {"denied": "EPERM", "true": "ok"}
     assert outside == {"denied": "ok", "true": "ok"}
+
+
+def test_exec_allow_only(box, tmp_path):
+    path, _, install = box
+    allowed, other = tmp_path / "allowed-true", tmp_path / "other-true"
+    shutil.copy("/bin/true", allowed)
+    shutil.copy("/bin/true", other)
+    install(f"exec:\n  allow_only: [{allowed}]\n")
+    ops = lambda _: {  # noqa: E731
+        "allowed": _py(lambda: subprocess.run([str(allowed)], check=True)),
+        "other": _py(lambda: subprocess.run([str(other)], check=True)),
+        "true": _py(lambda: subprocess.run(["/bin/true"], check=True)),
+    }
+    inside, outside = both(path, ops)
+    assert inside == {"allowed": "ok", "other": "EPERM", "true": "EPERM"}
+    assert outside == {"allowed": "ok", "other": "ok", "true": "ok"}
 
 
 def _join(path: str) -> None:
@@ -160,6 +197,88 @@ def test_no_mounts_after_start(box):
 
     assert in_cgroup(None, ops(path), netns=False)["mount"] == "EPERM"
     assert in_cgroup(None, ops(None), netns=False) == {"mount": "ok", "umount": "ok"}
+
+
+def _private_mount_ns() -> None:
+    """A mount namespace of our own whose mounts do not propagate to the host's."""
+    assert libc.unshare(CLONE_NEWNS) == 0
+    assert libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0
+
+
+def test_move_mount_denied_after_start(box):
+    path, _, install = box
+    install("mount: {after_start: deny}\n")
+
+    def ops(cgroup):
+        def run(_):
+            _private_mount_ns()
+            # a detached tmpfs made before the policy applies: only move_mount(2) is judged
+            fs = libc.syscall(SYS_FSOPEN, b"tmpfs", 0)
+            assert fs >= 0, _c(fs)
+            assert libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0) == 0
+            mnt = libc.syscall(SYS_FSMOUNT, fs, 0, 0)
+            assert mnt >= 0, _c(mnt)
+            if cgroup:
+                _join(cgroup)
+            to_dir = ctypes.c_long(AT_FDCWD)
+            ret = libc.syscall(SYS_MOVE_MOUNT, mnt, b"", to_dir, b"/mnt", MOVE_MOUNT_F_EMPTY_PATH)
+            res = {"move_mount": _c(ret), "mounted": os.path.ismount("/mnt")}
+            os.close(mnt)
+            os.close(fs)
+            return res
+
+        return run
+
+    assert in_cgroup(None, ops(path), netns=False) == {"move_mount": "EPERM", "mounted": False}
+    assert in_cgroup(None, ops(None), netns=False) == {"move_mount": "ok", "mounted": True}
+
+
+def test_umount_denied_after_start(box):
+    path, _, install = box
+    install("mount: {after_start: deny}\n")
+
+    def ops(cgroup):
+        def run(_):
+            _private_mount_ns()
+            assert libc.mount(b"none", b"/mnt", b"tmpfs", 0, None) == 0  # before the policy applies
+            if cgroup:
+                _join(cgroup)
+            return {"umount": _c(libc.umount2(b"/mnt", 0)), "mounted": os.path.ismount("/mnt")}
+
+        return run
+
+    assert in_cgroup(None, ops(path), netns=False) == {"umount": "EPERM", "mounted": True}
+    assert in_cgroup(None, ops(None), netns=False) == {"umount": "ok", "mounted": False}
+
+
+def test_pivot_root_denied_after_start(box):
+    path, _, install = box
+    install("mount: {after_start: deny}\n")
+
+    def ops(cgroup):
+        def run(_):
+            _private_mount_ns()
+            assert libc.mount(b"none", b"/mnt", b"tmpfs", 0, None) == 0  # the new root, made before
+            os.mkdir("/mnt/old")
+            if cgroup:
+                _join(cgroup)
+            pid = os.fork()
+            if pid == 0:
+                # pivot_root moves the root of every process sharing the namespace: use a fresh one
+                code = 255
+                try:
+                    if libc.unshare(CLONE_NEWNS) == 0:
+                        ok = libc.syscall(SYS_PIVOT_ROOT, b"/mnt", b"/mnt/old") == 0
+                        code = 0 if ok else ctypes.get_errno()
+                finally:
+                    os._exit(code)
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            return {"pivot_root": "ok" if code == 0 else errno.errorcode.get(code, str(code))}
+
+        return run
+
+    assert in_cgroup(None, ops(path), netns=False) == {"pivot_root": "EPERM"}
+    assert in_cgroup(None, ops(None), netns=False) == {"pivot_root": "ok"}
 
 
 def test_ptrace_and_signals_stay_in_own_subtree(box):
@@ -225,6 +344,45 @@ def test_kernel_interfaces_denied(box, tmp_path):
     assert inside == {"finit_module": "EPERM", "init_module": "EPERM", "bpf": "EPERM", "perf": "EPERM"}
     assert outside["finit_module"] != "EPERM" and outside["init_module"] != "EPERM"
     assert outside["bpf"] == "ok" and outside["perf"] == "ok"
+
+
+def _module_loaded(name: str) -> bool:
+    return os.path.exists(f"/sys/module/{name}")
+
+
+def test_module_request_denied(agent, box):
+    """socket() of a family no module has registered yet makes the kernel call
+    request_module("net-pf-N") in the caller's context, which asks the kernel_module_request hook.
+    That caller (like nearly every request_module caller) ignores the hook's -EPERM: socket()
+    fails with EAFNOSUPPORT whether modprobe was refused or found nothing. So the denial is
+    asserted by its effects: no module loaded, a "denied" event naming the alias; outside any
+    container the same socket() makes modprobe load phonet and succeeds."""
+    path, cgid, install = box
+    from stockade.bpf import events
+
+    alias = f"net-pf-{AF_PHONET}"
+    moddir = f"/lib/modules/{os.uname().release}"
+    with open(f"{moddir}/modules.alias") as f:
+        require(f"alias {alias} phonet\n" in f.read(), f"the kernel has no phonet module ({moddir})")
+    if _module_loaded("phonet"):
+        subprocess.run(["modprobe", "-r", "phonet"], check=True)
+    install("kernel: {modules: deny}\n")
+    ops = lambda _: {"phonet": op_socket(AF_PHONET, socket.SOCK_DGRAM)}  # noqa: E731
+    events.pump(agent.pin_dir, agent.events_file, once=True)  # drain what earlier tests left
+    start = time.time()
+    try:
+        assert in_cgroup(path, ops, netns=False) == {"phonet": "EAFNOSUPPORT"}
+        assert not _module_loaded("phonet")
+        events.pump(agent.pin_dir, agent.events_file, once=True)
+        lines = [json.loads(x) for x in agent.events_file.read_text().splitlines()]
+        ours = [(e["hook"], e["decision"], e["object"]) for e in lines
+                if e["cgroup_id"] == cgid and e["time"] >= start - 1]
+        assert ours == [("kernel_module_request", "denied", alias)]
+        assert in_cgroup(None, ops, netns=False) == {"phonet": "ok"}
+        assert _module_loaded("phonet")
+    finally:
+        if _module_loaded("phonet"):
+            subprocess.run(["modprobe", "-r", "phonet"], check=True)
 
 
 def test_socket_families_bind_and_connect(box):
