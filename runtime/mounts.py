@@ -110,8 +110,11 @@ def mount_all(mounts: list[Mount], rootfd: int, bundle: str) -> None:
 def _hint(m: Mount, exc: OSError) -> str:
     if exc.errno == errno.EPERM and m.type in ("proc", "sysfs", "mqueue", "cgroup"):
         return f"{m.type} needs the matching namespace (pid/network/ipc/cgroup) owned by the container"
-    if exc.errno == errno.ENOENT and m.type == "bind":
-        return "the bind source must exist on the host (relative sources are relative to the bundle)"
+    if exc.errno in (errno.ENOENT, errno.EACCES) and m.type == "bind":
+        # In a user namespace the source is looked up as the container's mapped root, for whom a
+        # path under a 0700 directory is as good as missing.
+        return ("the bind source must exist on the host (relative sources are relative to the bundle) and, "
+                "with a user namespace, every directory on its path must be searchable by the mapped root")
     return ""
 
 
