@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..errors import NotSupported, StockadeError
 
@@ -163,6 +165,19 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT_TIMEO
             raise StockadeError(f"timed out after {timeout:.0f}s waiting for {what}", where="cgroups")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def signal_while_frozen(cgroup: Any, sig: int) -> None:
+    """Freeze so nothing forks past us, signal every process, thaw so the signals get handled
+    (a frozen cgroup the caller froze itself stays frozen, unless the signal is SIGKILL)."""
+    was_frozen = cgroup.frozen()
+    if not was_frozen:
+        cgroup.freeze()
+    try:
+        signal_all(cgroup.pids(), sig)
+    finally:
+        if not was_frozen or sig == signal.SIGKILL:
+            cgroup.thaw()
 
 
 def signal_all(pids: Iterable[int], sig: int) -> None:

@@ -410,15 +410,7 @@ class Cgroup:
         return self._freezer_state() == "FROZEN"
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Freeze so nothing forks while we signal, signal every process, thaw so signals are handled."""
-        was_frozen = self.frozen()
-        if not was_frozen:
-            self.freeze()
-        try:
-            common.signal_all(self.pids(), sig)
-        finally:
-            if not was_frozen or sig == signal.SIGKILL:
-                self.thaw()
+        common.signal_while_frozen(self, sig)
 
     # -- accounting ---------------------------------------------------------------------------
     def stats(self) -> dict:

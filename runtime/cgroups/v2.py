@@ -343,15 +343,7 @@ class Cgroup:
         if sig == signal.SIGKILL and os.path.exists(self._file("cgroup.kill")):
             common.write(self._file("cgroup.kill"), 1)  # atomic: also catches processes forking right now
             return
-        # per pid, frozen meanwhile so nothing forks past us; thawed so the signals get handled
-        was_frozen = self.frozen()
-        if not was_frozen:
-            self.freeze()
-        try:
-            common.signal_all(self.pids(), sig)
-        finally:
-            if not was_frozen or sig == signal.SIGKILL:
-                self.thaw()
+        common.signal_while_frozen(self, sig)
 
     # -- accounting ---------------------------------------------------------------------------
     def stats(self) -> dict:
