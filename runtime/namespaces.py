@@ -137,10 +137,13 @@ _IFREQ = "16sH22x"  # struct ifreq: name, then ifr_flags in the union
 def loopback_up() -> None:
     """A new network namespace starts with lo down; bring it up, as runc and crun do, so a
     workload can reach its own services on 127.0.0.1 (and nothing else: no other interface)."""
+    import _socket  # the C module: `socket` would cost the container's start ~4 ms of imports
     import fcntl
-    import socket
     import struct
 
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        _, flags = struct.unpack(_IFREQ, fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack(_IFREQ, b"lo", 0)))
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack(_IFREQ, b"lo", flags | IFF_UP))
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        _, flags = struct.unpack(_IFREQ, fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, struct.pack(_IFREQ, b"lo", 0)))
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack(_IFREQ, b"lo", flags | IFF_UP))
+    finally:
+        s.close()

@@ -114,9 +114,7 @@ class StateStore:
         write_atomic(self.dir(state.id) / "state.json", json.dumps(asdict(state), indent=1))
 
     def remove(self, container_id: str) -> None:
-        import shutil  # lazily: it drags in the compression modules, and only delete needs it
-
-        shutil.rmtree(self.dir(container_id), ignore_errors=True)
+        _remove_tree(self.dir(container_id))
         with contextlib.suppress(OSError):
             self.root.rmdir()  # only when empty: leave nothing behind after the last container
 
@@ -124,6 +122,23 @@ class StateStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / "state.json").exists())
+
+
+def _remove_tree(path: Path) -> None:
+    """rm -rf of a state directory (a few flat files and a fifo); shutil would cost every delete
+    its import of the compression modules."""
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            _remove_tree(Path(entry.path))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
