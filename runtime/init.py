@@ -88,6 +88,14 @@ def spawn(launch: Launch) -> int:
     _give_fifo_to_container_root(launch)
     _preload(launch.spec.process, launch.seccomp_program)
     _preload_hooks(launch)
+    pid, to_parent_r, to_child_w = _fork_child(lambda w, r: _Init(launch, w, r).run())
+    return _supervise(pid, to_parent_r, to_child_w, launch=launch)
+
+
+def _fork_child(body: Callable[[int, int], None]) -> tuple[int, int, int]:
+    """Fork with a pipe each way. The child runs body(to_parent_w, to_child_r) and never returns;
+    the parent gets (pid, to_parent_r, to_child_w). As child subreaper, the parent can reap the
+    grandchild that becomes the container's process."""
     sc.set_child_subreaper()
     to_parent_r, to_parent_w = os.pipe()
     to_child_r, to_child_w = os.pipe()
@@ -95,10 +103,10 @@ def spawn(launch: Launch) -> int:
     if pid == 0:
         os.close(to_parent_r)
         os.close(to_child_w)
-        _child_main(lambda: _Init(launch, to_parent_w, to_child_r).run(), to_parent_w)
+        _child_main(lambda: body(to_parent_w, to_child_r), to_parent_w)
     os.close(to_parent_w)
     os.close(to_child_r)
-    return _supervise(pid, to_parent_r, to_child_w, launch=launch)
+    return pid, to_parent_r, to_child_w
 
 
 def _preload(process: Process, seccomp_program: bytes | None) -> None:
@@ -161,14 +169,9 @@ def exec_process(
     except ProcessLookupError:
         raise ContainerError(f"container process {pid} is not running") from None
     _preload(process, seccomp_program)
-    sc.set_child_subreaper()
-    to_parent_r, to_parent_w = os.pipe()
-    to_child_r, to_child_w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        os.close(to_parent_r)
-        os.close(to_child_w)
-        job = _Exec(
+
+    def body(to_parent_w: int, to_child_r: int) -> None:
+        _Exec(
             pid,
             spec,
             process,
@@ -179,10 +182,9 @@ def exec_process(
             preserve_fds,
             to_parent_w,
             to_child_r,
-        )
-        _child_main(job.run, to_parent_w)
-    os.close(to_parent_w)
-    os.close(to_child_r)
+        ).run()
+
+    child, to_parent_r, to_child_w = _fork_child(body)
     worker = _supervise(child, to_parent_r, to_child_w)
     if pid_file is not None:
         _write_pid_file(str(pid_file), worker)

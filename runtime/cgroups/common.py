@@ -188,6 +188,16 @@ def signal_all(pids: Iterable[int], sig: int) -> None:
             pass
 
 
+def refuse_unsupported_block_io(block_io: Any, where: str) -> None:
+    """blockIO fields neither driver implements are refused, whatever the hierarchy."""
+    if unsupported := block_io.unsupported_fields():
+        refuse(
+            f"blockIO {', '.join(unsupported)} not implemented",
+            f"{where}.blockIO",
+            "only blockIO.weight and throttle*Device are enforced; remove the others",
+        )
+
+
 def refuse(what: str, where: str, hint: str = "") -> None:
     raise NotSupported(what, where=where, hint=hint)
 

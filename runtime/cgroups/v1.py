@@ -152,12 +152,7 @@ class Driver:
         if res.pids_limit is not None:
             need("pids", "pids")
         if res.block_io is not None:
-            if unsupported := res.block_io.unsupported_fields():
-                common.refuse(
-                    f"blockIO {', '.join(unsupported)} not implemented",
-                    f"{where}.blockIO",
-                    "only blockIO.weight and throttle*Device are enforced; remove the others",
-                )
+            common.refuse_unsupported_block_io(res.block_io, where)
             if res.block_io.weight is not None or res.block_io.has_throttle():
                 need("blkio", "blockIO")
         hugetlb = "hugetlb" in self.mounts or "hugetlb" in self.unified_controllers()

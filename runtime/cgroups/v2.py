@@ -68,12 +68,7 @@ def needed_controllers(res: Resources | None, where: str = "linux.resources") ->
     if res.pids_limit is not None:
         need.add("pids")
     if res.block_io is not None:
-        if unsupported := res.block_io.unsupported_fields():
-            common.refuse(
-                f"blockIO {', '.join(unsupported)} not implemented",
-                f"{where}.blockIO",
-                "only blockIO.weight and throttle*Device are enforced; remove the others",
-            )
+        common.refuse_unsupported_block_io(res.block_io, where)
         if res.block_io.weight is not None or res.block_io.has_throttle():
             need.add("io")
     if res.hugepage_limits:
