@@ -192,6 +192,18 @@ def test_timeout_kills_qemu_and_leaves_nothing(lab_ready: None) -> None:
 
 
 @pytest.mark.slow
+def test_stalled_boot_is_retried_once_with_the_kernel_log(lab_ready: None) -> None:
+    runs = CACHE / "runs"
+    proc = lab("run", "--boot-timeout", "1", "--", "true", timeout=60)
+    assert proc.returncode == 124, proc.stderr
+    assert proc.stderr.count("retrying with a fresh QEMU") == 1
+    assert "guest boot did not finish within 1s" in proc.stderr
+    assert "lab| [" in proc.stderr  # the kernel's boot messages are in the tail
+    assert not qemu_processes(f"{runs}/{proc.pid}-")
+    assert not list(runs.glob(f"{proc.pid}-*"))
+
+
+@pytest.mark.slow
 def test_killed_lab_takes_qemu_with_it(lab_ready: None) -> None:
     runs = CACHE / "runs"
     proc = subprocess.Popen(
