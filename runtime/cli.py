@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cliargs import formatter, lean_argparse
 from .errors import StockadeError
 
 VERSION = "0.1.0"
@@ -43,12 +44,19 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     from . import run
 
+    lean_argparse()
     p = argparse.ArgumentParser(
-        prog="stockade", description="Stockade: run untrusted code confined by the kernel"
+        prog="stockade",
+        description="Stockade: run untrusted code confined by the kernel",
+        formatter_class=formatter,
     )
     p.add_argument("--version", action="version", version=f"stockade {VERSION}")
     sub = p.add_subparsers(dest="subcommand", metavar="COMMAND")
-    run.add_arguments(sub.add_parser("run", help="run a command in a sandbox (built-in root filesystem)"))
+    run.add_arguments(
+        sub.add_parser(
+            "run", help="run a command in a sandbox (built-in root filesystem)", formatter_class=formatter
+        )
+    )
     for name, (_, _, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
     return p
@@ -66,3 +74,14 @@ def _guard(call) -> int:  # noqa: ANN001 - any zero-argument callable returning 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def entry() -> None:
+    """Console-script entry. `stockade run` skips the interpreter's teardown like stockade-oci;
+    long-lived or bcc-using commands (agent, profile record) keep their atexit cleanup."""
+    code = main()
+    if sys.argv[1:2] == ["run"]:
+        from .cliargs import fast_exit
+
+        fast_exit(code)
+    sys.exit(code)
