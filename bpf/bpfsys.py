@@ -13,6 +13,9 @@ import os
 import struct
 
 _SYS_BPF = 321  # x86_64
+
+# Where the agent pins its maps and programs (bpffs); tests and labs point it elsewhere.
+PIN_DIR = os.environ.get("STOCKADE_BPF_PIN_DIR", "/sys/fs/bpf/stockade")
 _ATTR_SIZE = 128
 
 # commands

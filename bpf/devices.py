@@ -198,10 +198,8 @@ def _log_denial(asm: _Asm, events_fd: int) -> None:
 
 def _events_map(pin_dir: str | None = None) -> int | None:
     """The agent's event ring, when it runs: denials are then logged like every other layer's."""
-    from stockade.bpf import maps
-
-    try:
-        return bpfsys.obj_get(maps.pin_path("stk_events", pin_dir))
+    try:  # not through bpf.maps: its imports (dataclasses, ipaddress) would slow every start
+        return bpfsys.obj_get(os.path.join(pin_dir or bpfsys.PIN_DIR, "stk_events"))
     except OSError:
         return None
 
@@ -230,10 +228,14 @@ def attached_device_programs(cgroup_fd: int) -> list[int]:
     return ours
 
 
-def attach_device_filter(cgroup_unified_path: str, rules: list[dict], pin_dir: str | None = None) -> None:
+def attach_device_filter(
+    cgroup_unified_path: str, rules: list[dict], pin_dir: str | None = None, replace: bool = True
+) -> None:
     """Attach (or replace) the container's device filter on its unified-hierarchy cgroup.
 
     When the agent runs, denials go to its event ring (PIN_DIR: the agent's pin directory).
+    replace=False for a cgroup just created: nothing to look up and detach (the query waits on
+    the cgroup mutex, milliseconds on a busy host).
     """
     events_fd = _events_map(pin_dir)
     try:
@@ -248,7 +250,7 @@ def attach_device_filter(cgroup_unified_path: str, rules: list[dict], pin_dir: s
             os.close(events_fd)
     cgroup_fd = _open_cgroup(cgroup_unified_path)
     try:
-        previous = attached_device_programs(cgroup_fd)
+        previous = attached_device_programs(cgroup_fd) if replace else []
         bpfsys.prog_attach(cgroup_fd, prog_fd, bpfsys.CGROUP_DEVICE, bpfsys.F_ALLOW_MULTI)
         # the new filter is live before the old one goes, so there is no unfiltered moment
         for prog_id in previous:

@@ -433,7 +433,13 @@ def layers(report: Report, v2: list[str]) -> list[Layer]:
             Layer(
                 "cgroup limits",
                 "available",
-                f"v1 driver (cgroupspy): {', '.join(_v1_controllers())}; v2-only limits refused",
+                f"v1 driver (cgroupspy): {', '.join(_v1_controllers())}; v2-only limits refused"
+                + (
+                    "; hybrid: a container joins only the v1 hierarchies its limits need, devices "
+                    "and pause go through its cgroup2 cgroup"
+                    if mode == "hybrid"
+                    else ""
+                ),
             )
         )
     else:

@@ -93,10 +93,11 @@ def remount_bind(path: str, flags: int) -> None:
     sc.mount(None, path, None, sc.MS_BIND | sc.MS_REMOUNT | flags | locked_flags(path, flags))
 
 
-def mount_all(mounts: list[Mount], rootfd: int, bundle: str) -> None:
+def mount_all(mounts: list[Mount], rootfd: int, bundle: str, cgroups: dict[str, str]) -> None:
+    """`cgroups`: hierarchy name -> the container's cgroup directory (see _mount_cgroup)."""
     for i, m in enumerate(mounts):
         try:
-            _mount_one(m, rootfd, bundle)
+            _mount_one(m, rootfd, bundle, cgroups)
         except StockadeError as exc:
             raise StockadeError(exc.what, where=exc.where or f"mounts[{i}]", hint=exc.hint) from None
         except OSError as exc:
@@ -118,7 +119,7 @@ def _hint(m: Mount, exc: OSError) -> str:
     return ""
 
 
-def _mount_one(m: Mount, rootfd: int, bundle: str) -> None:
+def _mount_one(m: Mount, rootfd: int, bundle: str, cgroups: dict[str, str]) -> None:
     if m.type == "bind":
         source = os.path.join(bundle, m.source)
         create = "dir" if os.path.isdir(source) else "file"
@@ -133,7 +134,7 @@ def _mount_one(m: Mount, rootfd: int, bundle: str) -> None:
         if m.type == "bind":
             sc.mount(source, fd_path(fd), None, m.flags & (sc.MS_BIND | sc.MS_REC))
         elif m.type == "cgroup":
-            _mount_cgroup(fd, rootfd, m)
+            _mount_cgroup(fd, rootfd, m, cgroups)
         else:
             sc.mount(source, fd_path(fd), m.type, m.flags, m.data or None)
     finally:
@@ -164,36 +165,47 @@ def _refuse_symlinks(rootfd: int, path: str) -> None:
         raise
 
 
-def _mount_cgroup(fd: int, rootfd: int, m: Mount) -> None:
-    """`cgroup` mount: cgroup2 on a pure v2 host; on v1/hybrid a tmpfs holding each hierarchy.
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-    In a cgroup namespace each hierarchy shows the container's own cgroup as its root.
+
+def _mount_cgroup(fd: int, rootfd: int, m: Mount, cgroups: dict[str, str]) -> None:
+    """`cgroup` mount: the container's own cgroup directories, bound with the mount's flags.
+
+    Never a new cgroup filesystem: without a cgroup namespace that shows the host's whole
+    hierarchy (every other tenant's cgroup), and mounting cgroup2 waits for an RCU grace period.
+    A bind of the container's directory is what a cgroup namespace would show as its root.
+    Pure v2 (`cgroups` == {"": dir}): that directory at the destination. v1/hybrid: a tmpfs with
+    one directory per hierarchy the container is in (memory, pids, ..., unified).
     """
-    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-        sc.mount("cgroup2", fd_path(fd), "cgroup2", m.flags, m.data or None)
+    if "" in cgroups:
+        sc.mount(cgroups[""], fd_path(fd), None, sc.MS_BIND)
+        _remount_fd(open_in_root(rootfd, m.destination), m.flags)
         return
     flags = m.flags & ~sc.MS_RDONLY
     sc.mount("tmpfs", fd_path(fd), "tmpfs", flags, "mode=755")
     top = open_in_root(rootfd, m.destination)  # the new tmpfs, not the directory under it
     try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-        for line in lines:
-            _, controllers, _ = line.split(":", 2)
-            name = controllers.removeprefix("name=") if controllers else "unified"
+        for name, source in sorted(cgroups.items()):
             os.mkdir(name, 0o755, dir_fd=top)
-            sub = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top)
+            sub = os.open(name, _DIR_PATH, dir_fd=top)
             try:
-                if controllers:
-                    sc.mount("cgroup", fd_path(sub), "cgroup", m.flags, controllers)
-                else:
-                    sc.mount("cgroup2", fd_path(sub), "cgroup2", m.flags)
+                sc.mount(source, fd_path(sub), None, sc.MS_BIND)
             finally:
                 os.close(sub)
+            _remount_fd(os.open(name, _DIR_PATH, dir_fd=top), m.flags)
         if m.flags & sc.MS_RDONLY:
             sc.mount(None, fd_path(top), None, sc.MS_REMOUNT | sc.MS_RDONLY | flags, "mode=755")
     finally:
         os.close(top)
+
+
+def _remount_fd(fd: int, flags: int) -> None:
+    """Apply `flags` to the bind mount `fd` was opened on (after the bind: before, it names the
+    directory under the mount), then close fd."""
+    try:
+        remount_bind(fd_path(fd), flags)
+    finally:
+        os.close(fd)
 
 
 def pivot(rootfs: str) -> None:

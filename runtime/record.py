@@ -9,9 +9,11 @@ runtime uses: no frozen, slots, ordering or __post_init__.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
 
-T = TypeVar("T")
+    T = TypeVar("T")
 _MISSING: Any = object()
 
 

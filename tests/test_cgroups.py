@@ -349,9 +349,17 @@ def test_shares_and_weight_conversions():
 def test_v1_devices_enforced(lab):
     driver = _open("v1")
     cg = lab.create(driver, {"devices": [{"allow": False, "access": "rwm"}]})
-    assert cg.devices_enforced
-    listed = _read(os.path.join(cg.dirs["devices"], "devices.list")).splitlines()
-    assert listed == [r.v1_line() for r in DEFAULT_DEVICE_RULES]
+    if driver.unified_root is None:  # pure v1: the devices hierarchy enforces the rules
+        assert cg.devices_enforced
+        listed = _read(os.path.join(cg.dirs["devices"], "devices.list")).splitlines()
+        assert listed == [r.v1_line() for r in DEFAULT_DEVICE_RULES]
+    else:  # hybrid: no devices membership; the rules become the unified cgroup's BPF device program
+        from stockade.bpf.devices import attach_device_filter
+
+        assert not cg.devices_enforced and "devices" not in cg.dirs
+        assert cg.device_rules[0] == DeviceRule(False, "a")
+        assert cg.device_rules[-len(DEFAULT_DEVICE_RULES):] == DEFAULT_DEVICE_RULES
+        attach_device_filter(cg.unified_path(), [r.to_oci() for r in cg.device_rules], replace=False)
     code = """
 import errno
 open('/dev/null', 'w').close()
@@ -508,7 +516,8 @@ def test_unified_id_is_inode(driver, lab):
 
 
 def test_open_existing_and_stats(driver, lab):
-    cg = lab.create(driver)
+    # A memory limit: on a hybrid host that is what puts the container in the v1 memory hierarchy.
+    cg = lab.create(driver, {"memory": {"limit": 512 * MiB}} if driver.name == "v1" else None)
     p = lab.spawn(cg, "x = b'y' * (8 << 20)\nprint('up', flush=True)\nwhile True: pass")
     assert p.stdout.readline().strip() == "up"
     again = driver.open(cg.path)
@@ -519,7 +528,29 @@ def test_open_existing_and_stats(driver, lab):
     _eventually(lambda: again.stats()["cpu_usage_usec"] > 50_000)  # cpu.stat is core in cgroup2 too
     if driver.name == "v1":
         assert stats["memory_current"] > 8 * MiB
-        assert stats["pids_current"] == 1 and stats["memory_limit"] == -1
+        assert stats["pids_current"] == 1 and stats["memory_limit"] == 512 * MiB
+
+
+def test_hybrid_joins_only_the_hierarchies_its_limits_need(lab):
+    """Hybrid host: a limit-free container is in its unified cgroup only (born there: no
+    migration); `update` with a first limit joins that hierarchy with every process."""
+    driver = _open("v1")
+    if driver.unified_root is None:
+        pytest.skip("pure v1 host: every hierarchy is joined")
+    cg = lab.create(driver)
+    assert cg.dirs == {} and not cg.devices_enforced
+    p = lab.spawn(cg, "print('up', flush=True)\nwhile True: pass")
+    assert p.stdout.readline().strip() == "up"
+    cg.freeze()
+    assert cg.frozen()
+    cg.thaw()
+    stats = driver.open(cg.path).stats()
+    assert stats["pids_current"] == 1 and stats["memory_current"] is None
+    cg.update(Resources.from_oci({"pids": {"limit": 7}}))
+    assert set(cg.dirs) == {"pids"}
+    assert _read(os.path.join(cg.dirs["pids"], "cgroup.procs")).split() == [str(p.pid)]
+    assert _read(os.path.join(cg.dirs["pids"], "pids.max")) == "7"
+    assert not cg.frozen()
 
 
 def test_open_missing_refused(driver, lab):

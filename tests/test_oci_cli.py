@@ -313,3 +313,34 @@ def test_fork_bomb_stops_at_pids_limit(root: Path, bundle: Path) -> None:
 
 if os.geteuid() != 0:  # pragma: no cover
     pytest.skip("the runtime needs root", allow_module_level=True)
+
+
+_CGROUP_VIEW = (
+    "ls /sys/fs/cgroup | tr '\\n' ' '; echo; "
+    "cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/pids/pids.max 2>/dev/null; "
+    "{ cat /sys/fs/cgroup/cgroup.procs || cat /sys/fs/cgroup/unified/cgroup.procs; } 2>/dev/null | head -n1; "
+    "mkdir /sys/fs/cgroup/x 2>&1 | grep -c Read-only"
+)
+
+
+@pytest.mark.parametrize(
+    "cgroupns", [True, False, pytest.param(True, marks=pytest.mark.lab, id="lab-cgroup2")]
+)
+def test_cgroup_mount_shows_only_the_container_cgroup(root: Path, bundle: Path, cgroupns: bool) -> None:
+    """The `cgroup` mount is the container's own cgroup, read-only, with or without a cgroup
+    namespace: never the host's hierarchy with every other tenant's cgroup in it."""
+    config = default_config(["sh", "-c", _CGROUP_VIEW])
+    config["linux"]["resources"] = {"pids": {"limit": 64}}
+    config["mounts"].append({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]})
+    if not cgroupns:
+        config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "cgroup"]
+    write_config(bundle, config)
+    done = _oci(root, "run", "--bundle", str(bundle), "cgview")
+    assert done.returncode == 0, done.stderr
+    listing, pids_max, first_pid, read_only = done.stdout.splitlines()
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # cgroup v2: the directory itself
+        assert "cgroup.procs" in listing.split() and "stockade" not in listing
+    else:  # hybrid: the hierarchies the container is in, each its own directory
+        assert listing.split() == ["pids", "unified"]
+    assert (pids_max, first_pid, read_only) == ("64", "1", "1")

@@ -26,11 +26,14 @@ from __future__ import annotations
 import glob
 import os
 import signal
-from typing import Any
 
 from ..errors import ContainerError, SpecError
 from ..resources import UNLIMITED, DeviceRule, Resources, effective_device_rules
 from . import common, v2
+
+TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
+if TYPE_CHECKING:
+    from typing import Any
 
 KNOWN = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer", "hugetlb")
 _UNLIMITED_V1 = 1 << 62  # the kernel prints "unlimited" as PAGE_COUNTER_MAX * PAGE_SIZE (about 2^63)
@@ -81,7 +84,7 @@ class Driver:
 
     def create(self, path: str, resources: Resources | None) -> Cgroup:
         self.check(resources)  # refuse before touching the kernel
-        cg = Cgroup(self, path)
+        cg = Cgroup(self, path, self.members(resources))
         try:
             for mount in cg.mount_points():
                 cg.created += common.makedirs(mount, path)
@@ -95,22 +98,37 @@ class Driver:
             cg.undo_create()
             raise
 
+    def members(self, res: Resources | None) -> set[str]:
+        """The v1 hierarchies a new container joins.
+
+        Pure v1: all of them (devices and freezer are how it is confined and paused). Hybrid: only
+        those whose limits `res` asks for, as systemd does for units. Device control is then the
+        cgroup-device BPF program and pause/kill the cgroup2 core files (cgroup.freeze,
+        cgroup.kill) on the unified cgroup, which the container is born in; each v1 membership is a
+        migration that waits for an RCU grace period (7-25 ms here)."""
+        if self.unified_root is None:
+            return set(self.mounts)
+        return needed_controllers(res) & set(self.mounts)
+
     def open(self, path: str) -> Cgroup:
-        cg = Cgroup(self, path)
-        if not any(os.path.isdir(d) for d in cg.dirs.values()):
+        members = {c for c, m in self.mounts.items() if os.path.isdir(os.path.join(m, path))}
+        cg = Cgroup(self, path, members)
+        unified = self.unified_root is not None and os.path.isdir(os.path.join(self.unified_root, path))
+        if not members and not unified:
             raise ContainerError(
                 f"cgroup {path} does not exist in any v1 hierarchy",
                 where="cgroups",
                 hint="the container was deleted or its cgroup removed by someone else",
             )
-        if self.unified_root is not None and os.path.isdir(os.path.join(self.unified_root, path)):
+        if unified:
             cg.unified = v2.Cgroup(self.unified_root, path)
+            cg.devices_enforced = "devices" in members
         return cg
 
     def check(self, res: Resources | None, where: str = "linux.resources") -> None:
         """NotSupported for every requested resource this host's hierarchies cannot enforce."""
         for controller in ("devices", "freezer"):  # device isolation and pause/kill are never optional
-            if controller not in self.mounts:
+            if controller not in self.mounts and self.unified_root is None:
                 common.refuse(
                     f"the cgroup v1 {controller} controller is not mounted",
                     "cgroups",
@@ -217,18 +235,48 @@ def _inherit_cpuset(mount: str, created: list[str]) -> None:
             common.write(os.path.join(d, name), common.read(os.path.join(os.path.dirname(d), name)))
 
 
-class Cgroup:
-    devices_enforced = True  # devices.deny/allow written by this driver
+def needed_controllers(res: Resources | None) -> set[str]:
+    """The v1 controllers that enforce what `res` asks for."""
+    if res is None:
+        return set()
+    out = set()
+    m, c = res.memory, res.cpu
+    if m is not None and any(v is not None for v in vars(m).values()):
+        out.add("memory")
+    if c is not None:
+        if any(v is not None for k, v in vars(c).items() if k not in ("cpus", "mems")):
+            out.add("cpu")
+        if c.cpus or c.mems:
+            out.add("cpuset")
+    if res.pids_limit is not None:
+        out.add("pids")
+    if res.block_io is not None:
+        out.add("blkio")
+    if res.hugepage_limits:
+        out.add("hugetlb")
+    return out
 
-    def __init__(self, driver: Driver, path: str) -> None:
+
+class Cgroup:
+    def __init__(self, driver: Driver, path: str, members: set[str]) -> None:
         self.driver, self.path = driver, path
-        self.dirs = {c: os.path.join(m, path) for c, m in driver.mounts.items()}
+        self.dirs = {c: os.path.join(m, path) for c, m in driver.mounts.items() if c in members}
+        # devices.deny/allow written by this driver when it joins the devices hierarchy; else the
+        # caller attaches the cgroup-device BPF program to the unified cgroup.
+        self.devices_enforced = "devices" in members
         self.unified: v2.Cgroup | None = None
         self.created: list[str] = []
         self.device_rules: list[DeviceRule] = []
 
     def mount_points(self) -> list[str]:
-        return sorted(set(self.driver.mounts.values()))
+        return sorted({self.driver.mounts[c] for c in self.dirs})
+
+    def hierarchy_dirs(self) -> dict[str, str]:
+        """Hierarchy name (mount point's base name) -> this container's directory in it."""
+        out = {os.path.basename(m): os.path.join(m, self.path) for m in self.mount_points()}
+        if self.unified is not None:
+            out[os.path.basename(self.driver.unified_root or "unified")] = self.unified.unified_path()
+        return out
 
     def _dirs(self) -> list[str]:
         return sorted({os.path.join(m, self.path) for m in self.mount_points()})
@@ -236,7 +284,37 @@ class Cgroup:
     # -- limits -------------------------------------------------------------------------------
     def update(self, resources: Resources) -> None:
         self.driver.check(resources)
+        missing = needed_controllers(resources) & set(self.driver.mounts) - set(self.dirs)
+        if missing:
+            self._join_running(missing)
         self.apply(resources, create=False)
+
+    def _join_running(self, controllers: set[str]) -> None:
+        """A limit first set by `update` (hybrid): make the hierarchy's directory and move every
+        process in, with the unified cgroup frozen so none forks past the move."""
+        for c in sorted(controllers):
+            self.dirs[c] = os.path.join(self.driver.mounts[c], self.path)
+        for mount in sorted({self.driver.mounts[c] for c in controllers}):
+            made = common.makedirs(mount, self.path)
+            if mount == self.driver.mounts.get("cpuset"):
+                _inherit_cpuset(mount, made)
+            self.created += made
+        unified = self.unified
+        if unified is None:
+            return
+        was_frozen = unified.frozen()
+        unified.freeze()
+        try:
+            for pid in unified.pids():
+                for mount in sorted({self.driver.mounts[c] for c in controllers}):
+                    try:
+                        common.write(os.path.join(mount, self.path, "cgroup.procs"), pid)
+                    except ContainerError:
+                        if os.path.exists(f"/proc/{pid}"):
+                            raise
+        finally:
+            if not was_frozen:
+                unified.thaw()
 
     def apply(self, res: Resources, create: bool) -> None:
         if res.memory is not None:
@@ -252,7 +330,11 @@ class Cgroup:
             if res.block_io.weight is not None:
                 self._blkio_weight(res.block_io.weight)
         if create or res.devices:
-            self._devices(effective_device_rules(res.devices))
+            rules = effective_device_rules(res.devices)
+            if self.devices_enforced:
+                self._devices(rules)
+            else:
+                self.device_rules = rules
         self._unified_part(res)
 
     def _generic(self, controller: str) -> Any:
@@ -390,6 +472,8 @@ class Cgroup:
         return common.read(os.path.join(self.dirs["freezer"], "freezer.state"))
 
     def freeze(self) -> None:
+        if "freezer" not in self.dirs:
+            return self._unified_or_refuse().freeze()
         self._write("freezer", "freezer.state", "FROZEN")
         try:
             common.wait_until(lambda: self._freezer_state() == "FROZEN", f"{self.path} to freeze")
@@ -398,13 +482,31 @@ class Cgroup:
             raise
 
     def thaw(self) -> None:
+        if "freezer" not in self.dirs:
+            return self._unified_or_refuse().thaw()
         self._write("freezer", "freezer.state", "THAWED")
         common.wait_until(lambda: self._freezer_state() == "THAWED", f"{self.path} to thaw")
 
     def frozen(self) -> bool:
+        if "freezer" not in self.dirs:
+            return self._unified_or_refuse().frozen()
         return self._freezer_state() == "FROZEN"
 
+    def _exists(self, controller: str) -> bool:
+        """Whether the directory that serves `controller` (the unified one when not joined) exists."""
+        if controller in self.dirs:
+            return os.path.isdir(self.dirs[controller])
+        return self.unified is not None and os.path.isdir(self.unified.unified_path())
+
+    def _unified_or_refuse(self) -> v2.Cgroup:
+        if self.unified is None:
+            common.refuse(f"cgroup {self.path} has no freezer", "cgroups", "mount the v1 freezer controller")
+        assert self.unified is not None
+        return self.unified
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.unified is not None and sig == signal.SIGKILL:
+            return self.unified.kill(sig)  # every container process is in its unified cgroup
         common.signal_while_frozen(self, sig)
 
     # -- accounting ---------------------------------------------------------------------------
@@ -433,9 +535,14 @@ class Cgroup:
             from cgroupspy.controllers import CpuAcctController
 
             out["cpu_usage_usec"] = CpuAcctController(_node(self.dirs["cpuacct"])).usage // 1000
+        elif self.unified is not None:
+            usage = common.read_keyed(os.path.join(self.unified.unified_path(), "cpu.stat"))
+            out["cpu_usage_usec"] = usage.get("usage_usec")
         if "pids" in self.dirs:
             out["pids_current"] = common.read_int_or_max(os.path.join(self.dirs["pids"], "pids.current"))
             out["pids_limit"] = common.read_int_or_max(os.path.join(self.dirs["pids"], "pids.max"))
+        elif self.unified is not None:
+            out["pids_current"] = len(self.unified.pids())
         out["oom_kills"] = self.oom_kills()
         return out
 
@@ -460,7 +567,7 @@ class Cgroup:
 
     # -- teardown -----------------------------------------------------------------------------
     def destroy(self) -> None:
-        if "freezer" in self.dirs and os.path.isdir(self.dirs["freezer"]) and self.frozen():
+        if self._exists("freezer") and self.frozen():
             self.thaw()
         if self.pids():
             self.kill(signal.SIGKILL)

@@ -306,6 +306,10 @@ class Cgroup:
     def procs_files(self) -> list[str]:
         return [self._file("cgroup.procs")]
 
+    def hierarchy_dirs(self) -> dict[str, str]:
+        """"" (the one hierarchy, mounted as is) -> this container's directory."""
+        return {"": self.dir}
+
     def add(self, pid: int) -> None:
         common.write(self._file("cgroup.procs"), pid)
 
