@@ -12,7 +12,6 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from .errors import ContainerError, StockadeError
 from .record import field, record
@@ -20,6 +19,7 @@ from .state import State, StateStore, process_alive, process_start_time, validat
 
 TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
 OCI_VERSION = "1.2.1"
@@ -77,14 +77,14 @@ def create(
 
     opts = opts or CreateOptions()
     validate_id(container_id)
-    bundle = Path(bundle).resolve()
+    bundle = os.path.realpath(bundle)  # plain strings from here on (see state.StateStore)
     store = StateStore(root)
-    if store.dir(container_id).exists():
+    if os.path.exists(store.dir(container_id)):
         raise ContainerError(
             f"container {container_id!r} already exists", hint="delete it first or pick another ID"
         )
     spec = opts.spec or specmod.load_bundle(bundle)
-    rootfs = opts.rootfs or _rootfs_of(spec, bundle)
+    rootfs = os.fspath(opts.rootfs) if opts.rootfs else _rootfs_of(spec, bundle)
     seccomp_program = _compile_seccomp(spec)
     state_dir = store.claim(container_id)
     undo: list[Callable[[], None]] = [lambda: store.remove(container_id)]
@@ -101,10 +101,10 @@ def create(
 
 def _create_in(
     store: StateStore,
-    state_dir: Path,
+    state_dir: str,
     container_id: str,
-    bundle: Path,
-    rootfs: Path,
+    bundle: str,
+    rootfs: str,
     spec: Any,
     seccomp_program: bytes | None,
     opts: CreateOptions,
@@ -126,8 +126,8 @@ def _create_in(
     undo.append(cgroup.destroy)
     state.cgroup_path, state.cgroup_driver, state.cgroup_id = cg_path, driver.name, _unified_id(cgroup)
     _enforce_devices(cgroup)
-    write_atomic(state_dir / "config.json", _spec_json(spec, bundle))
-    fifo = state_dir / "exec.fifo"
+    write_atomic(os.path.join(state_dir, "config.json"), _spec_json(spec, bundle))
+    fifo = os.path.join(state_dir, "exec.fifo")
     os.mkfifo(fifo, 0o600)
 
     def on_created(pid: int) -> None:
@@ -163,7 +163,7 @@ def _create_in(
     _install_bpf(state, spec, opts, undo)
     store.save(state)
     if opts.pid_file:
-        write_atomic(Path(opts.pid_file), str(pid), 0o644)
+        write_atomic(opts.pid_file, str(pid), 0o644)
     return state
 
 
@@ -202,9 +202,8 @@ def _enforce_devices(cgroup: Any) -> None:
     attach_device_filter(cgroup.unified_path(), rules, replace=False)
 
 
-def _rootfs_of(spec: Any, bundle: Path) -> Path:
-    rootfs = Path(spec.root.path)
-    return (rootfs if rootfs.is_absolute() else bundle / rootfs).resolve()
+def _rootfs_of(spec: Any, bundle: str) -> str:
+    return os.path.realpath(os.path.join(bundle, spec.root.path))  # join keeps an absolute path
 
 
 def _resources(spec: Any) -> Any:
@@ -249,15 +248,15 @@ def _in_container_hooks(kind: str, hooks: list, state: State) -> Callable[[], No
     return run
 
 
-def _spec_json(spec: Any, bundle: Path) -> str:
+def _spec_json(spec: Any, bundle: str) -> str:
     """The spec as created; `exec` reads it back, so the bundle may change or vanish later."""
-    config = bundle / "config.json"
     raw = getattr(spec, "raw", None)
     if raw is not None:
         import json
 
         return json.dumps(raw)
-    return config.read_text()
+    with open(os.path.join(bundle, "config.json")) as f:
+        return f.read()
 
 
 def _rollback(undo: list[Callable[[], None]]) -> None:
@@ -280,7 +279,7 @@ def start(root: Path | str, container_id: str) -> State:
                 f"cannot start container {container_id!r} in status {status!r}",
                 hint="only a created container can be started",
             )
-        _release(state, state_dir / "exec.fifo")
+        _release(state, os.path.join(state_dir, "exec.fifo"))
         state.started = True
         store.save(state)
     spec = _load_spec(state_dir)
@@ -291,7 +290,7 @@ def start(root: Path | str, container_id: str) -> State:
     return state
 
 
-def _release(state: State, fifo: Path) -> None:
+def _release(state: State, fifo: str) -> None:
     # Non-blocking open: a dead init must not hang `start`; then wait for its byte.
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -306,7 +305,7 @@ def _release(state: State, fifo: Path) -> None:
                 raise ContainerError(f"container {state.id!r} init did not answer start")
     finally:
         os.close(fd)
-    fifo.unlink()
+    os.unlink(fifo)
 
 
 def status(root: Path | str, container_id: str) -> Status:
@@ -316,10 +315,10 @@ def status(root: Path | str, container_id: str) -> Status:
     return Status(state, _status_of(state, state_dir))
 
 
-def _status_of(state: State, state_dir: Path) -> str:
+def _status_of(state: State, state_dir: str) -> str:
     if not state.pid or not process_alive(state.pid, state.pid_start):
         return "stopped"
-    if (state_dir / "exec.fifo").exists():
+    if os.path.exists(os.path.join(state_dir, "exec.fifo")):
         return "created"
     if cgroup_of(state).frozen():
         return "paused"
@@ -388,15 +387,14 @@ def _kill_and_wait(pid: int, start_time: int) -> None:
         time.sleep(0.002)
 
 
-def _load_spec(state_dir: Path) -> Any:
+def _load_spec(state_dir: str) -> Any:
     from . import spec as specmod
 
     try:
         import json
 
-        return specmod.parse_spec(
-            json.loads((state_dir / "config.json").read_text()), where="state config.json"
-        )
+        with open(os.path.join(state_dir, "config.json")) as f:
+            return specmod.parse_spec(json.load(f), where="state config.json")
     except (OSError, ValueError, StockadeError):
         return None
 

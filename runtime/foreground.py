@@ -11,7 +11,6 @@ import ctypes
 import os
 import signal
 import sys
-from pathlib import Path
 
 from . import container
 from .container import CreateOptions
@@ -38,7 +37,7 @@ def set_child_subreaper() -> None:
 class _Supervisor:
     """Signal handlers: forward to the init; escalate to SIGKILL of the whole cgroup when needed."""
 
-    def __init__(self, root: Path | str, state: container.State) -> None:
+    def __init__(self, root: str | os.PathLike, state: container.State) -> None:
         self.root, self.state = root, state
         self.timed_out = False
         self.terminating = False
@@ -80,9 +79,9 @@ def _report_oom(state: container.State) -> None:
 
 
 def run(
-    root: Path | str,
+    root: str | os.PathLike,
     container_id: str,
-    bundle: Path | str,
+    bundle: str | os.PathLike,
     opts: CreateOptions,
     timeout: float | None = None,
     keep: bool = False,

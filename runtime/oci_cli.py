@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 from .cliargs import fast_exit, formatter, lean_argparse
 from .errors import StockadeError
@@ -217,7 +217,7 @@ def _create_options(args: argparse.Namespace):  # noqa: ANN202 - lazy import kee
     from .container import CreateOptions
 
     return CreateOptions(
-        pid_file=Path(args.pid_file) if args.pid_file else None,
+        pid_file=args.pid_file or None,
         console_socket=args.console_socket,
         no_pivot=args.no_pivot,
         preserve_fds=args.preserve_fds,
@@ -289,7 +289,7 @@ def _exec(args: argparse.Namespace) -> int:
         process,
         console_socket=args.console_socket,
         detach=args.detach,
-        pid_file=Path(args.pid_file) if args.pid_file else None,
+        pid_file=args.pid_file or None,
     )
     return 0 if args.detach else result
 
@@ -301,7 +301,7 @@ def _exec_process(args: argparse.Namespace):  # noqa: ANN202
     if args.process:
         where = args.process
         try:
-            data = json.loads(Path(args.process).read_text())
+            data = json.loads(_read(args.process))
         except OSError as err:
             raise StockadeError(f"cannot read process file: {err.strerror}", where=where) from None
         except json.JSONDecodeError as err:
@@ -312,7 +312,7 @@ def _exec_process(args: argparse.Namespace):  # noqa: ANN202
     if not args.args:
         raise StockadeError("exec needs a command", hint="stockade-oci exec ID CMD [ARGS...] or --process F")
     base = container.status(args.root, args.id)
-    config = json.loads((Path(args.root) / base.state.id / "config.json").read_text())
+    config = json.loads(_read(os.path.join(args.root, base.state.id, "config.json")))
     proc = dict(config.get("process") or {})
     proc["args"] = [a for a in args.args if a != "--"] if args.args[0] == "--" else args.args
     proc["terminal"] = args.tty
@@ -375,7 +375,7 @@ def update_resources(args: argparse.Namespace) -> dict:
 
     resources: dict = {}
     if args.resources:
-        text = sys.stdin.read() if args.resources == "-" else Path(args.resources).read_text()
+        text = sys.stdin.read() if args.resources == "-" else _read(args.resources)
         try:
             resources = json.loads(text)
         except json.JSONDecodeError as err:
@@ -440,3 +440,8 @@ def entry() -> None:
     """Console-script entry: exit without the interpreter's teardown (module and object cleanup
     costs milliseconds on every short-lived command; nothing here needs it once output is out)."""
     fast_exit(main())
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()

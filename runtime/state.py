@@ -13,12 +13,11 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 from .errors import ContainerError
 from .record import asdict, field, record
 
-DEFAULT_ROOT = Path("/run/stockade")
+DEFAULT_ROOT = "/run/stockade"
 MAX_ID_LENGTH = 128
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+")
 
@@ -57,18 +56,19 @@ class State:
 class StateStore:
     """The runtime root: claims, locks, reads and writes per-container state."""
 
-    def __init__(self, root: Path | str = DEFAULT_ROOT) -> None:
-        self.root = Path(root)
+    # Paths are plain strings: pathlib's imports cost every container start ~3 ms.
+    def __init__(self, root: str | os.PathLike = DEFAULT_ROOT) -> None:
+        self.root = os.fspath(root)
 
-    def dir(self, container_id: str) -> Path:
-        return self.root / validate_id(container_id)
+    def dir(self, container_id: str) -> str:
+        return os.path.join(self.root, validate_id(container_id))
 
-    def claim(self, container_id: str) -> Path:
+    def claim(self, container_id: str) -> str:
         """Create the container's directory; fails if the ID is taken."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
         path = self.dir(container_id)
         try:
-            path.mkdir(mode=0o700)
+            os.mkdir(path, 0o700)
         except FileExistsError:
             raise ContainerError(
                 f"container {container_id!r} already exists",
@@ -78,10 +78,10 @@ class StateStore:
         return path
 
     def exists(self, container_id: str) -> bool:
-        return (self.dir(container_id) / "state.json").exists()
+        return os.path.exists(os.path.join(self.dir(container_id), "state.json"))
 
     @contextlib.contextmanager
-    def lock(self, container_id: str) -> Iterator[Path]:
+    def lock(self, container_id: str) -> Iterator[str]:
         """Hold the container's lock (flock on its directory) for one command."""
         path = self.dir(container_id)
         try:
@@ -98,9 +98,9 @@ class StateStore:
             os.close(fd)
 
     def load(self, container_id: str) -> State:
-        path = self.dir(container_id) / "state.json"
         try:
-            data = json.loads(path.read_text())
+            with open(os.path.join(self.dir(container_id), "state.json")) as f:
+                data = json.load(f)
         except FileNotFoundError:
             raise self._unknown(container_id) from None
         return State(**data)
@@ -111,20 +111,21 @@ class StateStore:
         )
 
     def save(self, state: State) -> None:
-        write_atomic(self.dir(state.id) / "state.json", json.dumps(asdict(state), indent=1))
+        write_atomic(os.path.join(self.dir(state.id), "state.json"), json.dumps(asdict(state), indent=1))
 
     def remove(self, container_id: str) -> None:
         _remove_tree(self.dir(container_id))
         with contextlib.suppress(OSError):
-            self.root.rmdir()  # only when empty: leave nothing behind after the last container
+            os.rmdir(self.root)  # only when empty: leave nothing behind after the last container
 
     def ids(self) -> list[str]:
-        if not self.root.is_dir():
+        if not os.path.isdir(self.root):
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / "state.json").exists())
+        names = os.listdir(self.root)
+        return sorted(n for n in names if os.path.exists(os.path.join(self.root, n, "state.json")))
 
 
-def _remove_tree(path: Path) -> None:
+def _remove_tree(path: str) -> None:
     """rm -rf of a state directory (a few flat files and a fifo); shutil would cost every delete
     its import of the compression modules."""
     try:
@@ -133,7 +134,7 @@ def _remove_tree(path: Path) -> None:
         return
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            _remove_tree(Path(entry.path))
+            _remove_tree(entry.path)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
@@ -141,10 +142,11 @@ def _remove_tree(path: Path) -> None:
         os.rmdir(path)
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
+def write_atomic(path: str | os.PathLike, text: str, mode: int = 0o600) -> None:
     """Write via a temporary file and rename, so readers never see half a file. No fsync: the
     state lives on tmpfs (/run) and means nothing after a reboot, while fsync costs a disk flush."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    directory, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.write(fd, text.encode())

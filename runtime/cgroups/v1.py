@@ -23,7 +23,6 @@ unified tree offers hugetlb), else they are refused.
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 
@@ -605,6 +604,8 @@ def _unlimited(v: int | None) -> int | None:
 
 
 def _bfq_in_use() -> bool:
+    import glob  # only for a blockIO weight
+
     for path in glob.glob("/sys/block/*/queue/scheduler"):
         try:
             if "[bfq]" in common.read(path):
