@@ -223,6 +223,8 @@ def _compile_seccomp(spec: Any) -> bytes | None:
 
 def _install_bpf(state: State, spec: Any, opts: CreateOptions, undo: list[Callable[[], None]]) -> None:
     """Put the container's BPF policy into the pinned maps while its init waits on the fifo."""
+    if not spec.annotations or "io.stockade.bpf-policy" not in spec.annotations:
+        return  # no policy named: not even the glue module to import
     from .bpfpolicy import install
 
     if install(state, spec, allow_degraded=opts.allow_degraded):

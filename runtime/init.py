@@ -48,7 +48,7 @@ class Launch:
     bundle: Path
     rootfs: Path
     exec_fifo: Path
-    cgroup_procs: list[str]  # cgroup.procs files the init writes itself into (v1 hierarchies)
+    cgroup_procs: list[str]  # cgroup.procs files (v1 hierarchies) the runtime moves the init into
     seccomp_program: bytes | None
     seccomp_flags: list[str]
     console_socket: str | None = None
@@ -248,6 +248,11 @@ def _supervise(stage1: int, rfd: int, wfd: int, launch: Launch | None = None) ->
                     os.waitpid(stage1, 0)  # stage 1 exits once it has forked the init
                     alive.discard(stage1)
                 _send(wfd, _OK, payload)  # tell the init its host pid (it may only know itself as 1)
+                if launch is not None:
+                    # While the init builds its rootfs: each migration waits for an RCU grace period
+                    # (see syscalls.fork_into_cgroup), and the init has nothing to wait for until
+                    # its HOOKS request, which is read after this.
+                    _move_to_cgroups(init_pid, launch.cgroup_procs)
             elif tag == _HOOKS:
                 if launch is not None and launch.on_created is not None:
                     launch.on_created(init_pid)
@@ -382,6 +387,17 @@ def _stderr(text: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Child side: shared steps
 # ---------------------------------------------------------------------------------------------
+
+
+def _move_to_cgroups(pid: int, files: list[str]) -> None:
+    for path in files:
+        try:
+            with open(path, "w") as f:
+                f.write(str(pid))
+        except OSError as exc:
+            raise StockadeError(
+                f"cannot move the container init into {path}: {exc.strerror}", where="linux.cgroupsPath"
+            ) from None
 
 
 def _join_cgroups(files: list[str]) -> None:
@@ -538,6 +554,7 @@ def _set_apparmor(profile: str) -> None:
 class _Init:
     def __init__(self, launch: Launch, wfd: int, rfd: int) -> None:
         self.launch, self.spec, self.wfd, self.rfd = launch, launch.spec, wfd, rfd
+        self.late_cgroupns = False
 
     def _ask(self, tag: bytes, payload: bytes = b"") -> bytes:
         _send(self.wfd, tag, payload)
@@ -562,8 +579,6 @@ class _Init:
             raise StockadeError(
                 f"cannot open the exec fifo: {exc.strerror}", where=str(launch.exec_fifo)
             ) from None
-        _join_cgroups(launch.cgroup_procs)
-
         runtime_ns = {kind: namespaces.inode("self", kind) for kind in ("uts", "ipc", "network")}
         # Namespaces given by path first (user first), as runc does, so that e.g. a netns owned by
         # the host user namespace can still be joined before we create a new user namespace.
@@ -578,7 +593,12 @@ class _Init:
                 os.setresuid(0, 0, 0)
             except OSError:
                 pass  # root is not mapped: setup continues with the capabilities the user ns gave us
-        namespaces.unshare(namespaces.new_flags(linux.namespaces, exclude=("user",)))
+        # A cgroup namespace is rooted at the cgroups current at unshare: with v1 hierarchies to
+        # join (the runtime moves the init while it builds the rootfs) that waits for HOOKS.
+        cgroupns = linux.namespace("cgroup")
+        self.late_cgroupns = bool(launch.cgroup_procs) and cgroupns is not None and not cgroupns.path
+        exclude = ("user", "cgroup") if self.late_cgroupns else ("user",)
+        namespaces.unshare(namespaces.new_flags(linux.namespaces, exclude=exclude))
         self._refuse_runtime_namespaces(runtime_ns)
         netns = linux.namespace("network")
         if netns is not None and not netns.path:
@@ -633,6 +653,8 @@ class _Init:
         os.close(rootfd)
 
         self._ask(_HOOKS)  # the runtime runs createRuntime/prestart hooks (on_created)
+        if self.late_cgroupns:  # the runtime has moved us into every cgroup by now
+            namespaces.unshare(sc.CLONE_NEWCGROUP)
         if launch.run_create_container_hooks is not None:
             launch.run_create_container_hooks()
         if launch.no_pivot:

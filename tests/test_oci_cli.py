@@ -319,7 +319,8 @@ _CGROUP_VIEW = (
     "ls /sys/fs/cgroup | tr '\\n' ' '; echo; "
     "cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/pids/pids.max 2>/dev/null; "
     "{ cat /sys/fs/cgroup/cgroup.procs || cat /sys/fs/cgroup/unified/cgroup.procs; } 2>/dev/null | head -n1; "
-    "mkdir /sys/fs/cgroup/x 2>&1 | grep -c Read-only"
+    "mkdir /sys/fs/cgroup/x 2>&1 | grep -c Read-only; "
+    "{ grep :pids: /proc/self/cgroup || grep ^0:: /proc/self/cgroup; } | cut -d: -f3"
 )
 
 
@@ -338,9 +339,11 @@ def test_cgroup_mount_shows_only_the_container_cgroup(root: Path, bundle: Path, 
     write_config(bundle, config)
     done = _oci(root, "run", "--bundle", str(bundle), "cgview")
     assert done.returncode == 0, done.stderr
-    listing, pids_max, first_pid, read_only = done.stdout.splitlines()
+    listing, pids_max, first_pid, read_only, own = done.stdout.splitlines()
     if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # cgroup v2: the directory itself
         assert "cgroup.procs" in listing.split() and "stockade" not in listing
     else:  # hybrid: the hierarchies the container is in, each its own directory
         assert listing.split() == ["pids", "unified"]
     assert (pids_max, first_pid, read_only) == ("64", "1", "1")
+    # The pids hierarchy's cgroup (joined by the runtime while the init set up) is the namespace root.
+    assert own == ("/" if cgroupns else "/stockade/cgview")
