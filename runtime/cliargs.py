@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from types import SimpleNamespace
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 
 def lean_argparse() -> None:
@@ -12,12 +16,16 @@ def lean_argparse() -> None:
     for every message and asks shutil for the terminal width when it builds a parser: ~3 ms of
     every container start. Python ships no catalogues for argparse's messages, so plain strings
     are what users see anyway."""
+    import argparse
+
     argparse._ = str  # type: ignore[attr-defined]
     argparse.ngettext = lambda singular, plural, n: singular if n == 1 else plural  # type: ignore[attr-defined]
 
 
 def formatter(prog: str) -> argparse.HelpFormatter:
     """A help formatter with a fixed width: no shutil import (help output is rare, starts are not)."""
+    import argparse
+
     return argparse.HelpFormatter(prog, width=min(int(os.environ.get("COLUMNS", "100") or 100), 120))
 
 
@@ -27,3 +35,90 @@ def fast_exit(code: int) -> None:
         sys.stderr.flush()
     finally:
         os._exit(code)
+
+
+# An option for `parse_simple`: (flags, dest, kind, default); kind is "bool" (store_true), "str",
+# "int", or a tuple of allowed strings. A positional is a dest, or "dest?default" when optional.
+Option = tuple[tuple[str, ...], str, "str | tuple[str, ...]", object]
+
+
+def add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...], helps: dict[str, str]) -> None:
+    """The argparse form of `options` (the reference grammar: help, usage and every error)."""
+    for flags, dest, kind, default in options:
+        extra: dict = {"dest": dest, "default": default, "help": helps.get(dest)}
+        if kind == "bool":
+            extra["action"] = "store_true"
+        elif kind == "int":
+            extra["type"] = int
+        elif isinstance(kind, tuple):
+            extra["choices"] = kind
+        parser.add_argument(*flags, **extra)
+
+
+def parse_simple(
+    argv: list[str],
+    global_options: tuple[Option, ...],
+    commands: dict[str, tuple[tuple[Option, ...], tuple[str, ...]]],
+) -> SimpleNamespace | None:
+    """Parse `[global options] COMMAND [options and positionals]` without argparse (~3 ms of every
+    container start with its re and gettext imports), or None for anything but the plain forms
+    (help, version, unknown or abbreviated flags, '--', a missing value): argparse then parses
+    argv and says what is wrong. Agreement with argparse is tested on the commands' grammar."""
+    values = {dest: default for _, dest, _, default in global_options}
+    i = _options(argv, 0, global_options, values)
+    if i is None or i >= len(argv) or argv[i] not in commands:
+        return None
+    options, positionals = commands[argv[i]]
+    values["command"] = argv[i]
+    values.update({dest: default for _, dest, _, default in options})
+    rest: list[str] = []
+    i += 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-") and arg != "-":
+            i = _options(argv, i, options, values)
+            if i is None:
+                return None
+        else:
+            rest.append(arg)
+            i += 1
+    for name in positionals:
+        dest, optional, default = name.partition("?")
+        if rest:
+            values[dest] = rest.pop(0)
+        elif optional:
+            values[dest] = default
+        else:
+            return None
+    return None if rest else SimpleNamespace(**values)
+
+
+def _options(argv: list[str], i: int, options: tuple[Option, ...], values: dict) -> int | None:
+    """Consume options from argv[i:] into values; the index of the first non-option, or None."""
+    by_flag = {flag: (dest, kind) for flags, dest, kind, _ in options for flag in flags}
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":
+        flag, eq, inline = argv[i].partition("=")
+        if flag not in by_flag or flag == "--" or (eq and not flag.startswith("--")):
+            return None
+        dest, kind = by_flag[flag]
+        if kind == "bool":
+            if eq:
+                return None
+            values[dest] = True
+            i += 1
+            continue
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            value, i = argv[i + 1], i + 2
+        else:
+            return None
+        if kind == "int":
+            if not value.isdigit():
+                return None
+            values[dest] = int(value)
+        elif isinstance(kind, tuple) and value not in kind:
+            return None
+        else:
+            values[dest] = value
+    return i

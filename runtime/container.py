@@ -6,19 +6,18 @@ lock, and either completes or leaves nothing behind (no cgroup, state directory 
 
 from __future__ import annotations
 
-import contextlib
+import _signal as signal  # the C module: `signal` imports enum (~3 ms of every start)
 import os
 import select
-import signal
 import time
-from collections.abc import Callable
 
-from .errors import ContainerError, StockadeError
+from .errors import ContainerError, StockadeError, suppress
 from .record import field, record
 from .state import State, StateStore, process_alive, process_start_time, validate_id, write_atomic
 
 TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
     from typing import Any
 
@@ -254,16 +253,16 @@ def _spec_json(spec: Any, bundle: str) -> str:
     """The spec as created; `exec` reads it back, so the bundle may change or vanish later."""
     raw = getattr(spec, "raw", None)
     if raw is not None:
-        import json
+        from . import jsonlite
 
-        return json.dumps(raw)
+        return jsonlite.dumps(raw)
     with open(os.path.join(bundle, "config.json")) as f:
         return f.read()
 
 
 def _rollback(undo: list[Callable[[], None]]) -> None:
     for step in reversed(undo):
-        with contextlib.suppress(Exception):
+        with suppress(Exception):
             step()
 
 
@@ -379,11 +378,11 @@ def _teardown(state: State) -> None:
 def _kill_and_wait(pid: int, start_time: int) -> None:
     if not process_alive(pid, start_time):
         return
-    with contextlib.suppress(ProcessLookupError):
+    with suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + KILL_WAIT_SECONDS
     while process_alive(pid, start_time) and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
+        with suppress(ChildProcessError):
             if os.waitpid(pid, os.WNOHANG)[0]:
                 return
         time.sleep(0.002)
@@ -393,10 +392,10 @@ def _load_spec(state_dir: str) -> Any:
     from . import spec as specmod
 
     try:
-        import json
+        from . import jsonlite
 
         with open(os.path.join(state_dir, "config.json")) as f:
-            return specmod.parse_spec(json.load(f), where="state config.json")
+            return specmod.parse_spec(jsonlite.loads(f.read()), where="state config.json")
     except (OSError, ValueError, StockadeError):
         return None
 
@@ -482,7 +481,7 @@ def list_containers(root: Path | str) -> list[Status]:
     store = StateStore(root)
     out = []
     for cid in store.ids():
-        with contextlib.suppress(ContainerError, OSError, ValueError):
+        with suppress(ContainerError, OSError, ValueError):
             out.append(status(root, cid))
     return out
 

@@ -22,7 +22,6 @@ before it waits (a container process must not reach /proc/<init>/exe).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from . import capabilities, devices, mounts, namespaces, rlimits
 from . import syscalls as sc
@@ -33,6 +32,7 @@ from .spec import Process, Spec, sysctl_namespace, sysctl_path
 
 TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -144,7 +144,7 @@ def _preload(process: Process, seccomp_program: bytes | None) -> None:
         from . import console  # noqa: F401
     if seccomp_program is not None:
         from . import seccomp  # noqa: F401
-    import json  # noqa: F401 - error reports
+    from . import jsonlite  # noqa: F401 - error reports
 
 
 def _preload_hooks(launch: Launch) -> None:
@@ -327,7 +327,7 @@ def _recv(fd: int) -> tuple[bytes, bytes]:
 
 
 def _encode_error(exc: BaseException) -> bytes:
-    import json
+    from . import jsonlite
 
     if isinstance(exc, StockadeError):
         d = {"type": type(exc).__name__, "what": exc.what, "where": exc.where, "hint": exc.hint}
@@ -340,13 +340,13 @@ def _encode_error(exc: BaseException) -> bytes:
             "what": f"internal error: {type(exc).__name__}: {exc}",
             "where": "container init",
         }
-    return json.dumps(d).encode()
+    return jsonlite.dumps(d).encode()
 
 
 def _decode_error(payload: bytes) -> StockadeError:
-    import json
+    from . import jsonlite
 
-    d = json.loads(payload)
+    d = jsonlite.loads(payload)
     cls = {"SpecError": SpecError, "NotSupported": NotSupported, "ContainerError": ContainerError}.get(
         d.get("type"), StockadeError
     )

@@ -6,37 +6,76 @@ drive runc. Thin: parse arguments, call stockade.runtime.container, print, set t
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import signal
 import sys
 import time
 
-from .cliargs import fast_exit, formatter, lean_argparse
+from .cliargs import Option, add_options, fast_exit, formatter, lean_argparse, parse_simple
 from .errors import StockadeError
 from .state import DEFAULT_ROOT
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
+
 VERSION = "0.1.0"
+
+# The grammar of the global options and the lifecycle commands as data: argparse is built from it
+# (help, usage, errors), and cliargs.parse_simple parses the plain forms engines send on every
+# container start without importing argparse.
+GLOBAL_OPTIONS: tuple[Option, ...] = (
+    (("--root",), "root", "str", DEFAULT_ROOT),
+    (("--log",), "log", "str", None),
+    (("--log-format",), "log_format", ("text", "json"), "text"),
+    (("--debug",), "debug", "bool", False),
+    (("--systemd-cgroup",), "systemd_cgroup", "bool", False),
+    (("--rootless",), "rootless", "str", "auto"),
+)
+CREATE_OPTIONS: tuple[Option, ...] = (
+    (("-b", "--bundle"), "bundle", "str", "."),
+    (("--pid-file",), "pid_file", "str", None),
+    (("--console-socket",), "console_socket", "str", None),
+    (("--no-pivot",), "no_pivot", "bool", False),
+    (("--no-new-keyring",), "no_new_keyring", "bool", False),
+    (("--preserve-fds",), "preserve_fds", "int", 0),
+    (("--allow-degraded",), "allow_degraded", "bool", False),
+)
+RUN_OPTIONS = CREATE_OPTIONS + (
+    (("-d", "--detach"), "detach", "bool", False),
+    (("--keep",), "keep", "bool", False),
+)
+LIFECYCLE: dict[str, tuple[tuple[Option, ...], tuple[str, ...]]] = {
+    "create": (CREATE_OPTIONS, ("id",)),
+    "run": (RUN_OPTIONS, ("id",)),
+    "start": ((), ("id",)),
+    "state": ((), ("id",)),
+    "kill": (((("-a", "--all"), "all", "bool", False),), ("id", "signal?SIGTERM")),
+    "delete": (((("-f", "--force"), "force", "bool", False),), ("id",)),
+    "pause": ((), ("id",)),
+    "resume": ((), ("id",)),
+}
+HELP = {
+    "root": "state directory (default %(default)s)",
+    "log": "append errors and debug messages to this file",
+    "systemd_cgroup": "refused: Stockade manages cgroupfs directly",
+    "rootless": "accepted for runc compatibility; only 'false'/'auto' work",
+    "no_new_keyring": "accepted: Stockade never joins a new keyring",
+    "allow_degraded": "run even if a BPF layer the policy needs cannot be enforced (reported in state)",
+    "keep": "do not delete the container when it exits",
+}
 
 
 def _parser(only: str | None = None) -> argparse.ArgumentParser:
+    import argparse
+
     lean_argparse()
     p = argparse.ArgumentParser(
         prog="stockade-oci",
         description="Stockade OCI runtime (runc-compatible CLI)",
         formatter_class=formatter,
     )
-    p.add_argument("--root", default=str(DEFAULT_ROOT), help="state directory (default %(default)s)")
-    p.add_argument("--log", help="append errors and debug messages to this file")
-    p.add_argument("--log-format", choices=("text", "json"), default="text")
-    p.add_argument("--debug", action="store_true")
-    p.add_argument(
-        "--systemd-cgroup", action="store_true", help="refused: Stockade manages cgroupfs directly"
-    )
-    p.add_argument(
-        "--rootless", default="auto", help="accepted for runc compatibility; only 'false'/'auto' work"
-    )
+    add_options(p, GLOBAL_OPTIONS, HELP)
     p.add_argument("-v", "--version", action="version", version=f"stockade-oci {VERSION}\nspec: 1.2.0")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (text, flags) in SUBCOMMANDS.items():
@@ -50,25 +89,15 @@ def _no_flags(p: argparse.ArgumentParser) -> None:
     pass
 
 
-def _id_only(p: argparse.ArgumentParser) -> None:
-    p.add_argument("id")
+def _lifecycle(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    def flags(p: argparse.ArgumentParser) -> None:
+        options, positionals = LIFECYCLE[name]
+        add_options(p, options, HELP)
+        for positional in positionals:
+            dest, optional, default = positional.partition("?")
+            p.add_argument(dest, nargs="?" if optional else None, default=default if optional else None)
 
-
-def _run_flags(r: argparse.ArgumentParser) -> None:
-    _create_flags(r)
-    r.add_argument("-d", "--detach", action="store_true")
-    r.add_argument("--keep", action="store_true", help="do not delete the container when it exits")
-
-
-def _kill_flags(k: argparse.ArgumentParser) -> None:
-    k.add_argument("-a", "--all", action="store_true")
-    k.add_argument("id")
-    k.add_argument("signal", nargs="?", default="SIGTERM")
-
-
-def _delete_flags(d: argparse.ArgumentParser) -> None:
-    d.add_argument("-f", "--force", action="store_true")
-    d.add_argument("id")
+    return flags
 
 
 def _format_flag(p: argparse.ArgumentParser) -> None:
@@ -99,23 +128,6 @@ def _command_in(argv: list[str]) -> str | None:
     return None
 
 
-def _create_flags(c: argparse.ArgumentParser) -> None:
-    c.add_argument("-b", "--bundle", default=".")
-    c.add_argument("--pid-file")
-    c.add_argument("--console-socket")
-    c.add_argument("--no-pivot", action="store_true")
-    c.add_argument(
-        "--no-new-keyring", action="store_true", help="accepted: Stockade never joins a new keyring"
-    )
-    c.add_argument("--preserve-fds", type=int, default=0)
-    c.add_argument(
-        "--allow-degraded",
-        action="store_true",
-        help="run even if a BPF layer the policy needs cannot be enforced (reported in state)",
-    )
-    c.add_argument("id")
-
-
 def _exec_flags(e: argparse.ArgumentParser) -> None:
     e.add_argument("-p", "--process", help="process.json with the OCI process to run")
     e.add_argument("-d", "--detach", action="store_true")
@@ -129,7 +141,7 @@ def _exec_flags(e: argparse.ArgumentParser) -> None:
     e.add_argument("--no-new-privs", action="store_true")
     e.add_argument("--preserve-fds", type=int, default=0)
     e.add_argument("id")
-    e.add_argument("args", nargs=argparse.REMAINDER)
+    e.add_argument("args", nargs="...")  # argparse.REMAINDER
 
 
 UPDATE_FLAGS = {
@@ -155,17 +167,17 @@ def _update_flags(u: argparse.ArgumentParser) -> None:
 
 
 SUBCOMMANDS = {
-    "create": ("create a container, leaving its process waiting for start", _create_flags),
-    "run": ("create and start a container", _run_flags),
-    "start": ("start a created container", _id_only),
-    "state": ("print the OCI state JSON", _id_only),
-    "kill": ("send a signal to the container's init (or all processes)", _kill_flags),
-    "delete": ("remove a container and everything it holds", _delete_flags),
+    "create": ("create a container, leaving its process waiting for start", _lifecycle("create")),
+    "run": ("create and start a container", _lifecycle("run")),
+    "start": ("start a created container", _lifecycle("start")),
+    "state": ("print the OCI state JSON", _lifecycle("state")),
+    "kill": ("send a signal to the container's init (or all processes)", _lifecycle("kill")),
+    "delete": ("remove a container and everything it holds", _lifecycle("delete")),
     "exec": ("run a process in a running container", _exec_flags),
     "ps": ("processes in the container", _ps_flags),
     "list": ("containers under --root", _list_flags),
-    "pause": ("freeze all processes", _id_only),
-    "resume": ("thaw all processes", _id_only),
+    "pause": ("freeze all processes", _lifecycle("pause")),
+    "resume": ("thaw all processes", _lifecycle("resume")),
     "update": ("change a container's resource limits", _update_flags),
     "features": ("print the OCI features JSON", _no_flags),
 }
@@ -173,7 +185,7 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser(_command_in(argv)).parse_args(argv)
+    args = parse_simple(argv, GLOBAL_OPTIONS, LIFECYCLE) or _parser(_command_in(argv)).parse_args(argv)
     try:
         if args.systemd_cgroup:
             raise StockadeError(
@@ -190,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _log_error(args: argparse.Namespace, message: str) -> None:
+    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+
     print(f"stockade-oci: {message}", file=sys.stderr)
     if not args.log:
         return
@@ -245,6 +259,8 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _state(args: argparse.Namespace) -> int:
+    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+
     from . import container
 
     print(json.dumps(container.status(args.root, args.id).oci(), indent=2))
@@ -257,6 +273,8 @@ def parse_signal(text: str) -> int:
         return int(name)
     if not name.startswith("SIG"):
         name = "SIG" + name
+    import signal  # names need the enum; not on the start path
+
     try:
         return int(signal.Signals[name])
     except KeyError:
@@ -296,6 +314,8 @@ def _exec(args: argparse.Namespace) -> int:
 
 def _exec_process(args: argparse.Namespace):  # noqa: ANN202
     """The OCI process to exec: from --process, or built from the arguments like runc does."""
+    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+
     from . import container, spec
 
     if args.process:
@@ -329,6 +349,8 @@ def _exec_process(args: argparse.Namespace):  # noqa: ANN202
 
 
 def _ps(args: argparse.Namespace) -> int:
+    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+
     from . import container
 
     pids = container.processes(args.root, args.id)
@@ -343,6 +365,8 @@ def _ps(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+
     from . import container
 
     items = container.list_containers(args.root)
@@ -371,6 +395,8 @@ def _update(args: argparse.Namespace) -> int:
 
 def update_resources(args: argparse.Namespace) -> dict:
     """linux.resources from --resources and/or the runc-style flags."""
+    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+
     from .resources import parse_size
 
     resources: dict = {}
@@ -410,6 +436,8 @@ def _pause(args: argparse.Namespace, freeze: bool) -> int:
 
 
 def _features(args: argparse.Namespace) -> int:
+    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+
     from .features import features
 
     print(json.dumps(features(), indent=2))

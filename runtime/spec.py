@@ -8,9 +8,9 @@ This module is on the container start path: it imports json, os and the lean run
 
 from __future__ import annotations
 
-import json
 import os
 
+from . import jsonlite
 from .errors import SpecError
 from .record import field, record
 
@@ -352,9 +352,10 @@ def load_bundle(bundle: str | Path) -> Spec:
     except OSError as exc:
         raise SpecError(f"cannot read: {exc.strerror}", where=path) from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"invalid JSON: {exc.msg}", where=f"config.json:{exc.lineno}:{exc.colno}") from None
+        data = jsonlite.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError
+        msg, line, col = getattr(exc, "msg", str(exc)), getattr(exc, "lineno", 0), getattr(exc, "colno", 0)
+        raise SpecError(f"invalid JSON: {msg}", where=f"config.json:{line}:{col}") from None
     _check_username(data, bundle)
     spec = parse_spec(data, "config.json")
     rootfs = spec.rootfs(bundle)

@@ -8,13 +8,11 @@ Creating the directory with mkdir is what claims an ID: a duplicate fails atomic
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import json
 import os
-from collections.abc import Iterator
 
-from .errors import ContainerError
+from . import jsonlite
+from .errors import ContainerError, suppress
 from .record import asdict, field, record
 
 DEFAULT_ROOT = "/run/stockade"
@@ -80,27 +78,20 @@ class StateStore:
     def exists(self, container_id: str) -> bool:
         return os.path.exists(os.path.join(self.dir(container_id), "state.json"))
 
-    @contextlib.contextmanager
-    def lock(self, container_id: str) -> Iterator[str]:
-        """Hold the container's lock (flock on its directory) for one command."""
+    def lock(self, container_id: str) -> _Lock:
+        """Hold the container's lock (flock on its directory) for one command: `with store.lock(id)
+        as state_dir:`."""
         path = self.dir(container_id)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise self._unknown(container_id) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield path
-        finally:
-            # Unlock explicitly: a process forked meanwhile (the container init) shares this open
-            # file description, and closing our fd alone would leave the lock held by it.
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        return _Lock(fd, path)
 
     def load(self, container_id: str) -> State:
         try:
             with open(os.path.join(self.dir(container_id), "state.json")) as f:
-                data = json.load(f)
+                data = jsonlite.loads(f.read())
         except FileNotFoundError:
             raise self._unknown(container_id) from None
         return State(**data)
@@ -111,11 +102,11 @@ class StateStore:
         )
 
     def save(self, state: State) -> None:
-        write_atomic(os.path.join(self.dir(state.id), "state.json"), json.dumps(asdict(state), indent=1))
+        write_atomic(os.path.join(self.dir(state.id), "state.json"), jsonlite.dumps(asdict(state)))
 
     def remove(self, container_id: str) -> None:
         _remove_tree(self.dir(container_id))
-        with contextlib.suppress(OSError):
+        with suppress(OSError):
             os.rmdir(self.root)  # only when empty: leave nothing behind after the last container
 
     def ids(self) -> list[str]:
@@ -123,6 +114,25 @@ class StateStore:
             return []
         names = os.listdir(self.root)
         return sorted(n for n in names if os.path.exists(os.path.join(self.root, n, "state.json")))
+
+
+class _Lock:
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path = fd, path
+
+    def __enter__(self) -> str:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        # Unlock explicitly: a process forked meanwhile (the container init) shares this open
+        # file description, and closing our fd alone would leave the lock held by it.
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 def _remove_tree(path: str) -> None:
@@ -136,9 +146,9 @@ def _remove_tree(path: str) -> None:
         if entry.is_dir(follow_symlinks=False):
             _remove_tree(entry.path)
         else:
-            with contextlib.suppress(FileNotFoundError):
+            with suppress(FileNotFoundError):
                 os.unlink(entry.path)
-    with contextlib.suppress(FileNotFoundError):
+    with suppress(FileNotFoundError):
         os.rmdir(path)
 
 

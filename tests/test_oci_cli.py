@@ -347,3 +347,52 @@ def test_cgroup_mount_shows_only_the_container_cgroup(root: Path, bundle: Path, 
     assert (pids_max, first_pid, read_only) == ("64", "1", "1")
     # The pids hierarchy's cgroup (joined by the runtime while the init set up) is the namespace root.
     assert own == ("/" if cgroupns else "/stockade/cgview")
+
+
+_ARGV_CORPUS = [
+    ["run", "--bundle", "/b", "c1"],
+    ["--root", "/r", "run", "-b", "/b", "-d", "c1"],
+    ["--root=/r", "--log", "/l", "--log-format", "json", "create", "--bundle=/b", "--pid-file", "/p", "c1"],
+    ["--debug", "--systemd-cgroup", "create", "c1", "--console-socket", "/s", "--no-pivot"],
+    ["create", "--preserve-fds", "3", "c1"],
+    ["--rootless", "false", "create", "--no-new-keyring", "--allow-degraded", "c1"],
+    ["run", "--keep", "--detach", "c1"],
+    ["start", "c1"],
+    ["state", "c1"],
+    ["kill", "c1"],
+    ["kill", "-a", "c1", "KILL"],
+    ["kill", "c1", "9"],
+    ["delete", "-f", "c1"],
+    ["delete", "c1", "--force"],
+    ["pause", "c1"],
+    ["resume", "c1"],
+    ["--log-format", "text", "run", "-b", "", "c1"],
+]
+
+
+@pytest.mark.parametrize("argv", _ARGV_CORPUS, ids=" ".join)
+def test_fast_argument_parsing_agrees_with_argparse(argv: list[str]) -> None:
+    """Plain lifecycle invocations skip argparse; they must parse exactly as argparse does."""
+    from stockade.runtime import oci_cli
+    from stockade.runtime.cliargs import parse_simple
+
+    fast = parse_simple(argv, oci_cli.GLOBAL_OPTIONS, oci_cli.LIFECYCLE)
+    assert fast is not None
+    assert vars(fast) == vars(oci_cli._parser(oci_cli._command_in(argv)).parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run"], ["--help"], ["-v"], ["run", "--bundl", "/b", "c1"], ["run", "--bundle"],
+        ["run", "-b/b", "c1"], ["run", "--", "c1"], ["kill", "c1", "-9"], ["run", "c1", "c2"],
+        ["create", "--preserve-fds", "x", "c1"], ["--log-format", "xml", "run", "c1"],
+        ["run", "--root", "/r", "c1"], ["exec", "c1", "sh"], ["list"],
+    ],
+    ids=" ".join,
+)
+def test_unusual_arguments_go_to_argparse(argv: list[str]) -> None:
+    from stockade.runtime import oci_cli
+    from stockade.runtime.cliargs import parse_simple
+
+    assert parse_simple(argv, oci_cli.GLOBAL_OPTIONS, oci_cli.LIFECYCLE) is None
