@@ -165,6 +165,11 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+def socket(family: int, kind: int, protocol: int = 0) -> int:
+    """A socket fd (for ioctls) without the socket modules' imports."""
+    return _check(_libc.socket(family, kind | os.O_CLOEXEC, protocol), "socket")
+
+
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
     """openat2(2): `resolve=RESOLVE_IN_ROOT` makes `path` (even "..", symlinks) stay under dirfd."""
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
