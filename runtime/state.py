@@ -49,6 +49,9 @@ class State:
     bpf_policy: str = ""  # name of the installed BPF policy, "" when none
     degraded: list[str] = field(default_factory=list)  # layers run without, by explicit opt-in
     started: bool = False
+    # Lifecycle hooks in the spec that run after create ("poststart", "poststop"); None in states
+    # written before this field: then the saved config is read to find out.
+    later_hooks: list[str] | None = None
 
 
 class StateStore:
