@@ -396,3 +396,27 @@ def test_unusual_arguments_go_to_argparse(argv: list[str]) -> None:
     from stockade.runtime.cliargs import parse_simple
 
     assert parse_simple(argv, oci_cli.GLOBAL_OPTIONS, oci_cli.LIFECYCLE) is None
+
+
+# Modules whose import would put milliseconds back on every container start (see ARCHITECTURE.md,
+# "The start path"): each is kept off the path of a plain `stockade-oci run`.
+_SLOW_MODULES = {
+    "re", "enum", "argparse", "json", "typing", "pathlib", "contextlib", "collections", "dataclasses",
+    "subprocess", "shutil", "logging", "socket", "_socket", "cgroupspy", "bcc", "seccomp", "yaml",
+}
+
+
+def test_start_path_imports_stay_lean(root: Path, bundle: Path) -> None:
+    with tempfile.TemporaryFile() as err:
+        done = subprocess.run(
+            [OCI, "--root", str(root), "run", "--bundle", str(bundle), "lean"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, timeout=30,
+            env=dict(os.environ, PYTHONPROFILEIMPORTTIME="1"),
+        )
+        err.seek(0)
+        log = err.read().decode()
+    assert done.returncode == 0, log[-2000:]
+    lines = [line for line in log.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines}
+    assert "stockade.runtime.container" in imported  # the log is the real one
+    assert imported & _SLOW_MODULES == set()
