@@ -129,11 +129,15 @@ def _fork_into(cgroup_dir: str | None) -> tuple[int, list[str]]:
             f"cannot open cgroup {cgroup_dir}: {exc.strerror}", where="linux.cgroupsPath"
         ) from None
     try:
-        return sc.fork_into_cgroup(fd), []
+        # A raw clone3 skips glibc's fork handling, which a process with other threads (the CRI
+        # daemon serving gRPC) needs: malloc locks held by them would stay locked in the child.
+        if len(os.listdir("/proc/self/task")) == 1:
+            return sc.fork_into_cgroup(fd), []
     except OSError:  # no clone3 or CLONE_INTO_CGROUP (Linux < 5.7), or a seccomp filter refuses it
-        return os.fork(), [os.path.join(cgroup_dir, "cgroup.procs")]
+        pass
     finally:
         os.close(fd)
+    return os.fork(), [os.path.join(cgroup_dir, "cgroup.procs")]
 
 
 def _preload(process: Process, seccomp_program: bytes | None) -> None:

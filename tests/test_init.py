@@ -767,3 +767,29 @@ def test_proc_destination_symlink_is_refused(bundle: Path) -> None:
     with pytest.raises(StockadeError, match="/proc is a symlink") as info:
         create(bundle, default_config(["true"]))
     assert info.value.where == "mounts[0]"
+
+
+def test_a_threaded_runtime_forks_through_glibc_and_still_joins_the_cgroup(tmp_path: Path) -> None:
+    """The CRI daemon creates containers from gRPC threads: no raw clone3 there (see init._fork_into),
+    the child joins its cgroup by writing cgroup.procs instead."""
+    import threading
+
+    from stockade.runtime import init
+
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    cgroup = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/unified") / f"stockade-test-{os.getpid()}"
+    cgroup.mkdir()
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    helper.start()
+    try:
+        pid, join = init._fork_into(str(cgroup))
+        if pid == 0:
+            init._join_cgroups(join)
+            os._exit(0 if Path("/proc/self/cgroup").read_text().strip().endswith(cgroup.name) else 1)
+        assert join == [str(cgroup / "cgroup.procs")]
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        stop.set()
+        helper.join()
+        cgroup.rmdir()
