@@ -94,7 +94,9 @@ def setup(pin_dir: str, cgroup_root: str, *, with_lsm: bool = True, use_cache: b
     # an empty child keeps the parent from being rmdir'ed when its last container goes (the
     # runtime prunes empty "stockade" parents); removing it would drop the attached programs
     os.makedirs(os.path.join(cgroup_root, KEEPER), exist_ok=True)
-    maps.create_maps(pin_dir)
+    if maps.create_maps(pin_dir):
+        # a new map layout: programs pinned by an older version still point at the old maps
+        _unpin_programs(cgroup_root, pin_dir)
     maps.write_config(cgroup_id(cgroup_root), level, pin_dir)
     report = {"pin_dir": pin_dir, "cgroup_root": cgroup_root, "cgroup_id": cgroup_id(cgroup_root),
               "created_cgroup": created_cgroup, "cgroup_programs": "pinned"}
@@ -138,6 +140,13 @@ def _detach_ours(cgroup_root: str) -> list[str]:
     finally:
         os.close(cg)
     return done
+
+
+def _unpin_programs(cgroup_root: str, pin_dir: str) -> None:
+    """Detach and unpin every program (cgroup and LSM) so that setup loads them afresh."""
+    pinned = {spec.name: _pinned_prog_fd(pin_dir, spec.name) for spec in loader.CGROUP_PROGS}
+    _drop_partial(cgroup_root, pin_dir, pinned)
+    _unpin_lsm(pin_dir)
 
 
 def _drop_partial(cgroup_root: str, pin_dir: str, fds: dict[str, int | None]) -> None:

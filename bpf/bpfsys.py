@@ -139,20 +139,32 @@ def obj_get(path: str) -> int:
 
 def prog_load(prog_type: int, insns: bytes, *, name: str = "", license: str = "GPL",
               expected_attach_type: int = 0, attach_btf_id: int = 0) -> int:
+    """Load a program; a refusal carries the verifier's log. The first attempt asks for no log:
+    writing one slows the verifier, and the kernel refuses (ENOSPC) a program whose log outgrows
+    the buffer even when it verifies. Only a refused program is loaded again, for its log."""
+    try:
+        return _prog_load(prog_type, insns, name, license, expected_attach_type, attach_btf_id, None)
+    except BpfError:
+        log = ctypes.create_string_buffer(65536)
+        try:
+            return _prog_load(prog_type, insns, name, license, expected_attach_type, attach_btf_id, log)
+        except BpfError as e:
+            verifier = log.value.decode(errors="replace").strip()
+            raise BpfError(e.errno, f"{e.strerror}; verifier: {verifier[-800:]}") from None
+
+
+def _prog_load(prog_type: int, insns: bytes, name: str, license: str, expected_attach_type: int,
+               attach_btf_id: int, log: ctypes.Array | None) -> int:
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license.encode())
-    log = ctypes.create_string_buffer(65536)
     # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf, kern_version,
     # prog_flags, prog_name[16], prog_ifindex, expected_attach_type
     fmt = "=IIQQIIQII16sII"
-    attr = _attr(fmt, prog_type, len(insns) // 8, _addr(code), _addr(lic), 1, len(log), _addr(log),
+    log_args = (1, len(log), _addr(log)) if log is not None else (0, 0, 0)
+    attr = _attr(fmt, prog_type, len(insns) // 8, _addr(code), _addr(lic), *log_args,
                  0, 0, name.encode()[:15], 0, expected_attach_type)
     struct.pack_into("=I", attr, 108, attach_btf_id)  # LSM/tracing: the kernel function's BTF id
-    try:
-        return bpf(PROG_LOAD, attr)
-    except BpfError as e:
-        verifier = log.value.decode(errors="replace").strip()
-        raise BpfError(e.errno, f"{e.strerror}; verifier: {verifier[-800:]}") from None
+    return bpf(PROG_LOAD, attr)
 
 
 def raw_tracepoint_open(prog_fd: int) -> int:

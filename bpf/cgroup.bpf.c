@@ -8,12 +8,18 @@
 #include <linux/socket.h>
 #include "stockade.h"
 
+/* Attached to the Stockade parent, these programs run only in its subtree: no root check. */
+static __always_inline struct stk_policy *stk_policy_cg(u64 *cgid)
+{
+    return stk_policy_lookup(cgid, 0);
+}
+
 /* socket(): family allow-list and denied types. The kernel runs this hook for AF_INET and
  * AF_INET6 sockets only; other families (AF_PACKET, AF_NETLINK...) are the LSM's job. */
 int stk_sock_create(struct bpf_sock *ctx)
 {
     u64 cgid = 0;
-    struct stk_policy *p = stk_policy_of(&cgid);
+    struct stk_policy *p = stk_policy_cg(&cgid);
     if (!p)
         return 1;
     u32 family = ctx->family, type = ctx->type, protocol = ctx->protocol;
@@ -34,27 +40,20 @@ int stk_sock_create(struct bpf_sock *ctx)
     return p->mode == STK_MODE_AUDIT;
 }
 
-/* Egress decision for one destination; key.addr holds the address (v4 mapped into v6). */
-static __always_inline int stk_egress(struct stk_policy *p, u64 cgid, struct stk_net_key *key,
-                                      u32 port, u32 hook, u32 family)
+/* Egress decision for one destination ADDR (v4 mapped into v6, network byte order). */
+static __always_inline int stk_egress(struct stk_policy *p, u64 cgid, const u32 *addr, u32 port,
+                                      u32 hook, u32 family)
 {
-    key->prefixlen = 64 + 128;
-    key->cgid_lo = (u32)cgid;
-    key->cgid_hi = (u32)(cgid >> 32);
-    int deny = (p->flags & STK_F_EGRESS_DENY) != 0;
-    struct stk_net_rule *r = stk_net.lookup(key);
-    if (r && port >= r->port_min && port <= r->port_max)
-        deny = r->action != 0;
-    if (!deny)
+    if (!stk_egress_denied(p, cgid, addr, port))
         return 1;
     struct stk_event *e = stk_event_new(p, cgid, hook);
     if (e) {
         e->family = family;
         e->arg0 = port;
-        e->addr[0] = key->addr[0];
-        e->addr[1] = key->addr[1];
-        e->addr[2] = key->addr[2];
-        e->addr[3] = key->addr[3];
+        e->addr[0] = addr[0];
+        e->addr[1] = addr[1];
+        e->addr[2] = addr[2];
+        e->addr[3] = addr[3];
         stk_event_send(e);
     }
     return p->mode == STK_MODE_AUDIT;
@@ -63,27 +62,21 @@ static __always_inline int stk_egress(struct stk_policy *p, u64 cgid, struct stk
 static __always_inline int stk_addr4(struct bpf_sock_addr *ctx, u32 hook)
 {
     u64 cgid = 0;
-    struct stk_policy *p = stk_policy_of(&cgid);
+    struct stk_policy *p = stk_policy_cg(&cgid);
     if (!p)
         return 1;
-    struct stk_net_key key = {};
-    key.addr[2] = bpf_htonl(0xffff);
-    key.addr[3] = ctx->user_ip4;
-    return stk_egress(p, cgid, &key, bpf_ntohs(ctx->user_port), hook, AF_INET);
+    u32 addr[4] = {0, 0, bpf_htonl(0xffff), ctx->user_ip4};
+    return stk_egress(p, cgid, addr, bpf_ntohs(ctx->user_port), hook, AF_INET);
 }
 
 static __always_inline int stk_addr6(struct bpf_sock_addr *ctx, u32 hook)
 {
     u64 cgid = 0;
-    struct stk_policy *p = stk_policy_of(&cgid);
+    struct stk_policy *p = stk_policy_cg(&cgid);
     if (!p)
         return 1;
-    struct stk_net_key key = {};
-    key.addr[0] = ctx->user_ip6[0];
-    key.addr[1] = ctx->user_ip6[1];
-    key.addr[2] = ctx->user_ip6[2];
-    key.addr[3] = ctx->user_ip6[3];
-    return stk_egress(p, cgid, &key, bpf_ntohs(ctx->user_port), hook, AF_INET6);
+    u32 addr[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+    return stk_egress(p, cgid, addr, bpf_ntohs(ctx->user_port), hook, AF_INET6);
 }
 
 int stk_connect4(struct bpf_sock_addr *ctx) { return stk_addr4(ctx, STK_H_CONNECT4); }
@@ -97,7 +90,7 @@ int stk_sysctl(struct bpf_sysctl *ctx)
     if (!ctx->write)
         return 1;
     u64 cgid = 0;
-    struct stk_policy *p = stk_policy_of(&cgid);
+    struct stk_policy *p = stk_policy_cg(&cgid);
     if (!p || !(p->flags & STK_F_DENY_SYSCTL_WRITE))
         return 1;
     struct stk_event *e = stk_event_new(p, cgid, STK_H_SYSCTL);

@@ -135,7 +135,7 @@ def _load_cached(entry: dict, pin_dir: str) -> dict[str, int]:
                     map_fds[map_name] = maps.open_map(map_name, pin_dir)
                 struct.pack_into("=i", insns, index * 8 + 4, map_fds[map_name])
             fds[spec.name] = bpfsys.prog_load(spec.prog_type, bytes(insns), name=spec.name,
-                                              expected_attach_type=spec.attach_type)
+                                        expected_attach_type=spec.attach_type)
     except Exception:
         for fd in fds.values():
             os.close(fd)
@@ -220,7 +220,7 @@ def _load_lsm_cached(entry: dict, hooks: list[str], pin_dir: str) -> dict[str, i
                     map_fds[map_name] = maps.open_map(map_name, pin_dir)
                 struct.pack_into("=i", insns, index * 8 + 4, map_fds[map_name])
             prog_fd = bpfsys.prog_load(bpfsys.PROG_LSM, bytes(insns), name=f"lsm__{hook}",
-                                       expected_attach_type=bpfsys.LSM_MAC, attach_btf_id=btf_ids[hook])
+                                 expected_attach_type=bpfsys.LSM_MAC, attach_btf_id=btf_ids[hook])
             try:
                 links[hook] = bpfsys.raw_tracepoint_open(prog_fd)
             finally:

@@ -315,37 +315,30 @@ LSM_PROBE(socket_connect, struct socket *sock, struct sockaddr *address, int add
         return 0;
     u16 family = 0, port = 0;
     bpf_probe_read_kernel(&family, sizeof(family), &address->sa_family);
-    struct stk_net_key key = {};
+    u32 addr[4] = {};
     if (family == AF_INET) {
         struct sockaddr_in *sin = (struct sockaddr_in *)address;
-        key.addr[2] = bpf_htonl(0xffff);
-        bpf_probe_read_kernel(&key.addr[3], 4, &sin->sin_addr.s_addr);
+        addr[2] = bpf_htonl(0xffff);
+        bpf_probe_read_kernel(&addr[3], 4, &sin->sin_addr.s_addr);
         bpf_probe_read_kernel(&port, 2, &sin->sin_port);
     } else if (family == AF_INET6) {
         struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)address;
-        bpf_probe_read_kernel(&key.addr, 16, &sin6->sin6_addr);
+        bpf_probe_read_kernel(&addr, 16, &sin6->sin6_addr);
         bpf_probe_read_kernel(&port, 2, &sin6->sin6_port);
     } else {
         return 0;
     }
     port = bpf_ntohs(port);
-    key.prefixlen = 64 + 128;
-    key.cgid_lo = (u32)cgid;
-    key.cgid_hi = (u32)(cgid >> 32);
-    int deny = (p->flags & STK_F_EGRESS_DENY) != 0;
-    struct stk_net_rule *r = stk_net.lookup(&key);
-    if (r && port >= r->port_min && port <= r->port_max)
-        deny = r->action != 0;
-    if (!deny)
+    if (!stk_egress_denied(p, cgid, addr, port))
         return 0;
     struct stk_event *e = stk_event_new(p, cgid, STK_H_SOCKET_CONNECT);
     if (e) {
         e->family = family;
         e->arg0 = port;
-        e->addr[0] = key.addr[0];
-        e->addr[1] = key.addr[1];
-        e->addr[2] = key.addr[2];
-        e->addr[3] = key.addr[3];
+        e->addr[0] = addr[0];
+        e->addr[1] = addr[1];
+        e->addr[2] = addr[2];
+        e->addr[3] = addr[3];
         stk_event_send(e);
     }
     return p->mode == STK_MODE_AUDIT ? 0 : -EPERM;

@@ -31,14 +31,18 @@ class MapSpec:
 
 MAPS: dict[str, MapSpec] = {
     "stk_config": MapSpec(bpfsys.MAP_ARRAY, 4, 16, 1),
-    "stk_policies": MapSpec(bpfsys.MAP_HASH, 8, 128, 4096),
+    "stk_policies": MapSpec(bpfsys.MAP_HASH, 8, 776, 4096, bpfsys.F_NO_PREALLOC),
     "stk_net": MapSpec(bpfsys.MAP_LPM_TRIE, 28, 8, 16384, bpfsys.F_NO_PREALLOC),
     "stk_files": MapSpec(bpfsys.MAP_HASH, 24, 8, 16384),
     "stk_events": MapSpec(bpfsys.MAP_RINGBUF, 0, 0, 256 * 4096),
 }
 
-# struct stk_policy
-_POLICY = struct.Struct("=IIQQIHH64s32s")
+# struct stk_policy: the fixed part, then net_count, pad and STK_NET_INLINE inline rules
+_POLICY_HEAD = struct.Struct("=IIQQIHH64s32s")
+_NET_INLINE = struct.Struct("=4I4IHHI")  # struct stk_net_inline
+NET_INLINE = 16                          # STK_NET_INLINE
+_POLICY_SIZE = _POLICY_HEAD.size + 8 + NET_INLINE * _NET_INLINE.size
+F_EGRESS_TRIE = 1 << 13                  # STK_F_EGRESS_TRIE
 _CONFIG = struct.Struct("=QII")
 _NET_KEY = struct.Struct("=III16s")
 _NET_RULE = struct.Struct("=IHH")
@@ -131,15 +135,48 @@ def _cgid_bytes(cgroup_id: int) -> tuple[int, int]:
     return cgroup_id & 0xFFFFFFFF, cgroup_id >> 32
 
 
-def net_key(cgroup_id: int, network: str) -> bytes:
+def _mapped(network: str) -> tuple[bytes, int]:
+    """(address, prefix bits) in the IPv6 space the programs compare in (IPv4 as ::ffff:a.b.c.d)."""
     net = ipaddress.ip_network(network, strict=False)
     if net.version == 4:
-        addr = ipaddress.IPv6Address("::ffff:" + str(net.network_address)).packed
-        bits = 96 + net.prefixlen
-    else:
-        addr, bits = net.network_address.packed, net.prefixlen
+        return ipaddress.IPv6Address("::ffff:" + str(net.network_address)).packed, 96 + net.prefixlen
+    return net.network_address.packed, net.prefixlen
+
+
+def net_key(cgroup_id: int, network: str) -> bytes:
+    addr, bits = _mapped(network)
     lo, hi = _cgid_bytes(cgroup_id)
     return _NET_KEY.pack(64 + bits, lo, hi, addr)
+
+
+def _net_rule(rule: NetRule) -> bytes:
+    return _NET_RULE.pack(1 if rule.action == "deny" else 0, rule.port_min, rule.port_max)
+
+
+def _by_network(rules: tuple[NetRule, ...]) -> dict[tuple[bytes, int], NetRule]:
+    """One rule per network, the last one winning (what successive trie updates would leave)."""
+    out: dict[tuple[bytes, int], NetRule] = {}
+    for rule in rules:
+        out[_mapped(rule.network)] = rule
+    return out
+
+
+def inline_rules(rules: tuple[NetRule, ...]) -> list[bytes] | None:
+    """struct stk_net_inline entries, longest prefix first, or None when they do not fit inline.
+
+    With at most one rule per network, two matching rules always differ in length, so the
+    first match in this order is the longest prefix: the trie's answer, found by a short scan.
+    """
+    unique = _by_network(rules)
+    if len(unique) > NET_INLINE:
+        return None
+    out = []
+    for (addr, bits), rule in sorted(unique.items(), key=lambda item: -item[0][1]):
+        mask = (((1 << 128) - 1) << (128 - bits) & ((1 << 128) - 1)).to_bytes(16, "big")
+        masked = bytes(a & m for a, m in zip(addr, mask, strict=True))
+        out.append(_NET_INLINE.pack(*struct.unpack("=4I", masked), *struct.unpack("=4I", mask),
+                                    rule.port_min, rule.port_max, 1 if rule.action == "deny" else 0))
+    return out
 
 
 def _file_key(cgroup_id: int, path: str) -> bytes | None:
@@ -181,17 +218,27 @@ def _file_keys(cgroup_id: int, path: str) -> list[bytes]:
 
 
 def policy_value(container_id: str, policy: CompiledPolicy, tenant: str = "") -> bytes:
-    return _POLICY.pack(policy.flags, policy.mode, policy.families, policy.cap_deny,
-                        policy.sock_type_deny, policy.bind_port_min, policy.bind_port_max,
-                        container_id.encode()[:63], tenant.encode()[:31])
+    """struct stk_policy; egress rules inline when they fit, else STK_F_EGRESS_TRIE (stk_net)."""
+    rules = inline_rules(policy.net_rules)
+    flags = policy.flags & ~F_EGRESS_TRIE
+    if rules is None:
+        flags |= F_EGRESS_TRIE
+        rules = []
+    head = _POLICY_HEAD.pack(flags, policy.mode, policy.families, policy.cap_deny,
+                             policy.sock_type_deny, policy.bind_port_min, policy.bind_port_max,
+                             container_id.encode()[:63], tenant.encode()[:31])
+    value = head + struct.pack("=II", len(rules), 0) + b"".join(rules)
+    return value.ljust(_POLICY_SIZE, b"\0")
 
 
 def decode_policy(value: bytes) -> dict:
-    flags, mode, fam, caps, types, bmin, bmax, cid, tenant = _POLICY.unpack(value)
+    flags, mode, fam, caps, types, bmin, bmax, cid, tenant = _POLICY_HEAD.unpack_from(value)
+    count = struct.unpack_from("=I", value, _POLICY_HEAD.size)[0]
     return {"flags": flags, "mode": mode, "families": fam, "cap_deny": caps, "sock_type_deny": types,
             "bind_port_min": bmin, "bind_port_max": bmax,
             "container_id": cid.split(b"\0")[0].decode(errors="replace"),
-            "tenant": tenant.split(b"\0")[0].decode(errors="replace")}
+            "tenant": tenant.split(b"\0")[0].decode(errors="replace"),
+            "egress_inline": count, "egress_in_trie": bool(flags & F_EGRESS_TRIE)}
 
 
 def install_policy(cgroup_id: int, container_id: str, policy: CompiledPolicy, tenant: str = "",
@@ -201,20 +248,21 @@ def install_policy(cgroup_id: int, container_id: str, policy: CompiledPolicy, te
     fds = {name: open_map(name, pin_dir) for name in ("stk_policies", "stk_net", "stk_files")}
     try:
         try:
-            replacing = bpfsys.map_lookup(fds["stk_policies"], struct.pack("=Q", cgroup_id), _POLICY.size)
-            # rules first, the policy entry (which switches enforcement on) last
+            replacing = bpfsys.map_lookup(fds["stk_policies"], struct.pack("=Q", cgroup_id), _POLICY_SIZE)
+            value = policy_value(container_id, policy, tenant)
+            # rules first, the policy entry (which switches enforcement on) last; egress rules
+            # that fit travel inside that entry, so only larger sets touch the trie
             net_keys, file_keys = set(), set()
-            for rule in policy.net_rules:
-                value = _NET_RULE.pack(1 if rule.action == "deny" else 0, rule.port_min, rule.port_max)
-                key = net_key(cgroup_id, rule.network)
-                bpfsys.map_update(fds["stk_net"], key, value)
-                net_keys.add(key)
+            if _POLICY_HEAD.unpack_from(value)[0] & F_EGRESS_TRIE:
+                for rule in policy.net_rules:
+                    key = net_key(cgroup_id, rule.network)
+                    bpfsys.map_update(fds["stk_net"], key, _net_rule(rule))
+                    net_keys.add(key)
             for frule in policy.file_rules:
                 for key in _file_keys(cgroup_id, frule.path):
                     bpfsys.map_update(fds["stk_files"], key, _FILE_RULE.pack(frule.deny, frule.allow))
                     file_keys.add(key)
-            bpfsys.map_update(fds["stk_policies"], struct.pack("=Q", cgroup_id),
-                              policy_value(container_id, policy, tenant))
+            bpfsys.map_update(fds["stk_policies"], struct.pack("=Q", cgroup_id), value)
             if replacing:
                 _remove_rules(fds, cgroup_id, keep=net_keys | file_keys)
         except OSError as e:
@@ -261,7 +309,7 @@ def entries_for(cgroup_id: int, pin_dir: str | None = None) -> dict[str, int]:
     counts = {"stk_policies": 0, "stk_net": 0, "stk_files": 0}
     fds = {name: open_map(name, pin_dir) for name in counts}
     try:
-        if bpfsys.map_lookup(fds["stk_policies"], struct.pack("=Q", cgroup_id), _POLICY.size):
+        if bpfsys.map_lookup(fds["stk_policies"], struct.pack("=Q", cgroup_id), _POLICY_SIZE):
             counts["stk_policies"] = 1
         lo, hi = cgroup_id & 0xFFFFFFFF, cgroup_id >> 32
         counts["stk_net"] = sum(1 for k in bpfsys.map_keys(fds["stk_net"], _NET_KEY.size)
@@ -277,7 +325,7 @@ def entries_for(cgroup_id: int, pin_dir: str | None = None) -> dict[str, int]:
 def lookup_policy(cgroup_id: int, pin_dir: str | None = None) -> dict | None:
     fd = open_map("stk_policies", pin_dir)
     try:
-        value = bpfsys.map_lookup(fd, struct.pack("=Q", cgroup_id), _POLICY.size)
+        value = bpfsys.map_lookup(fd, struct.pack("=Q", cgroup_id), _POLICY_SIZE)
     finally:
         os.close(fd)
     return decode_policy(value) if value else None
@@ -288,7 +336,7 @@ def all_policies(pin_dir: str | None = None) -> dict[int, dict]:
     try:
         out = {}
         for key in bpfsys.map_keys(fd, 8):
-            value = bpfsys.map_lookup(fd, key, _POLICY.size)
+            value = bpfsys.map_lookup(fd, key, _POLICY_SIZE)
             if value:
                 out[struct.unpack("=Q", key)[0]] = decode_policy(value)
         return out
@@ -296,8 +344,12 @@ def all_policies(pin_dir: str | None = None) -> dict[int, dict]:
         os.close(fd)
 
 
-def create_maps(pin_dir: str | None = None) -> None:
-    """Create and pin every map that is not pinned yet (the agent, before compiling programs)."""
+def create_maps(pin_dir: str | None = None) -> list[str]:
+    """Create and pin every map that is not pinned yet (the agent, before compiling programs).
+
+    Returns the maps that were pinned with an older layout and made afresh: programs still
+    pinned from before use the old maps and must be reloaded."""
+    replaced = []
     for name, spec in MAPS.items():
         path = pin_path(name, pin_dir)
         if os.path.exists(path):
@@ -306,16 +358,18 @@ def create_maps(pin_dir: str | None = None) -> None:
                 info = bpfsys.map_info(fd)
             finally:
                 os.close(fd)
-            if (info["type"], info["key_size"], info["value_size"]) == (spec.map_type, spec.key_size,
-                                                                      spec.value_size):
+            if (info["type"], info["key_size"], info["value_size"], info["flags"]) == (
+                    spec.map_type, spec.key_size, spec.value_size, spec.flags):
                 continue
             os.unlink(path)  # layout changed with a new Stockade version: start afresh
+            replaced.append(name)
         fd = bpfsys.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries,
                                spec.flags, name)
         try:
             bpfsys.obj_pin(fd, path)
         finally:
             os.close(fd)
+    return replaced
 
 
 def write_config(root_cgid: int, root_level: int, pin_dir: str | None = None) -> None:

@@ -32,6 +32,9 @@
 #define STK_F_DENY_HOST_UNIX    (1u << 10)  /* unix connect only to sockets of the own subtree */
 #define STK_F_EGRESS_DENY       (1u << 11)  /* egress default when no rule matches */
 #define STK_F_EXEC_ALLOWLIST    (1u << 12)  /* exec only files listed with STK_ACC_EXEC allowed */
+#define STK_F_EGRESS_TRIE       (1u << 13)  /* more egress rules than fit inline: they are in stk_net */
+
+#define STK_NET_INLINE 16    /* egress rules kept inside the policy value (longest prefix first) */
 
 #define STK_MODE_ENFORCE 0
 #define STK_MODE_AUDIT   1
@@ -56,6 +59,16 @@ struct stk_config {
     u32 pad;
 };
 
+/* One egress rule inside the policy value: address and mask in network byte order, IPv4 mapped
+ * into IPv6 (::ffff:a.b.c.d), so one compare covers both families. */
+struct stk_net_inline {
+    u32 addr[4];        /* network address, already masked */
+    u32 mask[4];
+    u16 port_min;       /* host byte order; the rule applies to ports in [min, max] */
+    u16 port_max;
+    u32 action;         /* 0 allow, 1 deny */
+};
+
 struct stk_policy {
     u32 flags;
     u32 mode;
@@ -66,9 +79,15 @@ struct stk_policy {
     u16 bind_port_max;
     char container_id[64];
     char tenant[32];
+    /* Egress rules, sorted by prefix length (longest first, at most one per network), so the
+     * first match is the longest prefix: what the LPM trie would find, without its per-node
+     * calls. Policies with more rules set STK_F_EGRESS_TRIE and keep all of them in stk_net. */
+    u32 net_count;
+    u32 pad;
+    struct stk_net_inline net[STK_NET_INLINE];
 };
 
-/* network rules: longest prefix over (cgroup id, IPv6 or v4-mapped address) */
+/* network rules beyond STK_NET_INLINE: longest prefix over (cgroup id, IPv6 or v4-mapped address) */
 struct stk_net_key {
     u32 prefixlen;      /* 64 + address prefix bits */
     u32 cgid_lo;
@@ -115,7 +134,9 @@ struct stk_event {
 
 /* bcc pinned tables: created by the agent before compiling, re-used here */
 BPF_TABLE_PINNED("array", u32, struct stk_config, stk_config, 1, STK_PIN_DIR "/stk_config");
-BPF_TABLE_PINNED("hash", u64, struct stk_policy, stk_policies, 4096, STK_PIN_DIR "/stk_policies");
+/* no preallocation: 4096 policies of 776 bytes would pin 3.4 MiB whether used or not */
+BPF_TABLE_PINNED("hash", u64, struct stk_policy, stk_policies, 4096, STK_PIN_DIR "/stk_policies",
+                 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct stk_net_key, struct stk_net_rule, stk_net, 16384,
                  STK_PIN_DIR "/stk_net", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct stk_file_key, struct stk_file_rule, stk_files, 16384,
@@ -134,17 +155,25 @@ struct stk_events_table_t {
 __attribute__((section("maps/ringbuf:" STK_PIN_DIR "/stk_events")))
 struct stk_events_table_t stk_events = { .max_entries = 256 * 4096 };
 
-/* The policy that governs the current task, or 0 outside containers. */
-static __always_inline struct stk_policy *stk_policy_of(u64 *cgid)
+/* The policy that governs the current task, or 0 outside containers.
+ *
+ * CHECK_ROOT (a constant at every call site): BPF-LSM hooks run for every task on the host, so
+ * they first ask whether the task is below the Stockade parent at all, the cheapest exit for
+ * host processes. cgroup programs are attached to that parent and run only for sockets created
+ * in its subtree; they skip that helper call. Either way a task is governed only through a
+ * registered cgroup at most STK_MAX_DEPTH levels below the parent, and the outermost one wins
+ * (a container cannot shed its policy by nesting): the walk starts with the parent's direct
+ * child, the container's cgroup in the runtime's layout, so a container costs one helper call
+ * and one hash lookup; a pod level in between costs one more of each. */
+static __always_inline struct stk_policy *stk_policy_lookup(u64 *cgid, const int check_root)
 {
     u32 zero = 0;
     struct stk_config *cfg = stk_config.lookup(&zero);
     if (!cfg || !cfg->root_cgid)
         return 0;
     u32 level = cfg->root_level;
-    if (bpf_get_current_ancestor_cgroup_id(level) != cfg->root_cgid)
+    if (check_root && bpf_get_current_ancestor_cgroup_id(level) != cfg->root_cgid)
         return 0;
-    /* outermost registered cgroup wins: a container cannot shed its policy by nesting */
 #pragma unroll
     for (int i = 1; i <= STK_MAX_DEPTH; i++) {
         u64 id = bpf_get_current_ancestor_cgroup_id(level + i);
@@ -157,6 +186,59 @@ static __always_inline struct stk_policy *stk_policy_of(u64 *cgid)
         }
     }
     return 0;
+}
+
+static __always_inline struct stk_policy *stk_policy_of(u64 *cgid)
+{
+    return stk_policy_lookup(cgid, 1);
+}
+
+/* Egress verdict for ADDR (IPv6 or v4-mapped, network byte order) and PORT (host order): 1 deny.
+ * The longest matching prefix decides; when its port range does not cover PORT, the policy's
+ * default applies (no fallback to a shorter prefix), exactly as with the LPM trie. */
+static __always_inline int stk_egress_denied(struct stk_policy *p, u64 cgid, const u32 *addr, u32 port)
+{
+    int deny = (p->flags & STK_F_EGRESS_DENY) != 0;
+    if (p->flags & STK_F_EGRESS_TRIE) {
+        struct stk_net_key key = {};
+        key.prefixlen = 64 + 128;
+        key.cgid_lo = (u32)cgid;
+        key.cgid_hi = (u32)(cgid >> 32);
+        key.addr[0] = addr[0];
+        key.addr[1] = addr[1];
+        key.addr[2] = addr[2];
+        key.addr[3] = addr[3];
+        struct stk_net_rule *r = stk_net.lookup(&key);
+        if (r && port >= r->port_min && port <= r->port_max)
+            deny = r->action != 0;
+        return deny;
+    }
+    u32 n = p->net_count;
+    u32 a0 = addr[0], a1 = addr[1], a2 = addr[2], a3 = addr[3];
+    u32 lo = 1, hi = 0, action = 0;   /* no match: an empty port range */
+    /* Unrolled by hand (clang keeps a loop with an early exit rolled): constant offsets into
+     * the value, which older verifiers (6.1) need to prove every rule access in bounds. */
+#define STK_RULE(i)                                                                          \
+    if (i >= n)                                                                              \
+        goto matched;                                                                        \
+    if (!(((a0 & p->net[i].mask[0]) ^ p->net[i].addr[0]) |                                  \
+          ((a1 & p->net[i].mask[1]) ^ p->net[i].addr[1]) |                                  \
+          ((a2 & p->net[i].mask[2]) ^ p->net[i].addr[2]) |                                  \
+          ((a3 & p->net[i].mask[3]) ^ p->net[i].addr[3]))) {                                \
+        lo = p->net[i].port_min;                                                             \
+        hi = p->net[i].port_max;                                                             \
+        action = p->net[i].action;                                                           \
+        goto matched;                                                                        \
+    }
+    STK_RULE(0) STK_RULE(1) STK_RULE(2) STK_RULE(3) STK_RULE(4) STK_RULE(5) STK_RULE(6)
+    STK_RULE(7) STK_RULE(8) STK_RULE(9) STK_RULE(10) STK_RULE(11) STK_RULE(12) STK_RULE(13)
+    STK_RULE(14) STK_RULE(15)
+#undef STK_RULE
+    _Static_assert(STK_NET_INLINE == 16, "one STK_RULE per inline rule");
+matched:
+    if (port >= lo && port <= hi)
+        deny = action != 0;
+    return deny;
 }
 
 /* Start an event record (0 when the ring is full: the decision still stands). */

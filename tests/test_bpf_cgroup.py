@@ -206,10 +206,103 @@ def test_nested_cgroup_inherits_the_container_policy(agent, container):
         os.rmdir(inner)
 
 
+def test_registered_nested_cgroup_cannot_shed_the_outer_policy(agent, container):
+    path, cgid = container
+    maps.install_policy(cgid, "ctr-outer", compiled(), pin_dir=agent.pin_dir)
+    inner = os.path.join(path, "inner")
+    os.mkdir(inner)
+    inner_id = os.stat(inner).st_ino
+    try:
+        # a policy for the nested cgroup that allows everything: the outer one still decides
+        open_policy = compile_policy(parse_policy("name: open\n", "open.yaml"))
+        maps.install_policy(inner_id, "ctr-inner", open_policy, pin_dir=agent.pin_dir)
+        ops = lambda ports: {"c": op_connect("127.0.0.2", ports["tcp"]),  # noqa: E731
+                             "raw": op_socket(socket.AF_INET, socket.SOCK_RAW, 1)}
+        assert in_cgroup(inner, ops) == {"c": "EPERM", "raw": "EPERM"}
+    finally:
+        maps.remove_policy(inner_id, agent.pin_dir)
+        os.rmdir(inner)
+
+
+def test_container_registered_below_an_unregistered_cgroup(agent):
+    """A layout with a pod level: the walk goes on below the parent's child when it has no policy."""
+    pod, _ = agent.container_cgroup("pod-x")
+    ctr = os.path.join(pod, "ctr")
+    os.mkdir(ctr)
+    ctr_id = os.stat(ctr).st_ino
+    try:
+        maps.install_policy(ctr_id, "ctr-deep", compiled(), pin_dir=agent.pin_dir)
+        ops = lambda ports: {"c": op_connect("127.0.0.2", ports["tcp"])}  # noqa: E731
+        assert in_cgroup(ctr, ops) == {"c": "EPERM"}
+        assert in_cgroup(pod, ops) == {"c": "ok"}
+    finally:
+        maps.remove_policy(ctr_id, agent.pin_dir)
+        os.rmdir(ctr)
+        os.rmdir(pod)
+
+
+PREFIX_RULES = """
+name: prefixes
+network:
+  families: [inet, inet6]
+  egress:
+    default: allow
+    rules:
+      - {to: 127.0.0.0/8, action: deny}
+      - {to: 127.0.0.0/24, ports: 1-1000, action: allow}
+      - {to: 127.0.0.2/32, ports: 53, action: deny}
+      - {to: "::/0", action: deny}
+      - {to: "::1/128", action: allow}
+"""
+
+
+def _prefix_ops(ports):
+    return {
+        "slash24_in_range": op_sendto("127.0.0.1", 9),
+        # the longest prefix's ports do not cover it: the default decides, not the /8
+        "slash24_out_of_range": op_sendto("127.0.0.1", 5353),
+        "slash32_port": op_sendto("127.0.0.2", 53),
+        "slash32_other_port": op_sendto("127.0.0.2", 54),
+        "slash8": op_sendto("127.0.1.1", 9),
+        "slash8_tcp": op_connect("127.0.1.1", ports["tcp"]),
+        "v6_any": op_sendto("::2", 9, socket.AF_INET6),
+        "v6_loopback": op_connect("::1", ports["tcp6"], socket.AF_INET6),
+        "mapped": op_sendto("::ffff:127.0.1.1", 9, socket.AF_INET6),
+    }
+
+
+PREFIX_EXPECTED = {
+    "slash24_in_range": "ok", "slash24_out_of_range": "ok", "slash32_port": "EPERM",
+    "slash32_other_port": "ok", "slash8": "EPERM", "slash8_tcp": "EPERM", "v6_any": "EPERM",
+    "v6_loopback": "ok", "mapped": "EPERM",
+}
+
+
+@pytest.mark.parametrize("fillers", [0, maps.NET_INLINE])
+def test_longest_prefix_decides_inline_and_in_the_trie(agent, container, fillers):
+    """The same rules, once inline in the policy value, once (with unrelated extra rules) in the
+    LPM trie: identical verdicts."""
+    path, cgid = container
+    text = PREFIX_RULES + "".join(f"      - {{to: 10.{i}.0.0/16, action: deny}}\n" for i in range(fillers))
+    policy = compile_policy(parse_policy(text, "prefixes.yaml"))
+    maps.install_policy(cgid, "ctr-prefix", policy, pin_dir=agent.pin_dir)
+    installed = maps.lookup_policy(cgid, agent.pin_dir)
+    in_trie = fillers > 0
+    assert installed["egress_in_trie"] is in_trie
+    assert maps.entries_for(cgid, agent.pin_dir)["stk_net"] == (5 + fillers if in_trie else 0)
+    assert in_cgroup(path, _prefix_ops) == PREFIX_EXPECTED
+    # and back: a reinstall with the small set leaves nothing in the trie
+    small = compile_policy(parse_policy(PREFIX_RULES, "prefixes.yaml"))
+    maps.install_policy(cgid, "ctr-prefix", small, pin_dir=agent.pin_dir)
+    assert maps.entries_for(cgid, agent.pin_dir)["stk_net"] == 0
+    assert in_cgroup(path, _prefix_ops) == PREFIX_EXPECTED
+
+
 def test_remove_policy_restores_and_leaves_no_entry(agent, container):
     path, cgid = container
     maps.install_policy(cgid, "ctr-rm", compiled(), pin_dir=agent.pin_dir)
-    assert maps.entries_for(cgid, agent.pin_dir) == {"stk_policies": 1, "stk_net": 2, "stk_files": 0}
+    # two egress rules: inline in the policy value, nothing in the trie
+    assert maps.entries_for(cgid, agent.pin_dir) == {"stk_policies": 1, "stk_net": 0, "stk_files": 0}
     maps.remove_policy(cgid, agent.pin_dir)
     assert maps.entries_for(cgid, agent.pin_dir) == {"stk_policies": 0, "stk_net": 0, "stk_files": 0}
     assert in_cgroup(path, lambda ports: {"c": op_connect("127.0.0.2", ports["tcp"])}) == {"c": "ok"}
@@ -331,6 +424,35 @@ def test_restart_keeps_policies_and_stop_removes_everything(tmp_path):
         cleanup_agent(a)
 
 
+def test_maps_with_an_older_layout_are_replaced_and_programs_reloaded(tmp_path):
+    """An agent upgraded to a new struct stk_policy re-creates the map and reloads the programs
+    that still point at the old one, so policies written to the new map are enforced."""
+    from stockade.bpf import bpfsys
+
+    a = make_agent(tmp_path, "layout-")
+    try:
+        a.run("--load-only", "--no-lsm")
+        old = maps.pin_path("stk_policies", a.pin_dir)
+        os.unlink(old)
+        fd = bpfsys.map_create(bpfsys.MAP_HASH, 8, 128, 16, 0, "stk_policies")  # the 128-byte layout
+        try:
+            bpfsys.obj_pin(fd, old)
+        finally:
+            os.close(fd)
+        again = json.loads(a.run("--load-only", "--no-lsm").stdout)
+        assert again["cgroup_programs"] in ("cache", "bcc")  # reloaded, not the stale pins
+        path, cgid = a.container_cgroup("ctr")
+        try:
+            maps.install_policy(cgid, "ctr", compiled(), pin_dir=a.pin_dir)
+            check = lambda ports: {"c": op_connect("127.0.0.2", ports["tcp"])}  # noqa: E731
+            assert in_cgroup(path, check) == {"c": "EPERM"}
+            maps.remove_policy(cgid, a.pin_dir)
+        finally:
+            os.rmdir(path)
+    finally:
+        cleanup_agent(a)
+
+
 # -- device filter (cgroup v2 device control, hand-assembled program) ------------------------
 
 
@@ -405,11 +527,12 @@ def test_device_rules_are_validated():
 def test_reinstall_replaces_the_rule_set(agent, container):
     path, cgid = container
     maps.install_policy(cgid, "ctr-up", compiled(), pin_dir=agent.pin_dir)
-    assert maps.entries_for(cgid, agent.pin_dir)["stk_net"] == 2
+    assert maps.lookup_policy(cgid, agent.pin_dir)["egress_inline"] == 2
     narrower = compile_policy(parse_policy(
         "name: up\nnetwork:\n  egress:\n    default: allow\n    rules: [{to: 127.0.0.2/32, action: deny}]\n"))
     maps.install_policy(cgid, "ctr-up", narrower, pin_dir=agent.pin_dir)
-    assert maps.entries_for(cgid, agent.pin_dir) == {"stk_policies": 1, "stk_net": 1, "stk_files": 0}
+    assert maps.entries_for(cgid, agent.pin_dir) == {"stk_policies": 1, "stk_net": 0, "stk_files": 0}
+    assert maps.lookup_policy(cgid, agent.pin_dir)["egress_inline"] == 1
     result = in_cgroup(path, lambda ports: {"a": op_connect("127.0.0.2", ports["tcp"]),
                                             "raw": op_socket(socket.AF_INET, socket.SOCK_RAW, 1)})
     assert result == {"a": "EPERM", "raw": "ok"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import sys
 
 import pytest
@@ -25,7 +26,7 @@ def test_shipped_policies_load_and_compile(name):
     policy = load_policy(name)
     compiled = compile_policy(policy)
     assert compiled.name == policy.name
-    assert len(maps.policy_value("c" * 80, compiled, "t" * 40)) == 128
+    assert len(maps.policy_value("c" * 80, compiled, "t" * 40)) == 776  # sizeof(struct stk_policy)
 
 
 def test_default_policy_blocks_the_escape_classes():
@@ -155,3 +156,38 @@ def test_load_compiled_caches_by_content(tmp_path, monkeypatch):
             f"policy.load_compiled({str(src)!r}); print('yaml' in sys.modules, 'bcc' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def _inline(value: bytes) -> list[tuple]:
+    count = struct.unpack_from("=I", value, 128)[0]
+    return [struct.unpack_from("=4I4IHHI", value, 136 + 40 * i) for i in range(count)]
+
+
+def test_egress_rules_travel_inline_longest_prefix_first():
+    rules = (maps.NetRule("10.0.0.0/8", "deny"), maps.NetRule("10.1.2.3/32", "allow", 53, 53),
+             maps.NetRule("::/0", "deny"), maps.NetRule("10.1.0.0/16", "allow"),
+             maps.NetRule("10.0.0.0/8", "allow", 1, 2))  # the same network again: the last one wins
+    value = maps.policy_value("c", maps.CompiledPolicy("p", 0, 0, 0, 0, 0, net_rules=rules))
+    assert not maps.decode_policy(value)["egress_in_trie"]
+    inline = _inline(value)
+    masks = [int.from_bytes(struct.pack("=4I", *r[4:8]), "big") for r in inline]
+    assert [bin(m).count("1") for m in masks] == [128, 112, 104, 0]  # v4 as ::ffff:a.b.c.d
+    addr = struct.pack("=4I", *inline[0][:4])
+    assert addr == bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
+    assert inline[0][8:] == (53, 53, 0)
+    assert inline[2][8:] == (1, 2, 0)  # 10.0.0.0/8: the later rule
+    assert inline[3][8:] == (0, 65535, 1)
+    # host bits in a rule's network are masked away
+    odd = maps.policy_value("c", maps.CompiledPolicy("p", 0, 0, 0, 0, 0,
+                                                     net_rules=(maps.NetRule("10.1.2.3/8", "deny"),)))
+    assert struct.pack("=4I", *_inline(odd)[0][:4])[12:] == bytes([10, 0, 0, 0])
+
+
+def test_more_egress_rules_than_fit_inline_go_to_the_trie():
+    rules = tuple(maps.NetRule(f"10.{i}.0.0/16", "deny") for i in range(maps.NET_INLINE + 1))
+    value = maps.policy_value("c", maps.CompiledPolicy("p", 0, 0, 0, 0, 0, net_rules=rules))
+    decoded = maps.decode_policy(value)
+    assert decoded["egress_in_trie"] and decoded["egress_inline"] == 0
+    assert decoded["flags"] & maps.F_EGRESS_TRIE
+    exactly = maps.policy_value("c", maps.CompiledPolicy("p", 0, 0, 0, 0, 0, net_rules=rules[:-1]))
+    assert maps.decode_policy(exactly)["egress_inline"] == maps.NET_INLINE
