@@ -326,14 +326,14 @@ CACHE_DIR = Path(os.environ.get("STOCKADE_BPF_CACHE", "/var/cache/stockade/bpf")
 def load_compiled(name_or_path: str) -> tuple[CompiledPolicy, set[str]]:
     """(compile_policy(p), requirements(p)) for a policy, cached by content: the start path's
     call, which skips YAML parsing (and importing yaml) when the policy file is unchanged."""
-    import hashlib
-    import json
+    from stockade.runtime import jsonlite
+    from stockade.runtime.digest import sha256
 
     path, text = _read(name_or_path)
-    key = hashlib.sha256(f"{_FORMAT}\0{path}\0{text}".encode()).hexdigest()[:32]
+    key = sha256(f"{_FORMAT}\0{path}\0{text}".encode()).hexdigest()[:32]
     cache_file = CACHE_DIR / f"policy-{key}.json"
     try:
-        data = json.loads(cache_file.read_text())
+        data = jsonlite.loads(cache_file.read_text())
         compiled = CompiledPolicy(**{k: v for k, v in data["compiled"].items()
                                      if k not in ("net_rules", "file_rules")},
                                   net_rules=tuple(NetRule(**r) for r in data["compiled"]["net_rules"]),
@@ -348,7 +348,7 @@ def load_compiled(name_or_path: str) -> tuple[CompiledPolicy, set[str]]:
 
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"compiled": asdict(compiled), "requirements": sorted(needs)}))
+        tmp.write_text(jsonlite.dumps({"compiled": asdict(compiled), "requirements": sorted(needs)}))
         tmp.replace(cache_file)
     except OSError:
         pass  # no cache: the next start parses again

@@ -58,13 +58,18 @@ def _unserializable(o: object) -> object:
     raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
 
 
-_encode = _json.make_encoder(
-    {}, _unserializable, _json.encode_basestring_ascii, None, ":", ",", False, False, True
-)
+def _encoder(sort_keys: bool):  # noqa: ANN202 - a _json.make_encoder callable
+    return _json.make_encoder(
+        {}, _unserializable, _json.encode_basestring_ascii, None, ":", ",", sort_keys, False, True
+    )
 
 
-def dumps(obj: object) -> str:
-    """Compact JSON (no indentation: the C encoder has none); ASCII-escaped like json.dumps."""
+_ENCODERS = {False: _encoder(False), True: _encoder(True)}
+
+
+def dumps(obj: object, sort_keys: bool = False) -> str:
+    """Compact JSON (no indentation: the C encoder has none), ASCII-escaped: what
+    json.dumps(obj, separators=(",", ":"), sort_keys=sort_keys) returns."""
     if isinstance(obj, str):
         return _json.encode_basestring_ascii(obj)
-    return "".join(_encode(obj, 0))
+    return "".join(_ENCODERS[sort_keys](obj, 0))

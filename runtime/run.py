@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import os
 import resource
-import secrets
-import shutil
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from .defaults import MASKED_PATHS, OCI_DEFAULT_CAPS, READONLY_PATHS, standard_mounts
-from .errors import StockadeError
-from .state import DEFAULT_ROOT
+from .digest import sha256
+from .errors import StockadeError, suppress
+from .state import DEFAULT_ROOT, remove_tree
+
+TYPE_CHECKING = False  # typing, secrets, shutil and tempfile would cost every run ~5 ms
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_PROFILE = "restricted"
 IDMAP_BASE = 100000  # first host id of the default tenant's range
@@ -73,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise StockadeError("no command to run", hint="stockade run [OPTIONS] -- CMD [ARGS...]")
-    cid = args.name or f"run-{secrets.token_hex(6)}"
+    cid = args.name or f"run-{os.urandom(6).hex()}"
     config = build_config(args, command, cid)
     with root_filesystem(args) as (bundle, rootfs):
         from . import spec as specmod
@@ -175,7 +174,7 @@ def _idmap(args: argparse.Namespace) -> tuple[int, int]:
     if args.tenant == "default":
         return IDMAP_BASE, IDMAP_SIZE
     # A stable, distinct range per tenant: root of one tenant is nobody to another.
-    slot = 1 + int.from_bytes(hashlib.sha256(args.tenant.encode()).digest()[:4], "big") % TENANT_SLOTS
+    slot = 1 + int.from_bytes(sha256(args.tenant.encode()).digest()[:4], "big") % TENANT_SLOTS
     return IDMAP_BASE + slot * IDMAP_SIZE, IDMAP_SIZE
 
 
@@ -276,16 +275,12 @@ def _bind(item: str) -> dict[str, Any]:
 
 
 def _apply_profile(config: dict[str, Any], name: str) -> None:
-    from stockade.profiles import load_profile, profile_seccomp
-
-    profile = load_profile(name)
-    seccomp = profile_seccomp(profile)
+    seccomp, policy = _profile_parts(name)
     if seccomp is not None:
         config["linux"]["seccomp"] = seccomp
     else:
         # Only ever by explicit request (--profile unconfined), and never quietly.
         print(f"stockade: warning: profile {name!r} installs no seccomp filter", file=sys.stderr)
-    policy = profile.bpf_policy
     if isinstance(policy, str):
         config["annotations"]["io.stockade.bpf-policy"] = policy
     elif policy:
@@ -296,15 +291,71 @@ def _apply_profile(config: dict[str, Any], name: str) -> None:
         )
 
 
+def _profile_parts(name: str) -> tuple[dict | None, Any]:
+    """(the OCI seccomp section, the BPF policy) of a profile. A built-in or gallery profile's are
+    cached per profile file, profile code, kernel and architecture: resolving them imports the
+    profile machinery, ~7 ms of every run."""
+    key = _profile_cache_key(name)
+    cache = os.path.join(_cache_dir(), f"profile-{key}.json") if key else None
+    if cache:
+        from . import jsonlite
+
+        with suppress(OSError, ValueError, KeyError):
+            with open(cache) as f:
+                data = jsonlite.loads(f.read())
+            return data["seccomp"], data["bpf"]
+    from stockade.profiles import load_profile, profile_seccomp
+
+    profile = load_profile(name)
+    parts = (profile_seccomp(profile), profile.bpf_policy)
+    if cache:
+        from . import jsonlite
+        from .state import write_atomic
+
+        with suppress(OSError, TypeError):  # no cache: the next run resolves again
+            os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)
+            write_atomic(cache, jsonlite.dumps({"seccomp": parts[0], "bpf": parts[1]}))
+    return parts
+
+
+def _profile_cache_key(name: str) -> str | None:
+    """None for a profile given as a file, or one that is not built in or in the gallery."""
+    if os.sep in name or name.endswith((".json", ".yaml", ".yml")):
+        return None
+    profiles = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles")
+    found = [
+        os.path.join(profiles, d, name + ext)
+        for d in ("builtin", "gallery")
+        for ext in (".json", ".yaml")
+        if os.path.isfile(os.path.join(profiles, d, name + ext))
+    ]
+    if not found:
+        return None
+    code = [os.path.join(profiles, m) for m in sorted(os.listdir(profiles)) if m.endswith(".py")]
+    inputs = [found[0], *code]
+    stamp = "|".join(f"{path}:{os.stat(path).st_mtime_ns}:{os.stat(path).st_size}" for path in inputs)
+    uname = os.uname()
+    return sha256(f"{stamp}|{uname.release}|{uname.machine}".encode()).hexdigest()[:32]
+
+
+def _cache_dir() -> str:
+    from .seccomp import cache_dir  # the seccomp cache's directory; imported by create anyway
+
+    return cache_dir()
+
+
 def _merge_bundle(bundle: Path, ours: dict[str, Any]) -> dict[str, Any]:
     """A bundle's own config, with stockade run's confinement and limits laid over it."""
+    from . import jsonlite
+
     try:
-        config = json.loads((bundle / "config.json").read_text())
+        config = jsonlite.loads((bundle / "config.json").read_text())
     except OSError as err:
         raise StockadeError(f"cannot read config.json: {err.strerror}", where=str(bundle)) from None
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # json.JSONDecodeError
         raise StockadeError(
-            f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}",
+            f"invalid JSON at line {getattr(err, 'lineno', '?')} column {getattr(err, 'colno', '?')}: "
+            f"{getattr(err, 'msg', err)}",
             where=str(bundle / "config.json"),
         ) from None
     process = config.setdefault("process", {})
@@ -323,8 +374,10 @@ def root_filesystem(args: argparse.Namespace):  # noqa: ANN202 - yields (bundle,
     if args.bundle:
         bundle = Path(args.bundle).resolve()
         config = bundle / "config.json"
+        from . import jsonlite
+
         root = (
-            json.loads(config.read_text()).get("root", {}).get("path", "rootfs")
+            jsonlite.loads(config.read_text()).get("root", {}).get("path", "rootfs")
             if config.exists()
             else "rootfs"
         )
@@ -337,13 +390,25 @@ def root_filesystem(args: argparse.Namespace):  # noqa: ANN202 - yields (bundle,
         _must_be_dir(rootfs, "--rootfs")
         yield rootfs.parent, rootfs
         return
-    tmp = Path(tempfile.mkdtemp(prefix="stockade-rootfs-", dir="/run"))
+    tmp = _private_dir("/run", "stockade-rootfs-")
     try:
         _populate_default_rootfs(tmp)
         _bind_mount_points(tmp, args.bind)
         yield tmp, tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with suppress(OSError):  # like shutil.rmtree(ignore_errors=True): never mask the result
+            remove_tree(str(tmp))
+
+
+def _private_dir(parent: str, prefix: str) -> Path:
+    """tempfile.mkdtemp without tempfile's imports."""
+    while True:
+        path = os.path.join(parent, prefix + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return Path(path)
+        except FileExistsError:
+            continue
 
 
 def _must_be_dir(path: Path, where: str) -> None:
@@ -399,6 +464,8 @@ def _populate_default_rootfs(root: Path) -> None:
 
 
 def _report(config: dict[str, Any], cid: str) -> None:
+    import json
+
     linux = config["linux"]
     uidmap = linux["uidMappings"][0]
     print(

@@ -21,11 +21,11 @@ Decisions (documented because runtimes differ):
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import os
 import struct
 
+from stockade.runtime import jsonlite
+from stockade.runtime.digest import sha256
 from stockade.runtime.errors import NotSupported, SpecError
 
 COMPILER_VERSION = "1"  # bump when the compile logic changes: part of the cache key
@@ -145,11 +145,11 @@ def instruction_count(program: bytes) -> int:
 
 
 def _canonical(config: dict) -> bytes:
-    return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    return jsonlite.dumps(config, sort_keys=True).encode()  # = json.dumps(sort_keys, (",", ":"))
 
 
 def _cache_key(config: dict) -> str:
-    digest = hashlib.sha256(_canonical(config))
+    digest = sha256(_canonical(config))
     digest.update(f"|{libseccomp_version()}|{os.uname().machine}|{COMPILER_VERSION}".encode())
     return digest.hexdigest()
 
@@ -165,7 +165,7 @@ def _cache_read(path: str) -> bytes | None:
     if len(data) <= head or not data.startswith(_CACHE_MAGIC):
         return None
     program = data[head:]
-    if hashlib.sha256(program).digest() != data[len(_CACHE_MAGIC) : head] or len(program) % 8:
+    if sha256(program).digest() != data[len(_CACHE_MAGIC) : head] or len(program) % 8:
         return None
     return program
 
@@ -182,7 +182,7 @@ def _cache_write(path: str, program: bytes) -> None:
         return
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(_CACHE_MAGIC + hashlib.sha256(program).digest() + program)
+            f.write(_CACHE_MAGIC + sha256(program).digest() + program)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -108,7 +108,7 @@ class StateStore:
         write_atomic(os.path.join(self.dir(state.id), "state.json"), jsonlite.dumps(asdict(state)))
 
     def remove(self, container_id: str) -> None:
-        _remove_tree(self.dir(container_id))
+        remove_tree(self.dir(container_id))
         with suppress(OSError):
             os.rmdir(self.root)  # only when empty: leave nothing behind after the last container
 
@@ -138,7 +138,7 @@ class _Lock:
         os.close(self.fd)
 
 
-def _remove_tree(path: str) -> None:
+def remove_tree(path: str) -> None:
     """rm -rf of a state directory (a few flat files and a fifo); shutil would cost every delete
     its import of the compression modules."""
     try:
@@ -147,7 +147,7 @@ def _remove_tree(path: str) -> None:
         return
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            _remove_tree(entry.path)
+            remove_tree(entry.path)
         else:
             with suppress(FileNotFoundError):
                 os.unlink(entry.path)

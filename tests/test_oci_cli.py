@@ -403,10 +403,19 @@ def test_unusual_arguments_go_to_argparse(argv: list[str]) -> None:
 _SLOW_MODULES = {
     "re", "enum", "argparse", "json", "typing", "pathlib", "contextlib", "collections", "dataclasses",
     "subprocess", "shutil", "logging", "socket", "_socket", "cgroupspy", "bcc", "seccomp", "yaml",
+    "hashlib", "tempfile",
 }
 
 
-def test_start_path_imports_stay_lean(root: Path, bundle: Path) -> None:
+@pytest.mark.parametrize("seccomp", [False, True], ids=["plain", "seccomp-cached"])
+def test_start_path_imports_stay_lean(root: Path, bundle: Path, seccomp: bool) -> None:
+    if seccomp:  # what engines send: a filter (the first run compiles and caches it)
+        from stockade.profiles import load_profile, profile_seccomp
+
+        config = default_config(["true"])
+        config["linux"]["seccomp"] = profile_seccomp(load_profile("runtime-default"))
+        write_config(bundle, config)
+        assert _oci(root, "run", "--bundle", str(bundle), "warm").returncode == 0
     with tempfile.TemporaryFile() as err:
         done = subprocess.run(
             [OCI, "--root", str(root), "run", "--bundle", str(bundle), "lean"],
