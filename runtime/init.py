@@ -28,7 +28,7 @@ from . import syscalls as sc
 from .errors import ContainerError, NotSupported, SpecError, StockadeError
 from .idmap import write_maps
 from .record import record
-from .spec import Process, Spec, sysctl_namespace, sysctl_path
+from .spec import Linux, Process, Spec, sysctl_namespace, sysctl_path
 
 TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
 if TYPE_CHECKING:
@@ -91,11 +91,32 @@ def spawn(launch: Launch) -> int:
     _preload(launch.spec.process, launch.seccomp_program)
     _preload_hooks(launch)
     body = lambda w, r: _Init(launch, w, r).run()  # noqa: E731
-    pid, to_parent_r, to_child_w = _fork_child(body, launch.cgroup_dir)
+    pid, to_parent_r, to_child_w = _fork_child(body, launch.cgroup_dir, _clone_namespaces(launch))
     return _supervise(pid, to_parent_r, to_child_w, launch=launch)
 
 
-def _fork_child(body: Callable[[int, int], None], cgroup_dir: str | None = None) -> tuple[int, int, int]:
+def _clone_namespaces(launch: Launch) -> int:
+    """CLONE_NEW* flags the init can be born with (one clone3 instead of fork, unshare and fork
+    again for the pid namespace), or 0 when the set-up needs the staged path: namespaces joined
+    by path (joined first, as runc does), a user namespace (the init opens the exec fifo and the
+    console before it, as host root), a time namespace (offsets precede its first process)."""
+    linux = launch.spec.linux
+    pidns, timens = linux.namespace("pid"), linux.namespace("time")
+    if pidns is None or pidns.path or linux.namespace("user") is not None or timens is not None:
+        return 0
+    if any(ns.path for ns in linux.namespaces):
+        return 0
+    late = ("cgroup",) if launch.cgroup_procs else ()  # see _Init.run: unshared after the v1 moves
+    return namespaces.new_flags(linux.namespaces, exclude=("user", *late))
+
+
+# In a child of _fork_child: the CLONE_NEW* flags it was born with.
+_cloned_namespaces = 0
+
+
+def _fork_child(
+    body: Callable[[int, int], None], cgroup_dir: str | None = None, clone_namespaces: int = 0
+) -> tuple[int, int, int]:
     """Fork with a pipe each way. The child runs body(to_parent_w, to_child_r) and never returns;
     the parent gets (pid, to_parent_r, to_child_w). As child subreaper, the parent can reap the
     grandchild that becomes the container's process. With `cgroup_dir` (cgroup2) the child is born
@@ -103,12 +124,14 @@ def _fork_child(body: Callable[[int, int], None], cgroup_dir: str | None = None)
     sc.set_child_subreaper()
     to_parent_r, to_parent_w = os.pipe()
     to_child_r, to_child_w = os.pipe()
-    pid, join = _fork_into(cgroup_dir)
+    pid, join, cloned = _fork_into(cgroup_dir, clone_namespaces)
     if pid == 0:
         os.close(to_parent_r)
         os.close(to_child_w)
 
         def child() -> None:
+            global _cloned_namespaces
+            _cloned_namespaces = cloned
             _join_cgroups(join)
             body(to_parent_w, to_child_r)
 
@@ -118,10 +141,11 @@ def _fork_child(body: Callable[[int, int], None], cgroup_dir: str | None = None)
     return pid, to_parent_r, to_child_w
 
 
-def _fork_into(cgroup_dir: str | None) -> tuple[int, list[str]]:
-    """(pid, cgroup.procs files the child must still write itself into)."""
+def _fork_into(cgroup_dir: str | None, clone_namespaces: int = 0) -> tuple[int, list[str], int]:
+    """(pid, cgroup.procs files the child must still write itself into, the CLONE_NEW* flags it
+    was born with: `clone_namespaces` or 0)."""
     if cgroup_dir is None:
-        return os.fork(), []
+        return os.fork(), [], 0
     try:
         fd = os.open(cgroup_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
@@ -132,12 +156,12 @@ def _fork_into(cgroup_dir: str | None) -> tuple[int, list[str]]:
         # A raw clone3 skips glibc's fork handling, which a process with other threads (the CRI
         # daemon serving gRPC) needs: malloc locks held by them would stay locked in the child.
         if len(os.listdir("/proc/self/task")) == 1:
-            return sc.fork_into_cgroup(fd), []
+            return sc.fork_into_cgroup(fd, clone_namespaces), [], clone_namespaces
     except OSError:  # no clone3 or CLONE_INTO_CGROUP (Linux < 5.7), or a seccomp filter refuses it
         pass
     finally:
         os.close(fd)
-    return os.fork(), [os.path.join(cgroup_dir, "cgroup.procs")]
+    return os.fork(), [os.path.join(cgroup_dir, "cgroup.procs")], 0
 
 
 def _preload(process: Process, seccomp_program: bytes | None) -> None:
@@ -246,7 +270,7 @@ def _supervise(stage1: int, rfd: int, wfd: int, launch: Launch | None = None) ->
                 write_maps(stage1, launch.spec.linux.uid_mappings, launch.spec.linux.gid_mappings)
                 _send(wfd, _OK)
             elif tag == _PID:
-                init_pid = int(payload)
+                init_pid = int(payload) or stage1  # 0: "me", an init born in its pid namespace
                 if init_pid != stage1:
                     alive.add(init_pid)  # reparented to us (child subreaper) when stage 1 exits
                     os.waitpid(stage1, 0)  # stage 1 exits once it has forked the init
@@ -583,6 +607,10 @@ class _Init:
             raise StockadeError(
                 f"cannot open the exec fifo: {exc.strerror}", where=str(launch.exec_fifo)
             ) from None
+        if _cloned_namespaces:  # born in its namespaces: none to join, unshare or fork for
+            self._born_in_namespaces(linux)
+            self._build_rootfs(False, sock, fifo)
+            return
         runtime_ns = {kind: namespaces.inode("self", kind) for kind in ("uts", "ipc", "network")}
         # Namespaces given by path first (user first), as runc does, so that e.g. a netns owned by
         # the host user namespace can still be joined before we create a new user namespace.
@@ -625,6 +653,15 @@ class _Init:
         _host_pid = int(payload)
 
         self._build_rootfs(userns is not None, sock, fifo)
+
+    def _born_in_namespaces(self, linux: Linux) -> None:
+        cgroupns = linux.namespace("cgroup")
+        self.late_cgroupns = bool(self.launch.cgroup_procs) and cgroupns is not None
+        netns = linux.namespace("network")
+        if netns is not None:
+            namespaces.loopback_up()
+        global _host_pid
+        _host_pid = int(self._ask(_PID, b"0"))
 
     def _refuse_runtime_namespaces(self, runtime_ns: dict[str, int]) -> None:
         """hostname/domainname/sysctls would change the host if a namespace joined by path is the

@@ -192,7 +192,7 @@ class _CloneArgs(ctypes.Structure):
     ]
 
 
-def fork_into_cgroup(cgroup_fd: int) -> int:
+def fork_into_cgroup(cgroup_fd: int, namespaces: int = 0) -> int:
     """os.fork(), but the child is born in the cgroup2 directory `cgroup_fd` (clone3 with
     CLONE_INTO_CGROUP, Linux 5.7+), as crun does. Writing a pid into cgroup.procs instead takes
     the kernel's global threadgroup lock for writing, which waits for an RCU grace period:
@@ -202,7 +202,9 @@ def fork_into_cgroup(cgroup_fd: int) -> int:
     Only for single-threaded callers: glibc's fork bookkeeping (atfork handlers, the cached thread
     id) is skipped, which matters only when other threads exist."""
     pyapi = ctypes.pythonapi
-    args = _CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=17, cgroup=cgroup_fd)  # 17: SIGCHLD
+    # `namespaces`: CLONE_NEW* flags; the child is then born in new namespaces too (PID 1 of a new
+    # pid namespace), which saves the unshare-and-fork-again of a second stage.
+    args = _CloneArgs(flags=CLONE_INTO_CGROUP | namespaces, exit_signal=17, cgroup=cgroup_fd)  # SIGCHLD
     call = ctypes.PyDLL(None, use_errno=True).syscall
     call.restype = ctypes.c_long
     pyapi.PyOS_BeforeFork()

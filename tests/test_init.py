@@ -783,7 +783,7 @@ def test_a_threaded_runtime_forks_through_glibc_and_still_joins_the_cgroup(tmp_p
     helper = threading.Thread(target=stop.wait)
     helper.start()
     try:
-        pid, join = init._fork_into(str(cgroup))
+        pid, join, _ = init._fork_into(str(cgroup))
         if pid == 0:
             init._join_cgroups(join)
             os._exit(0 if Path("/proc/self/cgroup").read_text().strip().endswith(cgroup.name) else 1)
