@@ -467,6 +467,11 @@ if __name__ == "__main__":
 def entry() -> None:
     """Console-script entry: exit without the interpreter's teardown (module and object cleanup
     costs milliseconds on every short-lived command; nothing here needs it once output is out)."""
+    import gc
+
+    # A short-lived command: no cycle collection. It would walk every object of the interpreter,
+    # also in the forked init (copying each page the parent shares with it): ~1 ms a start.
+    gc.disable()
     fast_exit(main())
 
 
