@@ -79,8 +79,13 @@ if __name__ == "__main__":
 def entry() -> None:
     """Console-script entry. `stockade run` skips the interpreter's teardown like stockade-oci;
     long-lived or bcc-using commands (agent, profile record) keep their atexit cleanup."""
+    short_lived = sys.argv[1:2] == ["run"]
+    if short_lived:
+        import gc
+
+        gc.disable()  # as stockade-oci does (oci_cli.entry)
     code = main()
-    if sys.argv[1:2] == ["run"]:
+    if short_lived:
         from .cliargs import fast_exit
 
         fast_exit(code)
