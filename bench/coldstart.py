@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cold start and idle memory: stockade-oci vs runc vs crun, same bundle, same run, alternating.
 
-Usage (root): .venv/bin/python bench/coldstart.py [--runs 30] [--json out.json]
+Usage (root): .venv/bin/python bench/coldstart.py [--runs 30] [--seccomp] [--json out.json]
 
 Every runtime runs the identical busybox-static bundle (config from `runc spec`, /bin/true).
 crun refuses this host's hybrid cgroups, so it runs inside a private mount namespace with a
@@ -25,7 +25,7 @@ VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 CRUN_WRAP = ["unshare", "-m", "sh", "-c", 'mount -t cgroup2 none /sys/fs/cgroup && exec "$0" "$@"']
 
 
-def make_bundle(root: Path) -> Path:
+def make_bundle(root: Path, seccomp: bool = False) -> Path:
     bundle = root / "bundle"
     (bundle / "rootfs" / "bin").mkdir(parents=True)
     shutil.copy("/bin/busybox", bundle / "rootfs" / "bin" / "busybox")
@@ -38,6 +38,10 @@ def make_bundle(root: Path) -> Path:
     # runc spec's default-deny device rule makes crun load a cgroup-v2 device program, which needs
     # more RLIMIT_MEMLOCK than this host lets it raise to (no CAP_SYS_RESOURCE): same config for all.
     config["linux"].pop("resources", None)
+    if seccomp:  # what engines pass: the RuntimeDefault (Docker default) filter, for every runtime
+        from stockade.profiles import load_profile, profile_seccomp
+
+        config["linux"]["seccomp"] = profile_seccomp(load_profile("runtime-default"))
     (bundle / "config.json").write_text(json.dumps(config, indent=1))
     return bundle
 
@@ -150,6 +154,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--seccomp", action="store_true", help="every runtime gets the runtime-default filter")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root")
@@ -165,7 +170,7 @@ def main() -> int:
 
 def _measure(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="stockade-bench-") as tmp:
-        bundle = make_bundle(Path(tmp))
+        bundle = make_bundle(Path(tmp), args.seccomp)
         state = Path(tmp) / "state"
         result = {
             "versions": {

@@ -54,7 +54,18 @@ def is_cgroup2(root: str) -> bool:
     return os.path.exists(os.path.join(root, "cgroup.controllers"))
 
 
+_drivers: dict[str, Driver] = {}
+
+
 def open_driver(root: str = DEFAULT_ROOT) -> Driver:
+    """The driver for the hierarchies mounted at `root`, looked up once per process (a command
+    opens it for create, wait and delete; the v1 driver parses /proc/self/mountinfo)."""
+    if root not in _drivers:
+        _drivers[root] = _new_driver(root)
+    return _drivers[root]
+
+
+def _new_driver(root: str) -> Driver:
     if is_cgroup2(root):
         from . import v2
 
