@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from types import SimpleNamespace
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -37,6 +36,13 @@ def fast_exit(code: int) -> None:
         os._exit(code)
 
 
+class Parsed:
+    """Parsed arguments as attributes, like argparse.Namespace (vars() gives the dict)."""
+
+    def __init__(self, values: dict) -> None:
+        self.__dict__.update(values)
+
+
 # An option for `parse_simple`: (flags, dest, kind, default); kind is "bool" (store_true), "str",
 # "int", or a tuple of allowed strings. A positional is a dest, or "dest?default" when optional.
 Option = tuple[tuple[str, ...], str, "str | tuple[str, ...]", object]
@@ -59,7 +65,7 @@ def parse_simple(
     argv: list[str],
     global_options: tuple[Option, ...],
     commands: dict[str, tuple[tuple[Option, ...], tuple[str, ...]]],
-) -> SimpleNamespace | None:
+) -> Parsed | None:
     """Parse `[global options] COMMAND [options and positionals]` without argparse (~3 ms of every
     container start with its re and gettext imports), or None for anything but the plain forms
     (help, version, unknown or abbreviated flags, '--', a missing value): argparse then parses
@@ -90,7 +96,7 @@ def parse_simple(
             values[dest] = default
         else:
             return None
-    return None if rest else SimpleNamespace(**values)
+    return None if rest else Parsed(values)
 
 
 def _options(argv: list[str], i: int, options: tuple[Option, ...], values: dict) -> int | None:
