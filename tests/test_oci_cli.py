@@ -429,3 +429,20 @@ def test_start_path_imports_stay_lean(root: Path, bundle: Path, seccomp: bool) -
     imported = {line.rsplit("|", 1)[1].strip() for line in lines}
     assert "stockade.runtime.container" in imported  # the log is the real one
     assert imported & _SLOW_MODULES == set()
+
+
+@pytest.mark.parametrize("where", ["host", pytest.param("lab", marks=pytest.mark.lab)])
+def test_device_rules_bind_the_container(root: Path, bundle: Path, where: str) -> None:
+    """Only the allowed devices (the OCI defaults here) can be created or opened, on every cgroup
+    mode: v1 devices on pure v1, the cgroup-device BPF program on hybrid and v2 hosts."""
+    script = (
+        "mknod /tmp/kmsg c 1 11 2>&1 | grep -c 'Operation not permitted'; "
+        "mknod /tmp/sda b 8 0 2>&1 | grep -c 'Operation not permitted'; "
+        "mknod /tmp/null c 1 3 && echo mknod-ok; echo x > /dev/null && echo null-ok"
+    )
+    config = default_config(["sh", "-c", script])
+    config["process"]["capabilities"] = {k: ["CAP_MKNOD"] for k in ("bounding", "effective", "permitted")}
+    write_config(bundle, config)
+    done = _oci(root, "run", "--bundle", str(bundle), "devs")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1", "mknod-ok", "null-ok"]
