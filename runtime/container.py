@@ -125,6 +125,7 @@ def _create_in(
     cgroup = driver.create(cg_path, _resources(spec))
     undo.append(cgroup.destroy)
     state.cgroup_path, state.cgroup_driver, state.cgroup_id = cg_path, driver.name, _unified_id(cgroup)
+    _enforce_devices(cgroup)
     write_atomic(os.path.join(state_dir, "config.json"), _spec_json(spec, bundle))
     fifo = os.path.join(state_dir, "exec.fifo")
     os.mkfifo(fifo, 0o600)
@@ -155,7 +156,6 @@ def _create_in(
         run_create_container_hooks=_in_container_hooks("createContainer", spec.hooks.create_container, state),
         run_start_container_hooks=_in_container_hooks("startContainer", spec.hooks.start_container, state),
         preserve_fds=opts.preserve_fds,
-        meanwhile=lambda: _enforce_devices(cgroup),  # in place before the init is ready
     )
     pid = init.spawn(launch)
     undo.append(lambda: _kill_and_wait(pid, process_start_time(pid)))

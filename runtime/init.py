@@ -54,9 +54,6 @@ class Launch:
     console_socket: str | None = None
     no_pivot: bool = False
     on_created: Callable[[int], None] | None = None
-    # Runtime-side set-up that needs no answer from the init and only has to be done before it
-    # is ready (the device filter): run while the init builds its rootfs.
-    meanwhile: Callable[[], None] | None = None
     run_create_container_hooks: Callable[[], None] | None = None
     run_start_container_hooks: Callable[[], None] | None = None
     preserve_fds: int = 0
@@ -284,8 +281,6 @@ def _supervise(stage1: int, rfd: int, wfd: int, launch: Launch | None = None) ->
                     # (see syscalls.fork_into_cgroup), and the init has nothing to wait for until
                     # its HOOKS request, which is read after this.
                     _move_to_cgroups(init_pid, launch.cgroup_procs)
-                    if launch.meanwhile is not None:
-                        launch.meanwhile()
             elif tag == _HOOKS:
                 if launch is not None and launch.on_created is not None:
                     launch.on_created(init_pid)
