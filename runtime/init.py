@@ -54,6 +54,7 @@ class Launch:
     console_socket: str | None = None
     no_pivot: bool = False
     on_created: Callable[[int], None] | None = None
+    cgroup_move: _CgroupMove | None = None  # set by spawn: wait() before the container may start
     run_create_container_hooks: Callable[[], None] | None = None
     run_start_container_hooks: Callable[[], None] | None = None
     preserve_fds: int = 0
@@ -77,6 +78,8 @@ def host_pid() -> int:
 
 def spawn(launch: Launch) -> int:
     """Create the container; returns the init's host pid once it is about to block on the exec fifo.
+    Its moves into v1 hierarchies may still be under way then: call launch.cgroup_move.wait()
+    before anything can release it (container.create does, after its own remaining work).
 
     The calling process becomes a child subreaper so the init (a grandchild when a pid namespace
     is created) is reparented to it and can be waited for.
@@ -275,14 +278,13 @@ def _supervise(stage1: int, rfd: int, wfd: int, launch: Launch | None = None) ->
                     alive.add(init_pid)  # reparented to us (child subreaper) when stage 1 exits
                     os.waitpid(stage1, 0)  # stage 1 exits once it has forked the init
                     alive.discard(stage1)
-                _send(wfd, _OK, payload)  # tell the init its host pid (it may only know itself as 1)
+                _send(wfd, _OK, str(init_pid).encode())  # its host pid (it may only know itself as 1)
                 if launch is not None:
-                    # While the init builds its rootfs: each migration waits for an RCU grace period
-                    # (see syscalls.fork_into_cgroup), and the init has nothing to wait for until
-                    # its HOOKS request, which is read after this.
-                    _move_to_cgroups(init_pid, launch.cgroup_procs)
+                    launch.cgroup_move = _CgroupMove(init_pid, launch.cgroup_procs)
             elif tag == _HOOKS:
                 if launch is not None and launch.on_created is not None:
+                    if _has_hooks(launch.spec):  # hooks see the container in its cgroups
+                        launch.cgroup_move.wait()
                     launch.on_created(init_pid)
                 _send(wfd, _OK)
             elif tag == _READY:
@@ -297,6 +299,8 @@ def _supervise(stage1: int, rfd: int, wfd: int, launch: Launch | None = None) ->
         raise StockadeError(reason, where="container init") from None
     except BaseException:
         _kill_and_reap(alive)
+        if launch is not None and launch.cgroup_move is not None:
+            launch.cgroup_move.wait(check=False)  # nothing of ours may still be writing
         raise
     finally:
         os.close(rfd)
@@ -415,6 +419,43 @@ def _stderr(text: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Child side: shared steps
 # ---------------------------------------------------------------------------------------------
+
+
+def _has_hooks(spec: Spec) -> bool:
+    h = spec.hooks
+    return bool(h.prestart or h.create_runtime or h.create_container or h.start_container)
+
+
+class _CgroupMove:
+    """Moves the init into its v1 hierarchies on a thread. Each move waits for an RCU grace
+    period (see syscalls.fork_into_cgroup: 7-25 ms), which then overlaps with the init building
+    its rootfs and the runtime installing the BPF policy and writing state; `create` waits for it
+    before it returns, so the workload (released by `start`) always runs in its cgroups."""
+
+    def __init__(self, pid: int, files: list[str]) -> None:
+        import _thread  # not threading: its imports would cost more than the wait it hides
+
+        self.error: BaseException | None = None
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+        if files:
+            _thread.start_new_thread(self._run, (pid, files))
+        else:
+            self._done.release()
+
+    def _run(self, pid: int, files: list[str]) -> None:
+        try:
+            _move_to_cgroups(pid, files)
+        except BaseException as exc:  # noqa: BLE001 - handed to wait()
+            self.error = exc
+        finally:
+            self._done.release()
+
+    def wait(self, check: bool = True) -> None:
+        self._done.acquire()
+        self._done.release()
+        if check and self.error is not None:
+            raise self.error
 
 
 def _move_to_cgroups(pid: int, files: list[str]) -> None:
@@ -694,8 +735,6 @@ class _Init:
         os.close(rootfd)
 
         self._ask(_HOOKS)  # the runtime runs createRuntime/prestart hooks (on_created)
-        if self.late_cgroupns:  # the runtime has moved us into every cgroup by now
-            namespaces.unshare(sc.CLONE_NEWCGROUP)
         if launch.run_create_container_hooks is not None:
             launch.run_create_container_hooks()
         if launch.no_pivot:
@@ -742,6 +781,8 @@ class _Init:
         os.close(self.wfd)
         os.close(self.rfd)
         self._wait_for_start(fifo)
+        if self.late_cgroupns:  # `create` had moved us into every cgroup before it returned
+            namespaces.unshare(sc.CLONE_NEWCGROUP)
         if launch.run_start_container_hooks is not None:
             try:
                 launch.run_start_container_hooks()

@@ -136,18 +136,18 @@ def create(bundle: Path, config: dict, **launch_args) -> Created:
     r, w = os.pipe()
     try:
         with _stdio_to(w):
-            pid = spawn(
-                Launch(
-                    spec=spec,
-                    bundle=bundle,
-                    rootfs=Path(spec.rootfs(bundle)),
-                    exec_fifo=fifo,
-                    cgroup_procs=launch_args.pop("cgroup_procs", []),
-                    seccomp_program=launch_args.pop("seccomp_program", None),
-                    seccomp_flags=launch_args.pop("seccomp_flags", []),
-                    **launch_args,
-                )
+            launch = Launch(
+                spec=spec,
+                bundle=bundle,
+                rootfs=Path(spec.rootfs(bundle)),
+                exec_fifo=fifo,
+                cgroup_procs=launch_args.pop("cgroup_procs", []),
+                seccomp_program=launch_args.pop("seccomp_program", None),
+                seccomp_flags=launch_args.pop("seccomp_flags", []),
+                **launch_args,
             )
+            pid = spawn(launch)
+            launch.cgroup_move.wait()  # as container.create does before it returns
     except BaseException:
         os.close(r)
         raise
