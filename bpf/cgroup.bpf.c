@@ -46,16 +46,7 @@ static __always_inline int stk_egress(struct stk_policy *p, u64 cgid, const u32 
 {
     if (!stk_egress_denied(p, cgid, addr, port))
         return 1;
-    struct stk_event *e = stk_event_new(p, cgid, hook);
-    if (e) {
-        e->family = family;
-        e->arg0 = port;
-        e->addr[0] = addr[0];
-        e->addr[1] = addr[1];
-        e->addr[2] = addr[2];
-        e->addr[3] = addr[3];
-        stk_event_send(e);
-    }
+    stk_addr_event(p, cgid, hook, family, port, addr);
     return p->mode == STK_MODE_AUDIT;
 }
 

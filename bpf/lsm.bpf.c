@@ -331,16 +331,7 @@ LSM_PROBE(socket_connect, struct socket *sock, struct sockaddr *address, int add
     port = bpf_ntohs(port);
     if (!stk_egress_denied(p, cgid, addr, port))
         return 0;
-    struct stk_event *e = stk_event_new(p, cgid, STK_H_SOCKET_CONNECT);
-    if (e) {
-        e->family = family;
-        e->arg0 = port;
-        e->addr[0] = addr[0];
-        e->addr[1] = addr[1];
-        e->addr[2] = addr[2];
-        e->addr[3] = addr[3];
-        stk_event_send(e);
-    }
+    stk_addr_event(p, cgid, STK_H_SOCKET_CONNECT, family, port, addr);
     return p->mode == STK_MODE_AUDIT ? 0 : -EPERM;
 }
 

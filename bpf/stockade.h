@@ -263,6 +263,22 @@ static __always_inline void stk_event_send(struct stk_event *e)
         stk_events.ringbuf_submit(e, 0);
 }
 
+/* Log a decision on a destination address (ADDR: v4 mapped into v6, network byte order). */
+static __always_inline void stk_addr_event(struct stk_policy *p, u64 cgid, u32 hook, u32 family,
+                                           u32 port, const u32 *addr)
+{
+    struct stk_event *e = stk_event_new(p, cgid, hook);
+    if (!e)
+        return;
+    e->family = family;
+    e->arg0 = port;
+    e->addr[0] = addr[0];
+    e->addr[1] = addr[1];
+    e->addr[2] = addr[2];
+    e->addr[3] = addr[3];
+    stk_event_send(e);
+}
+
 /* Emit a plain event and say whether to deny (audit mode logs and lets it pass). */
 static __always_inline int stk_refuse(struct stk_policy *p, u64 cgid, u32 hook, u32 arg0, u32 arg1)
 {
