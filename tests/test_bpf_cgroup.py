@@ -396,6 +396,11 @@ def test_events_audit_mode_and_cli(agent, container):
     assert reader.returncode == 0
 
 
+def _connect_in(path: str) -> str:
+    """What a TCP connect to 127.0.0.2 gives a process in cgroup PATH ("ok" or the errno name)."""
+    return in_cgroup(path, lambda ports: {"c": op_connect("127.0.0.2", ports["tcp"])})["c"]
+
+
 def test_restart_keeps_policies_and_stop_removes_everything(tmp_path):
     a = make_agent(tmp_path, "restart-")
     try:
@@ -406,17 +411,16 @@ def test_restart_keeps_policies_and_stop_removes_everything(tmp_path):
             maps.install_policy(cgid, "ctr", compiled(), pin_dir=a.pin_dir)
             again = json.loads(a.run("--load-only", "--no-lsm").stdout)
             assert again["cgroup_programs"] == "pinned"  # re-used, not reloaded
-            check = lambda ports: {"c": op_connect("127.0.0.2", ports["tcp"])}  # noqa: E731
-            assert in_cgroup(path, check) == {"c": "EPERM"}
+            assert _connect_in(path) == "EPERM"
             # stop: programs detached, pins gone, the container is no longer filtered
             a.run("--stop")
             assert not os.path.exists(a.pin_dir)
-            assert in_cgroup(path, check) == {"c": "ok"}
+            assert _connect_in(path) == "ok"
             # a fresh start loads from the bytecode cache, without recompiling
             third = json.loads(a.run("--load-only", "--no-lsm").stdout)
             assert third["cgroup_programs"] == "cache"
             maps.install_policy(cgid, "ctr", compiled(), pin_dir=a.pin_dir)
-            assert in_cgroup(path, check) == {"c": "EPERM"}
+            assert _connect_in(path) == "EPERM"
             maps.remove_policy(cgid, a.pin_dir)
         finally:
             os.rmdir(path)
@@ -444,8 +448,7 @@ def test_maps_with_an_older_layout_are_replaced_and_programs_reloaded(tmp_path):
         path, cgid = a.container_cgroup("ctr")
         try:
             maps.install_policy(cgid, "ctr", compiled(), pin_dir=a.pin_dir)
-            check = lambda ports: {"c": op_connect("127.0.0.2", ports["tcp"])}  # noqa: E731
-            assert in_cgroup(path, check) == {"c": "EPERM"}
+            assert _connect_in(path) == "EPERM"
             maps.remove_policy(cgid, a.pin_dir)
         finally:
             os.rmdir(path)
