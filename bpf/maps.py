@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from stockade.bpf import bpfsys
 from stockade.runtime.errors import NotSupported, SpecError
 
-PIN_DIR = os.environ.get("STOCKADE_BPF_PIN_DIR", "/sys/fs/bpf/stockade")
+PIN_DIR = bpfsys.PIN_DIR
 
 
 @dataclass(frozen=True)

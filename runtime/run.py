@@ -333,7 +333,8 @@ def _profile_cache_key(name: str) -> str | None:
         return None
     code = [os.path.join(profiles, m) for m in sorted(os.listdir(profiles)) if m.endswith(".py")]
     inputs = [found[0], *code]
-    stamp = "|".join(f"{path}:{os.stat(path).st_mtime_ns}:{os.stat(path).st_size}" for path in inputs)
+    stats = [(path, os.stat(path)) for path in inputs]
+    stamp = "|".join(f"{path}:{st.st_mtime_ns}:{st.st_size}" for path, st in stats)
     uname = os.uname()
     return sha256(f"{stamp}|{uname.release}|{uname.machine}".encode()).hexdigest()[:32]
 
