@@ -46,7 +46,7 @@ def make_bundle(root: Path, seccomp: bool = False) -> Path:
     return bundle
 
 
-def commands(bundle: Path, state: Path) -> dict[str, callable]:
+def commands(bundle: Path, state: Path, baseline: str | None = None) -> dict[str, callable]:
     def oci(prefix: list[str], binary: str):  # noqa: ANN202
         def cmd(cid: str) -> list[str]:
             return [
@@ -62,8 +62,10 @@ def commands(bundle: Path, state: Path) -> dict[str, callable]:
 
         return cmd
 
+    baseline_cmds = {"stockade-oci baseline": oci([], baseline)} if baseline else {}
     return {
         "stockade-oci": oci([], str(VENV_BIN / "stockade-oci")),
+        **baseline_cmds,
         "runc": oci([], "runc"),
         "crun": oci(CRUN_WRAP, "crun"),
         "crun-wrapper-only": lambda cid: [*CRUN_WRAP, "true"],
@@ -88,8 +90,8 @@ def timed(cmd: list[str]) -> float:
     return elapsed * 1000
 
 
-def cold_start(bundle: Path, state: Path, runs: int) -> dict[str, list[float]]:
-    cmds = commands(bundle, state)
+def cold_start(bundle: Path, state: Path, runs: int, baseline: str | None = None) -> dict[str, list[float]]:
+    cmds = commands(bundle, state, baseline)
     samples: dict[str, list[float]] = {name: [] for name in cmds}
     names = list(cmds)
     for i in range(runs + 2):  # two warm-up rounds (page cache, pyc) are dropped
@@ -155,6 +157,11 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--seccomp", action="store_true", help="every runtime gets the runtime-default filter")
+    p.add_argument(
+        "--baseline",
+        metavar="LAUNCHER",
+        help="also measure this stockade-oci (e.g. a launcher over an older checkout) in the same run",
+    )
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root")
@@ -179,7 +186,7 @@ def _measure(args: argparse.Namespace) -> int:
                 ]
                 for name in ("runc", "crun")
             },
-            "cold_start": summarize(cold_start(bundle, state, args.runs)),
+            "cold_start": summarize(cold_start(bundle, state, args.runs, args.baseline)),
             "idle_memory": idle_memory(bundle, state),
         }
     print(json.dumps(result, indent=2))

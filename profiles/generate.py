@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stockade.profiles.analyze import merge
-from stockade.profiles.groups import DANGEROUS, GROUPS, group_of
+from stockade.profiles.groups import DANGEROUS, GROUPS, group_of, ioctl_allow_rules
 from stockade.profiles.model import Arg, Profile, Rule, Seccomp, native_arch
 from stockade.runtime.errors import SpecError
 
@@ -47,6 +47,9 @@ def generate(
     rules: list[Rule] = []
     clone = {"clone", "clone3"} & names
     names -= clone
+    if "ioctl" in names:  # every request but the ones that inject terminal input
+        names.discard("ioctl")
+        rules += [Rule.from_dict(r, "ioctl") for r in ioctl_allow_rules()]
     by_group: dict[str, list[str]] = {}
     for n in sorted(names):
         by_group.setdefault(group_of(n), []).append(n)

@@ -539,3 +539,42 @@ def group_of(name: str) -> str:
         if name in names:
             return group
     return "other"
+
+
+# ioctl requests no built-in profile allows: each injects input into a terminal, the caller's
+# one included when the container shares it (TIOCSTI: CVE-2017-5226; TIOCLINUX's paste selection).
+DENIED_IOCTLS: dict[str, int] = {"TIOCSTI": 0x5412, "TIOCLINUX": 0x541C}
+
+
+def ioctl_allow_classes(denied: tuple[int, ...] = tuple(DENIED_IOCTLS.values())) -> list[tuple[int, int]]:
+    """(mask, value) pairs whose union is every 32-bit ioctl request except `denied`.
+
+    libseccomp cannot combine "allow ioctl" with "deny ioctl when the request is X" (the
+    unconditional rule wins), and the kernel reads only the request's low 32 bits, so a 64-bit
+    "not equal" compare could be bypassed: the profiles allow ioctl through one SCMP_CMP_MASKED_EQ
+    rule per class instead (a binary trie of the denied values, one class per branch left)."""
+    classes: list[tuple[int, int]] = []
+
+    def walk(mask: int, value: int, rest: list[int], bit: int) -> None:
+        if not rest:
+            classes.append((mask, value))
+        elif bit >= 0:
+            b = 1 << bit
+            for side in (0, b):
+                walk(mask | b, value | side, [v for v in rest if v & b == side], bit - 1)
+
+    walk(0, 0, sorted(denied), 31)
+    return classes
+
+
+def ioctl_allow_rules() -> list[dict]:
+    """The OCI seccomp rules that allow ioctl except DENIED_IOCTLS (built-in profiles hold these)."""
+    return [
+        {
+            "names": ["ioctl"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [{"index": 1, "value": mask, "valueTwo": value, "op": "SCMP_CMP_MASKED_EQ"}],
+            "comment": "ioctl: every request but " + " and ".join(DENIED_IOCTLS) + " (profiles.groups)",
+        }
+        for mask, value in ioctl_allow_classes()
+    ]

@@ -71,8 +71,9 @@ def send_master(sock: socket.socket, master: int, name: str) -> None:
 
 
 def make_controlling(slave: int) -> None:
-    """New session with the pty slave as controlling terminal and fds 0-2."""
-    os.setsid()
+    """The pty slave as controlling terminal (of a new session, unless we lead one) and fds 0-2."""
+    if os.getsid(0) != os.getpid():
+        os.setsid()
     fcntl.ioctl(slave, TIOCSCTTY, 0)
     for fd in (0, 1, 2):
         os.dup2(slave, fd)

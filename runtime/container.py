@@ -153,8 +153,12 @@ def _create_in(
         console_socket=opts.console_socket,
         no_pivot=opts.no_pivot,
         on_created=on_created,
-        run_create_container_hooks=_in_container_hooks("createContainer", spec.hooks.create_container, state),
-        run_start_container_hooks=_in_container_hooks("startContainer", spec.hooks.start_container, state),
+        run_create_container_hooks=_in_container_hooks(
+            "createContainer", spec.hooks.create_container, state, opts.preserve_fds
+        ),
+        run_start_container_hooks=_in_container_hooks(
+            "startContainer", spec.hooks.start_container, state, opts.preserve_fds
+        ),
         preserve_fds=opts.preserve_fds,
     )
     pid = init.spawn(launch)
@@ -239,7 +243,12 @@ def _remove_bpf(state: State) -> None:
     remove(state)
 
 
-def _in_container_hooks(kind: str, hooks: list, state: State) -> Callable[[], None] | None:
+def _in_container_hooks(
+    kind: str, hooks: list, state: State, preserve_fds: int
+) -> Callable[[], None] | None:
+    """Hooks the init runs in the container. Their binaries are the image's (startContainer), so
+    they are executed through the trampoline, like the workload; the descriptors preserved for the
+    workload are close-on-exec meanwhile, as every other descriptor of the init is."""
     if not hooks:
         return None
 
@@ -247,9 +256,22 @@ def _in_container_hooks(kind: str, hooks: list, state: State) -> Callable[[], No
         from .hooks import run_hooks
         from .init import host_pid
 
-        run_hooks(kind, hooks, _oci_state(state, "created", host_pid()))
+        preserved = [fd for fd in range(3, 3 + preserve_fds) if _set_inheritable(fd, False)]
+        try:
+            run_hooks(kind, hooks, _oci_state(state, "created", host_pid()), in_container=True)
+        finally:
+            for fd in preserved:
+                _set_inheritable(fd, True)
 
     return run
+
+
+def _set_inheritable(fd: int, on: bool) -> bool:
+    try:
+        os.set_inheritable(fd, on)
+    except OSError:
+        return False
+    return True
 
 
 def _spec_json(spec: Any, bundle: str) -> str:
@@ -420,6 +442,7 @@ def exec_process(
     console_socket: str | None = None,
     detach: bool = False,
     pid_file: Path | None = None,
+    preserve_fds: int = 0,
 ) -> int:
     """OCI `exec`: run another process in a running container; its exit code, or its pid if detached."""
     from . import init
@@ -444,6 +467,8 @@ def exec_process(
         console_socket=console_socket,
         detach=detach,
         pid_file=pid_file,
+        preserve_fds=preserve_fds,
+        pid_start=state.pid_start,
     )
 
 

@@ -15,15 +15,17 @@ travels back as a StockadeError and the init exits, so `create` fails with nothi
 (mounts live in the init's mount namespace and die with it).
 
 Every module the child needs is imported before fork: after pivot_root the runtime's files are
-out of sight. Until execve the init is the host's Python binary, so it makes itself non-dumpable
-before it waits (a container process must not reach /proc/<init>/exe).
+out of sight. Until its last execve the init is the host's Python binary: it is non-dumpable from
+its fork, and that execve goes through a sealed trampoline (trampoline.py), so nothing in the
+container can reach the host's binary through /proc.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 
-from . import capabilities, devices, mounts, namespaces, rlimits
+from . import capabilities, devices, mounts, namespaces, procfs, rlimits, trampoline
 from . import syscalls as sc
 from .errors import ContainerError, NotSupported, SpecError, StockadeError
 from .idmap import write_maps
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+DEVPTS_SUPER_MAGIC = 0x1CD1
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Message tags, child -> runtime.
@@ -94,7 +97,9 @@ def spawn(launch: Launch) -> int:
     _preload(launch.spec.process, launch.seccomp_program)
     _preload_hooks(launch)
     body = lambda w, r: _Init(launch, w, r).run()  # noqa: E731
-    pid, to_parent_r, to_child_w = _fork_child(body, launch.cgroup_dir, _clone_namespaces(launch))
+    pid, to_parent_r, to_child_w = _fork_child(
+        body, launch.preserve_fds, launch.cgroup_dir, _clone_namespaces(launch)
+    )
     return _supervise(pid, to_parent_r, to_child_w, launch=launch)
 
 
@@ -118,13 +123,24 @@ _cloned_namespaces = 0
 
 
 def _fork_child(
-    body: Callable[[int, int], None], cgroup_dir: str | None = None, clone_namespaces: int = 0
+    body: Callable[[int, int], None],
+    preserve_fds: int,
+    cgroup_dir: str | None = None,
+    clone_namespaces: int = 0,
 ) -> tuple[int, int, int]:
     """Fork with a pipe each way. The child runs body(to_parent_w, to_child_r) and never returns;
     the parent gets (pid, to_parent_r, to_child_w). As child subreaper, the parent can reap the
     grandchild that becomes the container's process. With `cgroup_dir` (cgroup2) the child is born
-    in that cgroup, or joins it first where clone3 cannot place it."""
+    in that cgroup, or joins it first where clone3 cannot place it.
+
+    The parent becomes non-dumpable first (the child inherits it): see trampoline. The child starts
+    a session of its own, without a controlling terminal (the caller's terminal stays out of reach
+    of TIOCSTI), and closes every descriptor but stdio, the `preserve_fds` after them, its pipes
+    and the trampoline: close-on-exec is not enough while the init runs, since a working
+    directory of /proc/self/fd/N reaches any open one (CVE-2024-21626)."""
+    sc.set_dumpable(False)
     sc.set_child_subreaper()
+    exec_fd = trampoline.fd()
     to_parent_r, to_parent_w = os.pipe()
     to_child_r, to_child_w = os.pipe()
     pid, join, cloned = _fork_into(cgroup_dir, clone_namespaces)
@@ -135,6 +151,8 @@ def _fork_child(
         def child() -> None:
             global _cloned_namespaces
             _cloned_namespaces = cloned
+            sc.close_fds_from(3 + preserve_fds, keep=(to_parent_w, to_child_r, exec_fd))
+            os.setsid()
             _join_cgroups(join)
             body(to_parent_w, to_child_r)
 
@@ -212,8 +230,10 @@ def exec_process(
     detach: bool = False,
     pid_file: Path | None = None,
     preserve_fds: int = 0,
+    pid_start: int = 0,
 ) -> int:
-    """`runc exec`: run `process` inside the namespaces and cgroups of container init `pid`.
+    """`runc exec`: run `process` inside the namespaces and cgroups of container init `pid`
+    (started at `pid_start`, in clock ticks: a pid that was reused is refused).
 
     Returns the exit code (128+signal) when attached, the new process's host pid when detached.
     """
@@ -231,7 +251,7 @@ def exec_process(
 
     def body(to_parent_w: int, to_child_r: int) -> None:
         _Exec(
-            pid,
+            (pid, pid_start),
             spec,
             process,
             cgroup_procs,
@@ -243,7 +263,7 @@ def exec_process(
             to_child_r,
         ).run()
 
-    child, to_parent_r, to_child_w = _fork_child(body, cgroup_dir)
+    child, to_parent_r, to_child_w = _fork_child(body, preserve_fds, cgroup_dir)
     worker = _supervise(child, to_parent_r, to_child_w)
     if pid_file is not None:
         _write_pid_file(str(pid_file), worker)
@@ -546,12 +566,40 @@ def _become_user(process: Process) -> None:
         ) from None
     if user.umask is not None:
         os.umask(user.umask)
+    _enter_cwd(process.cwd, user.uid)
+
+
+def _enter_cwd(cwd: str, uid: int = 0) -> None:
+    """chdir, then make sure the directory is inside the container's root: a cwd such as
+    /proc/self/fd/N resolves to whatever descriptor N is and can leave the root (CVE-2024-21626);
+    the kernel then reports the path as unreachable and getcwd fails."""
     try:
-        os.chdir(process.cwd)
+        os.chdir(cwd)
     except OSError as exc:
         raise StockadeError(
-            f"cannot enter cwd {process.cwd!r} as uid {user.uid}: {exc.strerror}", where="process.cwd"
+            f"cannot enter cwd {cwd!r} as uid {uid}: {exc.strerror}", where="process.cwd"
         ) from None
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise StockadeError(
+            f"cwd {cwd!r} is outside the container's root filesystem: refusing a possible breakout",
+            where="process.cwd",
+            hint="use a directory inside the container; /proc/self/fd/N names the runtime's descriptors",
+        ) from None
+
+
+def _join_new_keyring() -> None:
+    """A fresh anonymous session keyring, as runc does: the caller's session keyring (and the keys
+    it links) stays out of the container. Where keyctl itself is unavailable (no CONFIG_KEYS, or a
+    filter this process runs under already denies it), so is every keyring to the workload."""
+    try:
+        sc.join_session_keyring()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EPERM):
+            raise StockadeError(
+                f"cannot join a new session keyring: {exc.strerror}", where="container init"
+            ) from None
 
 
 def _finish_and_exec(
@@ -574,7 +622,8 @@ def _finish_and_exec(
             _set_apparmor(process.apparmor_profile)
         if process.no_new_privileges:
             sc.set_no_new_privs()
-        sc.close_range(3 + preserve_fds)
+        exec_path, exec_argv = trampoline.argv(path, process.args)
+        sc.close_fds_from(3 + preserve_fds, keep=(trampoline.fd(),))
         if seccomp_program is not None:
             from .seccomp import load_program  # last: the filter also applies to us from here on
 
@@ -591,27 +640,20 @@ def _finish_and_exec(
     for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):
         _signal.signal(sig, _signal.SIG_DFL)
     try:
-        os.execve(path, process.args, env)
+        os.execve(exec_path, exec_argv, env)
     except OSError as exc:
         _stderr(f"stockade: exec {process.args[0]!r}: {exc.strerror}")
         raise _Reported(127 if exc.errno == 2 else 126) from None
 
 
-def _hide_runtime() -> None:
-    """Until execve (which makes the workload dumpable again) this process is the host's Python:
-    non-dumpable, processes in the container cannot open its /proc/<pid>/exe, fds or memory
-    (the CVE-2019-5736 route to overwriting the host binary)."""
-    sc.set_dumpable(False)
-
-
 def _set_apparmor(profile: str) -> None:
-    for path in ("/proc/self/attr/apparmor/exec", "/proc/self/attr/exec"):
+    for name in ("attr/apparmor/exec", "attr/exec"):
         try:
-            with open(path, "w") as f:
-                f.write(f"exec {profile}")
+            procfs.write(procfs.self_path(name), f"exec {profile}", "process.apparmorProfile")
             return
-        except FileNotFoundError:
-            continue
+        except StockadeError:
+            if os.path.exists(procfs.self_path(name)):
+                raise
     raise StockadeError(f"cannot set AppArmor profile {profile!r}", where="process.apparmorProfile")
 
 
@@ -642,6 +684,9 @@ class _Init:
             sock = console.connect(launch.console_socket)
 
         capabilities.check_grantable(process.capabilities)
+        # Before any user namespace: the init is non-dumpable, so its /proc/self files stay the
+        # host root's (runc also writes this first).
+        _apply_oom_score_adj(process.oom_score_adj, "process.oomScoreAdj")
         try:
             fifo = os.open(launch.exec_fifo, os.O_PATH | os.O_CLOEXEC)
         except OSError as exc:
@@ -677,7 +722,11 @@ class _Init:
         if netns is not None and not netns.path:
             namespaces.loopback_up()
         if linux.time_offsets:
+            # timens_offsets of a non-dumpable process belongs to host root, not to the new user
+            # namespace's root; the init is still outside the container's pid namespace here.
+            sc.set_dumpable(userns is not None)
             namespaces.set_time_offsets(linux.time_offsets)
+            sc.set_dumpable(False)
         timens = linux.namespace("time")
         if linux.namespace("pid") is not None or (timens is not None and not timens.path):
             # New pid and time namespaces apply to children only: the workload is the child.
@@ -725,6 +774,7 @@ class _Init:
         launch, spec = self.launch, self.spec
         linux, process = spec.linux, spec.process
         rootfs = str(launch.rootfs)
+        _join_new_keyring()
         mounts.prepare_root(rootfs, linux.rootfs_propagation)
         rootfd = mounts.open_root(rootfs)
         mounts.mount_all(spec.mounts, rootfd, str(launch.bundle), launch.cgroup_mounts or {})
@@ -760,7 +810,6 @@ class _Init:
             console.make_controlling(slave)
         if process.rlimits:
             rlimits.apply(process.rlimits)
-        _apply_oom_score_adj(process.oom_score_adj, "process.oomScoreAdj")
         if not os.path.isdir("/proc/self/fd"):
             raise SpecError(
                 "the container has no /proc",
@@ -773,10 +822,10 @@ class _Init:
                 where=str(launch.exec_fifo),
                 hint="it must be writable by the container's root",
             )
+        _enter_cwd(process.cwd)  # as root: `create` fails, not the start (again as the user later)
         env = _environment(process)
         path = _find_executable(process, env)
 
-        _hide_runtime()
         _send(self.wfd, _READY)
         os.close(self.wfd)
         os.close(self.rfd)
@@ -805,6 +854,12 @@ class _Init:
 
         ptmx = open_in_root(rootfd, "/dev/pts/ptmx")
         try:
+            if sc.fs_type(ptmx) != DEVPTS_SUPER_MAGIC:  # not a device node the image brought along
+                raise SpecError(
+                    "/dev/pts/ptmx is not on a devpts filesystem",
+                    where="mounts",
+                    hint="mount devpts (newinstance) at /dev/pts for a terminal",
+                )
             master, slave, number = console.open_pty(fd_path(ptmx), self.spec.process.console_size)
         finally:
             os.close(ptmx)
@@ -818,8 +873,7 @@ class _Init:
     def _sysctl(self) -> None:
         for key, value in self.spec.linux.sysctl.items():
             try:
-                with open(sysctl_path(key), "w") as f:
-                    f.write(value)
+                procfs.write(sysctl_path(key), value, f"linux.sysctl.{key}")
             except OSError as exc:
                 raise StockadeError(
                     f"cannot set sysctl {key}={value!r}: {exc.strerror}", where=f"linux.sysctl.{key}"
@@ -828,7 +882,7 @@ class _Init:
     def _wait_for_start(self, fifo: int) -> None:
         """Block until `start` opens the fifo for reading; the fd is reopened via /proc (the host path
         is gone after pivot_root)."""
-        fd = os.open(f"/proc/self/fd/{fifo}", os.O_WRONLY | os.O_CLOEXEC)
+        fd = procfs.open_file(procfs.self_path(f"fd/{fifo}"), os.O_WRONLY, "exec fifo", magic_link=True)
         try:
             os.write(fd, b"0")
         finally:
@@ -844,7 +898,7 @@ class _Init:
 class _Exec:
     def __init__(
         self,
-        pid: int,
+        init: tuple[int, int],
         spec: Spec,
         process: Process,
         cgroup_procs: list[str],
@@ -855,7 +909,7 @@ class _Exec:
         wfd: int,
         rfd: int,
     ) -> None:
-        self.pid, self.spec, self.process = pid, spec, process
+        (self.pid, self.pid_start), self.spec, self.process = init, spec, process
         self.cgroup_procs, self.seccomp_program, self.seccomp_flags = (
             cgroup_procs,
             seccomp_program,
@@ -872,7 +926,8 @@ class _Exec:
 
             sock = console.connect(self.console_socket)
         capabilities.check_grantable(process.capabilities)
-        opened = namespaces.open_process(self.pid)
+        _apply_oom_score_adj(process.oom_score_adj, "process.oomScoreAdj")  # see _Init.run
+        opened = namespaces.open_process(self.pid, self.pid_start)
         _join_cgroups(self.cgroup_procs)
         namespaces.join(opened)
         if any(kind == "user" for kind, _ in opened):
@@ -896,10 +951,10 @@ class _Exec:
             console.make_controlling(slave)
         if process.rlimits:
             rlimits.apply(process.rlimits)
-        _apply_oom_score_adj(process.oom_score_adj, "process.oomScoreAdj")
+        _join_new_keyring()
+        _enter_cwd(process.cwd)  # as root: fails at exec time, not after (again as the user below)
         env = _environment(process)
         path = _find_executable(process, env)
-        _hide_runtime()
         _send(self.wfd, _READY)
         os.close(self.wfd)
         os.close(self.rfd)

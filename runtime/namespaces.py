@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 from . import syscalls as sc
 from .errors import StockadeError
 from .spec import Namespace
+from .state import process_start_time
 
 FLAGS = {
     "user": sc.CLONE_NEWUSER,
@@ -98,8 +100,36 @@ def same_namespace(pid: int, kind: str) -> bool:
     return inode(pid, kind) == inode("self", kind)
 
 
-def open_process(pid: int) -> list[tuple[str, int]]:
-    """Open the namespaces of a running process that differ from ours, in join order."""
+def open_process(pid: int, start_time: int = 0) -> list[tuple[str, int]]:
+    """Open the namespaces of a running process that differ from ours, in join order. With
+    `start_time` (clock ticks, /proc/<pid>/stat) they must be that process's: a container init
+    that exited and whose pid went to another process (the host's, say) is refused."""
+    pidfd = os.pidfd_open(pid) if start_time else -1  # holds on to this very process
+    try:
+        if start_time and process_start_time(pid) != start_time:
+            raise OSError(errno.ESRCH, "the container's process has exited")
+        opened = _open_namespaces(pid)
+        if start_time and _exited(pidfd):
+            close_all(opened)
+            raise OSError(errno.ESRCH, "the container's process has exited")
+    except OSError as exc:
+        raise StockadeError(
+            f"cannot open the namespaces of process {pid}: {exc.strerror}",
+            hint="is the container still running?",
+        ) from None
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+    return opened
+
+
+def _exited(pidfd: int) -> bool:
+    import select  # only `exec` needs it
+
+    return bool(select.select([pidfd], [], [], 0)[0])  # a pidfd is readable once its process exits
+
+
+def _open_namespaces(pid: int) -> list[tuple[str, int]]:
     opened = []
     try:
         for kind in JOIN_ORDER:
@@ -109,12 +139,9 @@ def open_process(pid: int) -> list[tuple[str, int]]:
                 opened.append(
                     (kind, os.open(f"/proc/{pid}/ns/{PROC_NAMES[kind]}", os.O_RDONLY | os.O_CLOEXEC))
                 )
-    except OSError as exc:
+    except OSError:
         close_all(opened)
-        raise StockadeError(
-            f"cannot open the namespaces of process {pid}: {exc.strerror}",
-            hint="is the container still running?",
-        ) from None
+        raise
     return opened
 
 

@@ -308,6 +308,7 @@ def _exec(args: argparse.Namespace) -> int:
         console_socket=args.console_socket,
         detach=args.detach,
         pid_file=args.pid_file or None,
+        preserve_fds=args.preserve_fds,
     )
     return 0 if args.detach else result
 

@@ -73,6 +73,8 @@ _SYS_PIVOT_ROOT = 155
 _SYS_OPENAT2 = 437
 _SYS_CLOSE_RANGE = 436
 _SYS_SETNS = 308
+_SYS_KEYCTL = 250
+KEYCTL_JOIN_SESSION_KEYRING = 1
 
 
 def _check(ret: int, what: str = "") -> int:
@@ -157,6 +159,11 @@ def set_dumpable(on: bool) -> None:
     prctl(PR_SET_DUMPABLE, 1 if on else 0)
 
 
+def join_session_keyring() -> int:
+    """keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL): a new anonymous session keyring; its serial."""
+    return _check(_syscall(_SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None), "keyctl")
+
+
 def set_keepcaps(on: bool) -> None:
     prctl(PR_SET_KEEPCAPS, 1 if on else 0)
 
@@ -176,8 +183,28 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> i
     return _check(_syscall(_SYS_OPENAT2, dirfd, _b(path), ctypes.byref(how), ctypes.sizeof(how)), path)
 
 
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]  # struct statfs: 120 bytes
+
+
+def fs_type(fd: int) -> int:
+    """fstatfs(2)'s f_type: which filesystem `fd` is on (PROC_SUPER_MAGIC, DEVPTS_SUPER_MAGIC...)."""
+    buf = _StatFs()
+    _check(_libc.fstatfs(fd, ctypes.byref(buf)), "fstatfs")
+    return buf.f_type
+
+
 def close_range(first: int, last: int = 0xFFFFFFFF) -> None:
     _check(_syscall(_SYS_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(last), 0), "close_range")
+
+
+def close_fds_from(first: int, keep: tuple[int, ...] = ()) -> None:
+    """Close every descriptor from `first` up, except those in `keep`."""
+    for fd in sorted(k for k in keep if k >= first):
+        if fd > first:
+            close_range(first, fd - 1)
+        first = fd + 1
+    close_range(first)
 
 
 CLONE_INTO_CGROUP = 0x200000000
