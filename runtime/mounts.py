@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 from . import syscalls as sc
 from .errors import StockadeError
@@ -246,18 +247,47 @@ def set_root_propagation(propagation: str) -> None:
 
 def mask(paths: list[str]) -> None:
     """Hide files behind /dev/null and directories behind an empty read-only tmpfs."""
-    for i, path in enumerate(paths):
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY, "size=0k")
-            else:
-                sc.mount("/dev/null", path, None, sc.MS_BIND)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise StockadeError(
-                f"cannot mask {path}: {exc.strerror}", where=f"linux.maskedPaths[{i}]"
-            ) from None
+    if not paths:
+        return
+    null = _real_dev_null()
+    try:
+        for i, path in enumerate(paths):
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY, "size=0k")
+                else:
+                    sc.mount(fd_path(null), path, None, sc.MS_BIND)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StockadeError(
+                    f"cannot mask {path}: {exc.strerror}", where=f"linux.maskedPaths[{i}]"
+                ) from None
+    finally:
+        os.close(null)
+
+
+def _real_dev_null() -> int:
+    """The container's /dev/null, held open, once it is known to be the null device: bound by
+    name, a /dev/null the image (or a racing process) made a symlink to some /proc file would put
+    that file where a masked path was meant to hide one (the CVE-2025-31133 class)."""
+    from . import procfs
+
+    where = "linux.maskedPaths"
+    try:
+        fd = os.open("/dev/null", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StockadeError(f"cannot open /dev/null: {exc.strerror}", where=where) from None
+    st = os.fstat(fd)
+    if not (stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 1 and os.minor(st.st_rdev) == 3):
+        os.close(fd)
+        raise StockadeError(
+            "/dev/null in the container is not the null device",
+            where=where,
+            hint="mount a tmpfs at /dev (as runc spec does) or fix the image's /dev/null",
+        )
+    procfs.check_root(where)  # fd_path(fd) goes through the container's /proc
+    return fd
 
 
 def make_readonly(paths: list[str]) -> None:

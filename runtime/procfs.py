@@ -32,15 +32,8 @@ def open_file(path: str, flags: int, where: str, magic_link: bool = False) -> in
     relative = path.removeprefix("/proc/")
     if relative == path:
         raise ValueError(path)
+    root = _open_root(where)
     try:
-        root = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise StockadeError(f"cannot open /proc: {exc.strerror}", where=where) from None
-    try:
-        if sc.fs_type(root) != PROC_SUPER_MAGIC:
-            raise StockadeError(
-                "/proc in the container is not a procfs", where=where, hint="mount proc at /proc"
-            )
         how = RESOLVE_NO_XDEV | sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS
         try:
             return sc.openat2(root, relative, flags, how)
@@ -49,6 +42,22 @@ def open_file(path: str, flags: int, where: str, magic_link: bool = False) -> in
             raise StockadeError(f"cannot open {path}: {reason}", where=where) from None
     finally:
         os.close(root)
+
+
+def _open_root(where: str) -> int:
+    try:
+        root = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StockadeError(f"cannot open /proc: {exc.strerror}", where=where) from None
+    if sc.fs_type(root) != PROC_SUPER_MAGIC:
+        os.close(root)
+        raise StockadeError("/proc in the container is not a procfs", where=where, hint="mount proc at /proc")
+    return root
+
+
+def check_root(where: str) -> None:
+    """/proc is a procfs (so /proc/self/fd/N names our own descriptor N)."""
+    os.close(_open_root(where))
 
 
 def write(path: str, text: str, where: str) -> None:

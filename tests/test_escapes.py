@@ -639,3 +639,21 @@ def test_sysctl_is_not_written_through_a_mount_over_proc(stockade_oci: Runtime, 
     done = _run_once(stockade_oci, bundle)
     assert done.returncode != 0 and "mounted over it" in done.stderr, done.stderr
     assert "linux.sysctl.kernel.domainname" in done.stderr
+
+
+def test_masking_uses_the_real_dev_null(stockade_oci: Runtime, tmp_path: Path) -> None:
+    """A process that swaps the container's /dev/null for a symlink between the device set-up and
+    the masking (a createContainer hook stands in for the racing process of CVE-2025-31133) must
+    not get another /proc file bound where a masked path was."""
+    bundle = _bundle(tmp_path, ["sh", "-c", "head -c 20 /proc/timer_list; echo"])
+    swap = tmp_path / "swap-dev-null"
+    swap.write_text(
+        f"#!/bin/sh\nrm -f {bundle}/rootfs/dev/null && ln -s /etc/passwd {bundle}/rootfs/dev/null\n"
+    )
+    swap.chmod(0o755)
+    config = _config(bundle)
+    config["hooks"] = {"createContainer": [{"path": str(swap)}]}
+    write_config(bundle, config)
+    done = _run_once(stockade_oci, bundle)
+    assert "root:" not in done.stdout  # the image's /etc/passwd never shows through /proc/timer_list
+    assert done.returncode != 0 and "not the null device" in done.stderr, done.stdout + done.stderr
