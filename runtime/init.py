@@ -612,22 +612,28 @@ def _finish_and_exec(
     seccomp_flags: list[str],
 ) -> None:
     """Everything from the user switch to execve; failures go to the container's stderr."""
+    if seccomp_program is not None:
+        from .seccomp import load_program
+    # Without no_new_privs the kernel loads a filter only for CAP_SYS_ADMIN: then it goes in
+    # while we still have it, and also covers the user switch and the capability drop (runc's
+    # order; engines' default profiles allow those calls). With no_new_privs, as late as possible.
+    early = seccomp_program is not None and not process.no_new_privileges
     try:
+        if process.apparmor_profile:
+            _set_apparmor(process.apparmor_profile)
+        if process.no_new_privileges:
+            sc.set_no_new_privs()
+        if early:
+            load_program(seccomp_program, seccomp_flags)
         capabilities.drop_bounding(process.capabilities)
         _become_user(process)
         capabilities.apply(process.capabilities)
         if personality is not None:
             sc.personality(personality)
-        if process.apparmor_profile:
-            _set_apparmor(process.apparmor_profile)
-        if process.no_new_privileges:
-            sc.set_no_new_privs()
         exec_path, exec_argv = trampoline.argv(path, process.args)
         sc.close_fds_from(3 + preserve_fds, keep=(trampoline.fd(),))
-        if seccomp_program is not None:
-            from .seccomp import load_program  # last: the filter also applies to us from here on
-
-            load_program(seccomp_program, seccomp_flags)
+        if seccomp_program is not None and not early:
+            load_program(seccomp_program, seccomp_flags)  # the filter applies to us from here on
     except StockadeError as exc:
         _stderr(f"stockade: {exc}")
         raise _Reported(1) from None

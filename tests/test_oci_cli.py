@@ -446,3 +446,19 @@ def test_device_rules_bind_the_container(root: Path, bundle: Path, where: str) -
     done = _oci(root, "run", "--bundle", str(bundle), "devs")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "1", "mknod-ok", "null-ok"]
+
+
+@pytest.mark.parametrize("user", [0, 1000])
+def test_engine_default_filter_without_no_new_privs(root: Path, bundle: Path, user: int) -> None:
+    """What podman, containerd's CRI plugin and Docker send by default: the RuntimeDefault filter,
+    noNewPrivileges unset, no CAP_SYS_ADMIN. The filter goes in while the init may still load it."""
+    from stockade.profiles import load_profile, profile_seccomp
+
+    config = default_config(["sh", "-c", "id -u; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; exit 3"])
+    config["process"]["noNewPrivileges"] = False
+    config["process"]["user"] = {"uid": user, "gid": user}
+    config["linux"]["seccomp"] = profile_seccomp(load_profile("runtime-default"))
+    write_config(bundle, config)
+    done = _oci(root, "run", "--bundle", str(bundle), "nnp-off")
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.split() == [str(user), "NoNewPrivs:", "0", "Seccomp:", "2"]
