@@ -369,7 +369,10 @@ def kill(root: Path | str, container_id: str, sig: int = signal.SIGTERM, all_pro
         state = store.load(container_id)
         status = _status_of(state, state_dir)
         if status == "stopped" and not all_processes:
-            raise ContainerError(f"container {container_id!r} is not running", hint="nothing to signal")
+            # runc's words: containerd's shim reads them as "already exited"
+            raise ContainerError(
+                "container not running", hint=f"{container_id!r} has exited: nothing to signal"
+            )
         if all_processes:
             cgroup_of(state).kill(sig)
         else:
@@ -377,8 +380,11 @@ def kill(root: Path | str, container_id: str, sig: int = signal.SIGTERM, all_pro
 
 
 def delete(root: Path | str, container_id: str, force: bool = False) -> None:
-    """Remove every trace of the container (OCI `delete`); `force` kills it first."""
+    """Remove every trace of the container (OCI `delete`); `force` kills it first. Like runc,
+    `force` on a container that does not exist succeeds: engines use it to make sure one is gone."""
     store = StateStore(root)
+    if force and not os.path.exists(store.dir(container_id)):
+        return
     with store.lock(container_id) as state_dir:
         state = store.load(container_id)
         status = _status_of(state, state_dir)

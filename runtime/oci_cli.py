@@ -60,7 +60,7 @@ HELP = {
     "log": "append errors and debug messages to this file",
     "systemd_cgroup": "refused: Stockade manages cgroupfs directly",
     "rootless": "accepted for runc compatibility; only 'false'/'auto' work",
-    "no_new_keyring": "accepted: Stockade never joins a new keyring",
+    "no_new_keyring": "accepted and ignored: every container and exec gets a fresh session keyring",
     "allow_degraded": "run even if a BPF layer the policy needs cannot be enforced (reported in state)",
     "keep": "do not delete the container when it exits",
 }

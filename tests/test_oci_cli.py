@@ -284,6 +284,18 @@ def test_commands_on_unknown_container(root: Path) -> None:
     ):
         done = _oci(root, *command)
         assert done.returncode != 0 and "does not exist" in done.stderr, command
+    done = _oci(root, "delete", "--force", "ghost")  # as runc: engines make sure it is gone
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_kill_of_an_exited_container_says_what_runc_says(root: Path, bundle: Path) -> None:
+    """containerd's runc shim matches "container not running" to treat the container as exited."""
+    _set_args(bundle, ["true"])
+    assert _oci(root, "create", "--bundle", str(bundle), "gone").returncode == 0
+    assert _oci(root, "start", "gone").returncode == 0
+    _wait_status(root, "gone", "stopped")
+    done = _oci(root, "kill", "gone", "KILL")
+    assert done.returncode != 0 and "container not running" in done.stderr, done.stderr
 
 
 def test_oom_kill_is_reported_and_exit_code_returned(root: Path, bundle: Path) -> None:
