@@ -202,19 +202,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _log_error(args: argparse.Namespace, message: str) -> None:
-    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+    """The --log file first, always: containerd's shim hands the runtime a read-only /dev/null as
+    stderr for sandboxes and reads the error from the log. A failing stderr hides nothing."""
+    if args.log:
+        import json  # not at the top: the json package costs every start ~6 ms (re, enum)
 
-    print(f"stockade-oci: {message}", file=sys.stderr)
-    if not args.log:
-        return
-    if args.log_format == "json":
-        line = json.dumps(
-            {"level": "error", "msg": message, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        )
-    else:
-        line = f"error: {message}"
-    with open(args.log, "a") as f:
-        f.write(line + "\n")
+        if args.log_format == "json":
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            line = json.dumps({"level": "error", "msg": message, "time": stamp})
+        else:
+            line = f"error: {message}"
+        try:
+            with open(args.log, "a") as f:
+                f.write(line + "\n")
+        except OSError as exc:
+            message += f" (and the log {args.log} could not be written: {exc.strerror})"
+    try:
+        print(f"stockade-oci: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 # ---------------------------------------------------------------- commands

@@ -199,6 +199,19 @@ def test_json_log_for_shims(root: Path, tmp_path: Path) -> None:
     assert entry["level"] == "error" and "does not exist" in entry["msg"]
 
 
+def test_error_reaches_the_log_when_stderr_is_read_only(root: Path, tmp_path: Path) -> None:
+    """containerd's runc shim gives sandboxes a read-only /dev/null as stderr and reads --log."""
+    log = tmp_path / "log.json"
+    with open("/dev/null") as read_only:
+        done = subprocess.run(
+            [OCI, "--root", str(root), "--log", str(log), "--log-format", "json", "kill", "nope"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=read_only, check=False,
+        )
+    assert done.returncode == 1
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["level"] == "error" and "does not exist" in entry["msg"]
+
+
 # ---------------------------------------------------------------- bad input
 
 
