@@ -487,3 +487,14 @@ def test_engine_default_filter_without_no_new_privs(root: Path, bundle: Path, us
     done = _oci(root, "run", "--bundle", str(bundle), "nnp-off")
     assert done.returncode == 3, done.stderr
     assert done.stdout.split() == [str(user), "NoNewPrivs:", "0", "Seccomp:", "2"]
+
+
+def test_containerd_slice_cgroups_path_with_cgroupfs(root: Path, bundle: Path) -> None:
+    """containerd turns a pod cgroup parent ending in ".slice" into slice:prefix:name even with
+    the cgroupfs driver; runc's cgroupfs driver takes it as one directory name, and so do we."""
+    config = _set_args(bundle, ["sh", "-c", "cat /proc/self/cgroup"])
+    config["linux"]["cgroupsPath"] = "stockade-test.slice:cri-containerd:stockade-slice"
+    write_config(bundle, config)
+    done = _oci(root, "run", "--bundle", str(bundle), "stockade-slice")
+    assert done.returncode == 0, done.stderr
+    assert not any(Path("/sys/fs/cgroup").glob("*/stockade-test.slice:cri-containerd:stockade-slice"))

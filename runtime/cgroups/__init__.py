@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import NotSupported, SpecError
+from ..errors import SpecError
 from ..resources import DeviceRule, Resources
 
 DEFAULT_ROOT = "/sys/fs/cgroup"
@@ -80,7 +80,9 @@ def resolve_path(cgroups_path: str | None, container_id: str) -> str:
 
     Unset -> "stockade/<id>". Absolute and relative paths are both taken relative to the hierarchy
     root (Stockade does not nest containers under its own cgroup). The systemd "slice:prefix:name"
-    form is refused: Stockade has no systemd cgroup driver.
+    form, which containerd sends for a pod cgroup parent ending in ".slice" even with the cgroupfs
+    driver, is one directory name, as runc's cgroupfs driver takes it (Stockade has no systemd
+    driver).
     """
     where = "linux.cgroupsPath"
     if not container_id or "/" in container_id or container_id in (".", ".."):
@@ -89,12 +91,6 @@ def resolve_path(cgroups_path: str | None, container_id: str) -> str:
         return f"{DEFAULT_PARENT}/{container_id}"
     if not isinstance(cgroups_path, str):
         raise SpecError(f"must be a string, got {type(cgroups_path).__name__}", where=where)
-    if ":" in cgroups_path and not cgroups_path.startswith("/"):
-        raise NotSupported(
-            f"systemd cgroup path {cgroups_path!r} is not supported",
-            where=where,
-            hint='Stockade has no systemd cgroup driver: use a path such as "/stockade/<id>"',
-        )
     parts = [p for p in cgroups_path.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
         raise SpecError(
