@@ -124,6 +124,7 @@ def _process(args: argparse.Namespace, command: list[str], uid: int, gid: int) -
         "HOME=/root" if uid == 0 else "HOME=/tmp",
         "LANG=C.UTF-8",
         f"TERM={os.environ.get('TERM', 'xterm')}",
+        "container=stockade",  # as podman sets container=podman: what detection tools read
     ]
     for item in args.env:
         if "=" not in item or item.startswith("="):

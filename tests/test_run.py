@@ -246,3 +246,8 @@ def test_loopback_is_up_and_the_only_interface() -> None:
     )
     done = run("--", "python3", "-c", script)
     assert done.stdout.split() == ["lo", "loopback-ok"], done.stderr
+
+
+def test_container_variable_names_the_runtime() -> None:
+    assert sh('echo "$container"').stdout.strip() == "stockade"
+    assert sh('echo "$container"', "--env", "container=other").stdout.strip() == "other"
