@@ -7,11 +7,13 @@ terminal and stdio of the workload and is bind-mounted over /dev/console.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
 import struct
 
+from . import syscalls as sc
 from .errors import StockadeError
 from .spec import ConsoleSize
 
@@ -20,6 +22,7 @@ TIOCGPTN = 0x80045430
 TIOCGPTPEER = 0x5441
 TIOCSWINSZ = 0x5414
 TIOCSCTTY = 0x540E
+DEVPTS_SUPER_MAGIC = 0x1CD1
 
 
 def connect(path: str) -> socket.socket:
@@ -46,6 +49,8 @@ def open_pty(ptmx: str, size: ConsoleSize | None) -> tuple[int, int, int]:
             hint="a terminal needs a devpts mount at /dev/pts (newinstance,ptmxmode=0666)",
         ) from None
     try:
+        if sc.fs_type(master) != DEVPTS_SUPER_MAGIC:  # a device node the image brought along
+            raise OSError(errno.ENOTTY, f"{ptmx} is not on a devpts filesystem")
         fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
         number = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, struct.pack("I", 0)))[0]
         # TIOCGPTPEER opens the slave through the master: no path lookup to race with.
