@@ -104,8 +104,10 @@ def open_process(pid: int, start_time: int = 0) -> list[tuple[str, int]]:
     """Open the namespaces of a running process that differ from ours, in join order. With
     `start_time` (clock ticks, /proc/<pid>/stat) they must be that process's: a container init
     that exited and whose pid went to another process (the host's, say) is refused."""
-    pidfd = os.pidfd_open(pid) if start_time else -1  # holds on to this very process
+    pidfd = -1
     try:
+        if start_time:
+            pidfd = os.pidfd_open(pid)  # holds on to this very process
         if start_time and process_start_time(pid) != start_time:
             raise OSError(errno.ESRCH, "the container's process has exited")
         opened = _open_namespaces(pid)

@@ -16,7 +16,6 @@ from . import syscalls as sc
 from .errors import StockadeError
 
 PROC_SUPER_MAGIC = 0x9FA0
-RESOLVE_NO_XDEV = 0x01
 
 
 def open_file(path: str, flags: int, where: str, magic_link: bool = False) -> int:
@@ -34,7 +33,7 @@ def open_file(path: str, flags: int, where: str, magic_link: bool = False) -> in
         raise ValueError(path)
     root = _open_root(where)
     try:
-        how = RESOLVE_NO_XDEV | sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS
+        how = sc.RESOLVE_NO_XDEV | sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS
         try:
             return sc.openat2(root, relative, flags, how)
         except OSError as exc:
