@@ -128,7 +128,8 @@ def _create_in(
     _enforce_devices(cgroup)
     write_atomic(os.path.join(state_dir, "config.json"), _spec_json(spec, bundle))
     fifo = os.path.join(state_dir, "exec.fifo")
-    os.mkfifo(fifo, 0o600)
+    os.mkfifo(fifo)
+    os.chmod(fifo, 0o622)  # as runc: the init opens it as the container's user (the directory is 0700)
 
     def on_created(pid: int) -> None:
         # The state hooks see has the init's pid while namespaces exist, before pivot_root.

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Message tags, child -> runtime.
-_MAP, _PID, _HOOKS, _READY, _ERROR = b"M", b"P", b"H", b"R", b"E"
+_MAP, _PID, _HOOKS, _MOVED, _READY, _ERROR = b"M", b"P", b"H", b"V", b"R", b"E"
 _OK = b"K"  # runtime -> child
 
 
@@ -212,7 +212,7 @@ def _give_fifo_to_container_root(launch: Launch) -> None:
         return
     uid = next((m.host_id for m in linux.uid_mappings if m.container_id == 0), None)
     gid = next((m.host_id for m in linux.gid_mappings if m.container_id == 0), None)
-    if uid is not None:  # the mode stays as created (0600): the owner is all that needs to write
+    if uid is not None:  # 0622: its other users (the process.user) can open it too
         os.chown(launch.exec_fifo, uid, -1 if gid is None else gid)
 
 
@@ -305,6 +305,9 @@ def _supervise(stage1: int, rfd: int, wfd: int, launch: Launch | None = None) ->
                     if _has_hooks(launch.spec):  # hooks see the container in its cgroups
                         launch.cgroup_move.wait()
                     launch.on_created(init_pid)
+                _send(wfd, _OK)
+            elif tag == _MOVED:  # the init waits for its v1 cgroups before its cgroup namespace
+                launch.cgroup_move.wait()
                 _send(wfd, _OK)
             elif tag == _READY:
                 return init_pid
@@ -601,44 +604,46 @@ def _join_new_keyring() -> None:
             ) from None
 
 
-def _finish_and_exec(
+def _finalize(
     personality: int | None,
     process: Process,
-    path: str,
     env: dict[str, str],
     preserve_fds: int,
     seccomp_program: bytes | None,
     seccomp_flags: list[str],
-) -> None:
-    """Everything from the user switch to execve; failures go to the container's stderr."""
+    keep: tuple[int, ...],
+) -> str:
+    """Everything from the AppArmor label to the seccomp filter, done before the process is
+    released, so that a failure is `create`'s (or `exec`'s) error, as with runc: after `start`
+    only the exec is left. Returns the executable, found with the user's permissions. `keep`:
+    descriptors still needed until then (every other one past the preserved ones is closed)."""
     if seccomp_program is not None:
         from .seccomp import load_program
     # Without no_new_privs the kernel loads a filter only for CAP_SYS_ADMIN: then it goes in
     # while we still have it, and also covers the user switch and the capability drop (runc's
     # order; engines' default profiles allow those calls). With no_new_privs, as late as possible.
     early = seccomp_program is not None and not process.no_new_privileges
-    try:
-        if process.apparmor_profile:
-            _set_apparmor(process.apparmor_profile)
-        if process.no_new_privileges:
-            sc.set_no_new_privs()
-        if early:
-            load_program(seccomp_program, seccomp_flags)
-        capabilities.drop_bounding(process.capabilities)
-        _become_user(process)
-        capabilities.apply(process.capabilities)
-        if personality is not None:
-            sc.personality(personality)
-        exec_path, exec_argv = trampoline.argv(path, process.args)
-        sc.close_fds_from(3 + preserve_fds, keep=(trampoline.fd(),))
-        if seccomp_program is not None and not early:
-            load_program(seccomp_program, seccomp_flags)  # the filter applies to us from here on
-    except StockadeError as exc:
-        _stderr(f"stockade: {exc}")
-        raise _Reported(1) from None
-    except OSError as exc:
-        _stderr(f"stockade: {exc}")
-        raise _Reported(1) from None
+    if process.apparmor_profile:
+        _set_apparmor(process.apparmor_profile)
+    if process.no_new_privileges:
+        sc.set_no_new_privs()
+    if early:
+        load_program(seccomp_program, seccomp_flags)
+    capabilities.drop_bounding(process.capabilities)
+    _become_user(process)
+    capabilities.apply(process.capabilities)
+    if personality is not None:
+        sc.personality(personality)
+    path = _find_executable(process, env)
+    sc.close_fds_from(3 + preserve_fds, keep=(trampoline.fd(), *keep))
+    if seccomp_program is not None and not early:
+        load_program(seccomp_program, seccomp_flags)  # the filter applies to us from here on
+    return path
+
+
+def _exec(path: str, process: Process, env: dict[str, str]) -> None:
+    """The last step, through the trampoline; a failure goes to the container's stderr."""
+    exec_path, exec_argv = trampoline.argv(path, process.args)
     # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive execve, so restore them.
     import _signal
 
@@ -821,37 +826,31 @@ class _Init:
                 where="mounts",
                 hint="mount proc at /proc: the exec fifo is reopened through it",
             )
-        if not os.access(f"/proc/self/fd/{fifo}", os.W_OK):
-            raise StockadeError(
-                "the container's root cannot open the exec fifo for writing",
-                where=str(launch.exec_fifo),
-                hint="it must be writable by the container's root",
-            )
-        _enter_cwd(process.cwd)  # as root: `create` fails, not the start (again as the user later)
         env = _environment(process)
-        path = _find_executable(process, env)
-
+        if self.late_cgroupns:  # rooted at the v1 cgroups the runtime moves us into: wait for them
+            self._ask(_MOVED)
+            namespaces.unshare(sc.CLONE_NEWCGROUP)
+        fd_dir = procfs.open_file(procfs.self_path("fd"), os.O_PATH | os.O_DIRECTORY, "exec fifo")
+        path = _finalize(
+            spec.linux.personality,
+            process,
+            env,
+            launch.preserve_fds,
+            launch.seccomp_program,
+            launch.seccomp_flags,
+            keep=(fifo, fd_dir, self.wfd, self.rfd),
+        )
         _send(self.wfd, _READY)
         os.close(self.wfd)
         os.close(self.rfd)
-        self._wait_for_start(fifo)
-        if self.late_cgroupns:  # `create` had moved us into every cgroup before it returned
-            namespaces.unshare(sc.CLONE_NEWCGROUP)
+        self._wait_for_start(fifo, fd_dir)
         if launch.run_start_container_hooks is not None:
             try:
                 launch.run_start_container_hooks()
             except Exception as exc:  # noqa: BLE001 - a failing hook must stop the container, loudly
                 _stderr(f"stockade: startContainer hook failed: {exc}")
                 raise _Reported(1) from None
-        _finish_and_exec(
-            spec.linux.personality,
-            process,
-            path,
-            env,
-            launch.preserve_fds,
-            launch.seccomp_program,
-            launch.seccomp_flags,
-        )
+        _exec(path, process, env)
 
     def _open_console(self, rootfd: int) -> tuple[int, int, int]:
         from . import console
@@ -878,10 +877,14 @@ class _Init:
                     f"cannot set sysctl {key}={value!r}: {exc.strerror}", where=f"linux.sysctl.{key}"
                 ) from None
 
-    def _wait_for_start(self, fifo: int) -> None:
-        """Block until `start` opens the fifo for reading; the fd is reopened via /proc (the host path
-        is gone after pivot_root)."""
-        fd = procfs.open_file(procfs.self_path(f"fd/{fifo}"), os.O_WRONLY, "exec fifo", magic_link=True)
+    def _wait_for_start(self, fifo: int, fd_dir: int) -> None:
+        """Block until `start` opens the fifo for reading. The O_PATH fd is reopened through
+        /proc/self/fd (the host path is gone after pivot_root), a directory checked before the
+        seccomp filter went in, so this takes only openat, whatever the filter allows."""
+        try:
+            fd = os.open(str(fifo), os.O_WRONLY | os.O_CLOEXEC, dir_fd=fd_dir)
+        finally:
+            os.close(fd_dir)
         try:
             os.write(fd, b"0")
         finally:
@@ -951,18 +954,17 @@ class _Exec:
         if process.rlimits:
             rlimits.apply(process.rlimits)
         _join_new_keyring()
-        _enter_cwd(process.cwd)  # as root: fails at exec time, not after (again as the user below)
         env = _environment(process)
-        path = _find_executable(process, env)
-        _send(self.wfd, _READY)
-        os.close(self.wfd)
-        os.close(self.rfd)
-        _finish_and_exec(
+        path = _finalize(
             self.spec.linux.personality,
             process,
-            path,
             env,
             self.preserve_fds,
             self.seccomp_program,
             self.seccomp_flags,
+            keep=(self.wfd, self.rfd),
         )
+        _send(self.wfd, _READY)
+        os.close(self.wfd)
+        os.close(self.rfd)
+        _exec(path, process, env)

@@ -18,16 +18,8 @@ from .errors import StockadeError
 PROC_SUPER_MAGIC = 0x9FA0
 
 
-def open_file(path: str, flags: int, where: str, magic_link: bool = False) -> int:
-    """Open `path` (absolute, under /proc) in the container's procfs; an fd (close-on-exec).
-    `magic_link`: the last component is one (/proc/<pid>/fd/N), and is followed."""
-    if magic_link:
-        parent, name = os.path.split(path)
-        dirfd = open_file(parent, os.O_PATH | os.O_DIRECTORY, where)
-        try:
-            return os.open(name, flags | os.O_CLOEXEC, dir_fd=dirfd)
-        finally:
-            os.close(dirfd)
+def open_file(path: str, flags: int, where: str) -> int:
+    """Open `path` (absolute, under /proc) in the container's procfs; an fd (close-on-exec)."""
     relative = path.removeprefix("/proc/")
     if relative == path:
         raise ValueError(path)

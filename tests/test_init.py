@@ -132,7 +132,8 @@ def create(bundle: Path, config: dict, **launch_args) -> Created:
     fifo = bundle / "exec.fifo"
     with contextlib.suppress(FileNotFoundError):
         fifo.unlink()
-    os.mkfifo(fifo, 0o600)
+    os.mkfifo(fifo)
+    os.chmod(fifo, 0o622)  # as container.create makes it
     r, w = os.pipe()
     try:
         with _stdio_to(w):

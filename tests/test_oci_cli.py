@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -498,3 +499,26 @@ def test_containerd_slice_cgroups_path_with_cgroupfs(root: Path, bundle: Path) -
     done = _oci(root, "run", "--bundle", str(bundle), "stockade-slice")
     assert done.returncode == 0, done.stderr
     assert not any(Path("/sys/fs/cgroup").glob("*/stockade-test.slice:cri-containerd:stockade-slice"))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"user": {"uid": 1000, "gid": 1000}, "cwd": "/root"}, "cannot enter cwd '/root' as uid 1000"),
+        ({"args": ["/bin/nothing-here"]}, "no such file"),
+        ({"user": {"uid": 1000, "gid": 1000}, "args": ["/bin/root-only"]}, "permission denied"),
+    ],
+)
+def test_a_process_that_cannot_start_fails_at_create(
+    root: Path, bundle: Path, change: dict, reason: str
+) -> None:
+    """Everything but the exec itself happens before the init waits for `start` (runc's order)."""
+    (bundle / "rootfs/root").chmod(0o700)
+    shutil.copy(bundle / "rootfs/bin/busybox", bundle / "rootfs/bin/root-only")
+    (bundle / "rootfs/bin/root-only").chmod(0o700)
+    config = default_config(["true"])
+    config["process"].update(change)
+    write_config(bundle, config)
+    done = _oci(root, "create", "--bundle", str(bundle), "cannot-start")
+    assert done.returncode == 1 and reason in done.stderr, done.stderr
+    assert _oci(root, "state", "cannot-start").returncode != 0  # nothing left behind
