@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cold start and idle memory: stockade-oci vs runc vs crun, same bundle, same run, alternating.
 
-Usage (root): .venv/bin/python bench/coldstart.py [--runs 30] [--seccomp] [--json out.json]
+Usage (root): .venv/bin/python bench/coldstart.py [--runs 30] [--seccomp [--no-nnp]] [--json out.json]
 
 Every runtime runs the identical busybox-static bundle (config from `runc spec`, /bin/true).
 crun refuses this host's hybrid cgroups, so it runs inside a private mount namespace with a
@@ -25,7 +25,7 @@ VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 CRUN_WRAP = ["unshare", "-m", "sh", "-c", 'mount -t cgroup2 none /sys/fs/cgroup && exec "$0" "$@"']
 
 
-def make_bundle(root: Path, seccomp: bool = False) -> Path:
+def make_bundle(root: Path, seccomp: bool = False, nnp: bool = True) -> Path:
     bundle = root / "bundle"
     (bundle / "rootfs" / "bin").mkdir(parents=True)
     shutil.copy("/bin/busybox", bundle / "rootfs" / "bin" / "busybox")
@@ -42,6 +42,8 @@ def make_bundle(root: Path, seccomp: bool = False) -> Path:
         from stockade.profiles import load_profile, profile_seccomp
 
         config["linux"]["seccomp"] = profile_seccomp(load_profile("runtime-default"))
+        # engines (podman, containerd's CRI plugin, Docker) leave no_new_privs off
+        config["process"]["noNewPrivileges"] = nnp
     (bundle / "config.json").write_text(json.dumps(config, indent=1))
     return bundle
 
@@ -157,6 +159,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--seccomp", action="store_true", help="every runtime gets the runtime-default filter")
+    p.add_argument("--no-nnp", action="store_true", help="with --seccomp: no_new_privs off, as engines send")
     p.add_argument(
         "--baseline",
         metavar="LAUNCHER",
@@ -177,7 +180,7 @@ def main() -> int:
 
 def _measure(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="stockade-bench-") as tmp:
-        bundle = make_bundle(Path(tmp), args.seccomp)
+        bundle = make_bundle(Path(tmp), args.seccomp, nnp=not args.no_nnp)
         state = Path(tmp) / "state"
         result = {
             "versions": {

@@ -279,15 +279,19 @@ class RuntimeSandbox:
             with runmod.root_filesystem(args) as (bundle, rootfs):
                 config["root"]["path"] = str(rootfs)
                 opts = container.CreateOptions(
-                    spec=_parse(config), rootfs=rootfs, allow_degraded=self.allow_degraded
+                    spec=_parse(config),
+                    rootfs=rootfs,
+                    allow_degraded=self.allow_degraded,
+                    on_cgroup=lambda cgroup_id: self._cgroup_ready(cgroup_id, on_cgroup),
                 )
                 set_child_subreaper()  # the init (a grandchild) is reparented to us: we reap it
+                self.container_id = cid
                 with _stdio(stdout, stderr):
                     state = container.create(root, cid, bundle, opts)
-                self.container_id = cid
                 reaped = False
                 try:
-                    code = self._start_and_wait(root, state, timeout, progress, on_cgroup)
+                    container.start(root, state.id)
+                    code = _wait_init(root, state, timeout, progress)
                     reaped = True
                     return code
                 finally:
@@ -297,27 +301,18 @@ class RuntimeSandbox:
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
-    def _start_and_wait(
-        self,
-        root: str,
-        state: Any,
-        timeout: float | None,
-        progress: Callable[[float], None] | None,
-        on_cgroup: Callable[[int], None] | None,
-    ) -> int:
-        from stockade.runtime import container
-
-        if not state.cgroup_id:
+    def _cgroup_ready(self, cgroup_id: int, on_cgroup: Callable[[int], None] | None) -> None:
+        """The container's cgroup exists and its init is not forked yet: the filter under test goes
+        in during `create`, so whatever records it attaches now."""
+        if not cgroup_id:
             raise NotSupported(
                 "the container has no cgroup2 id to record by",
                 where="/sys/fs/cgroup",
                 hint="mount cgroup2 (e.g. at /sys/fs/cgroup/unified)",
             )
-        self.cgroup_id = state.cgroup_id
+        self.cgroup_id = cgroup_id
         if on_cgroup:
-            on_cgroup(state.cgroup_id)  # the init waits on its exec fifo, before seccomp
-        container.start(root, state.id)
-        return _wait_init(root, state, timeout, progress)
+            on_cgroup(cgroup_id)
 
 
 def _run_args(argv: list[str]):  # noqa: ANN202 - an argparse.Namespace

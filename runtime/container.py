@@ -36,6 +36,9 @@ class CreateOptions:
     allow_degraded: bool = False  # explicit opt-in to run without a layer the host cannot enforce
     spec: Any = None  # an already-parsed Spec (stockade run builds one in memory)
     rootfs: Path | None = None  # overrides spec.root.path resolution (stockade run's built-in rootfs)
+    # Called with the container's cgroup2 id once its cgroup exists, before the init is forked
+    # (the profile recorder attaches there: the init installs the filter during create).
+    on_cgroup: Callable[[int], None] | None = None
 
 
 @record
@@ -126,6 +129,8 @@ def _create_in(
     undo.append(cgroup.destroy)
     state.cgroup_path, state.cgroup_driver, state.cgroup_id = cg_path, driver.name, _unified_id(cgroup)
     _enforce_devices(cgroup)
+    if opts.on_cgroup is not None:
+        opts.on_cgroup(state.cgroup_id)
     write_atomic(os.path.join(state_dir, "config.json"), _spec_json(spec, bundle))
     fifo = os.path.join(state_dir, "exec.fifo")
     os.mkfifo(fifo)

@@ -7,8 +7,9 @@ Process layout (runc semantics):
       │                        forks stage 2 when there is a pid namespace, then exits
       │                        (the runtime is a child subreaper, so stage 2 becomes its child)
       └─ stage 2 (the init, PID 1 in a new pid ns): mounts, devices, pivot_root, hostname,
-                 sysctl, rlimits, ... reports "ready", blocks opening the exec fifo for writing,
-                 and once `start` reads it: startContainer hooks, user, caps, no_new_privs, seccomp, exec.
+                 sysctl, rlimits, AppArmor, no_new_privs, seccomp, caps, user, the executable
+                 (all of it `create`'s errors), reports "ready", blocks opening the exec fifo
+                 for writing, and once `start` reads it: startContainer hooks, exec.
 
 The runtime and the init talk over two pipes with tiny framed messages; any error in the init
 travels back as a StockadeError and the init exits, so `create` fails with nothing left behind
