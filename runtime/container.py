@@ -167,12 +167,15 @@ def _create_in(
         ),
         preserve_fds=opts.preserve_fds,
     )
+    def on_pid(pid: int) -> None:  # while the init sets up
+        undo.append(lambda: _kill_and_wait(pid, process_start_time(pid)))
+        undo.append(lambda: launch.cgroup_move.wait(check=False))  # undone first: no move in flight
+        state.pid, state.pid_start = pid, process_start_time(pid)
+        _install_bpf(state, spec, opts, undo)
+        store.save(state)
+
+    launch.on_pid = on_pid
     pid = init.spawn(launch)
-    undo.append(lambda: _kill_and_wait(pid, process_start_time(pid)))
-    undo.append(lambda: launch.cgroup_move.wait(check=False))  # undone first: no move in flight
-    state.pid, state.pid_start = pid, process_start_time(pid)
-    _install_bpf(state, spec, opts, undo)
-    store.save(state)
     if opts.pid_file:
         write_atomic(opts.pid_file, str(pid), 0o644)
     launch.cgroup_move.wait()  # the init is in all of its cgroups before anyone can start it

@@ -57,6 +57,9 @@ class Launch:
     console_socket: str | None = None
     no_pivot: bool = False
     on_created: Callable[[int], None] | None = None
+    # Called with the init's host pid as soon as it is known, while the init goes on setting up:
+    # the runtime's own work (BPF policy, state) overlaps with the init's.
+    on_pid: Callable[[int], None] | None = None
     cgroup_move: _CgroupMove | None = None  # set by spawn: wait() before the container may start
     run_create_container_hooks: Callable[[], None] | None = None
     run_start_container_hooks: Callable[[], None] | None = None
@@ -301,6 +304,8 @@ def _supervise(stage1: int, rfd: int, wfd: int, launch: Launch | None = None) ->
                 _send(wfd, _OK, str(init_pid).encode())  # its host pid (it may only know itself as 1)
                 if launch is not None:
                     launch.cgroup_move = _CgroupMove(init_pid, launch.cgroup_procs)
+                    if launch.on_pid is not None:
+                        launch.on_pid(init_pid)
             elif tag == _HOOKS:
                 if launch is not None and launch.on_created is not None:
                     if _has_hooks(launch.spec):  # hooks see the container in its cgroups
