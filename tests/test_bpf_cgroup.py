@@ -309,18 +309,14 @@ def test_remove_policy_restores_and_leaves_no_entry(agent, container):
     maps.remove_policy(cgid, agent.pin_dir)  # idempotent
 
 
-def test_start_path_is_bcc_free_and_fast(agent, container):
+def test_start_path_is_bcc_free(agent, container):
+    """Installing and removing a policy needs no bcc (how fast: bench/README.md, not a test)."""
     assert no_bcc_imported(["stockade.bpf.maps", "stockade.bpf.policy", "stockade.bpf.devices"])
     _, cgid = container
     policy = compiled()
-    times = []
-    for _ in range(20):
-        t0 = time.perf_counter()
+    for _ in range(3):
         maps.install_policy(cgid, "ctr-fast", policy, pin_dir=agent.pin_dir)
-        times.append(time.perf_counter() - t0)
         maps.remove_policy(cgid, agent.pin_dir)
-    times.sort()
-    assert times[len(times) // 2] < 0.005, f"median install {times[len(times) // 2] * 1e3:.2f} ms"
 
 
 def test_install_without_agent_is_refused(tmp_path):

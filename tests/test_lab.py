@@ -113,7 +113,7 @@ def lab_ready() -> None:
 
 
 @pytest.mark.slow
-def test_command_output_exit_code_and_boot_time(lab_ready: None, tmp_path: Path) -> None:
+def test_command_output_exit_code_and_round_trip_report(lab_ready: None, tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     t0 = time.monotonic()
     script = "uname -r; cat /sys/kernel/security/lsm; echo; echo cwd=$PWD marker=$STOCKADE_TEST_MARK; exit 7"
@@ -125,9 +125,9 @@ def test_command_output_exit_code_and_boot_time(lab_ready: None, tmp_path: Path)
     assert proc.stdout.splitlines()[0] == info["kernel"]
     assert "bpf" in proc.stdout.splitlines()[1].split(",")
     assert f"cwd={CHECKOUT} marker=" in proc.stdout
-    # Boot-to-command round trip: QEMU start to QEMU exit (the wall clock adds Python start-up
-    # and is reported for information).
-    assert info["seconds"] <= 15, f"round trip took {info['seconds']}s (wall clock {elapsed:.1f}s)"
+    # The boot-to-command round trip is reported (QEMU start to exit), not asserted: speed is
+    # measured in bench/, and a loaded machine must not fail a behaviour test.
+    assert info["seconds"] > 0, f"no round trip reported (wall clock {elapsed:.1f}s)"
 
 
 @pytest.mark.slow
