@@ -59,11 +59,25 @@ def cgroup_level(path: str) -> int:
     return len(rel.split(os.sep))
 
 
-def ensure_bpffs() -> None:
+BPFFS_SOURCE = "stockade-bpffs"  # the name a bpffs the agent mounted itself carries
+# What every bpffs instance holds from the start (the kernel's preloaded iterators).
+_BPFFS_OWN_ENTRIES = {"maps.debug", "progs.debug"}
+
+
+def _bpffs_source() -> str | None:
+    """The source of the bpffs mounted at BPFFS, or None when there is none."""
     with open("/proc/self/mounts") as f:
-        if any(line.split()[1] == BPFFS and line.split()[2] == "bpf" for line in f):
-            return
-    if os.system(f"mount -t bpf stockade-bpffs {BPFFS}") != 0:  # noqa: S605 - fixed arguments
+        for line in f:
+            source, target, fstype = line.split()[:3]
+            if target == BPFFS and fstype == "bpf":
+                return source
+    return None
+
+
+def ensure_bpffs() -> None:
+    if _bpffs_source() is not None:
+        return
+    if os.system(f"mount -t bpf {BPFFS_SOURCE} {BPFFS}") != 0:  # noqa: S605 - fixed arguments
         raise NotSupported(f"bpffs is not mounted at {BPFFS} and mounting it failed",
                            hint=f"mount -t bpf bpf {BPFFS}")
 
@@ -243,7 +257,17 @@ def teardown(pin_dir: str, cgroup_root: str) -> list[str]:
             os.unlink(os.path.join(pin_dir, name))
             removed.append(f"unpinned {name}")
         os.rmdir(pin_dir)
+    if _release_bpffs():
+        removed.append(f"unmounted {BPFFS}")
     return removed
+
+
+def _release_bpffs() -> bool:
+    """Unmount the bpffs ensure_bpffs mounted, once nothing is pinned in it any more: a bpffs
+    someone else mounted (systemd does at boot), or one still holding pins, stays."""
+    if _bpffs_source() != BPFFS_SOURCE or set(os.listdir(BPFFS)) - _BPFFS_OWN_ENTRIES:
+        return False
+    return os.system(f"umount {BPFFS}") == 0  # noqa: S605 - fixed arguments
 
 
 # -- state and process -----------------------------------------------------------------------

@@ -554,3 +554,21 @@ def test_policy_cli_applies_and_removes_with_map_updates(agent, container):
     assert in_cgroup(path, raw) == {"raw": "ok"}
     bad = cli("apply", "default", "--cgroup", "/sys/fs/cgroup/unified/no-such-cgroup")
     assert bad.returncode == 1 and "no such cgroup" in bad.stderr
+
+
+def test_stop_unmounts_only_an_empty_bpffs_of_its_own(tmp_path):
+    """The agent mounts bpffs where there is none; `--stop` takes it away again once nothing is
+    pinned in it (another agent's pins, or a bpffs systemd mounted, stay)."""
+    from stockade.bpf import agent as agentmod
+
+    a = make_agent(tmp_path, "bpffs-")
+    try:
+        a.run("--load-only", "--no-lsm")
+        assert agentmod._bpffs_source() is not None
+        others = set(os.listdir(agentmod.BPFFS)) - {os.path.basename(a.pin_dir)}
+        a.run("--stop")
+    finally:
+        cleanup_agent(a)
+    source = agentmod._bpffs_source()
+    if source == agentmod.BPFFS_SOURCE:  # still ours: only because something else is pinned there
+        assert others - agentmod._BPFFS_OWN_ENTRIES, "an empty bpffs of the agent's was left mounted"
