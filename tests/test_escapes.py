@@ -392,23 +392,24 @@ class CallerTerminal:
         ).returncode
 
     def output(self) -> str:
-        os.set_blocking(self.master, False)
-        try:
-            return os.read(self.master, 65536).decode(errors="replace")
-        except BlockingIOError:
-            return ""
+        return _read_now(self.master)
 
     def pending_input(self) -> str:
         """What a shell reading this terminal would get next (injected keystrokes land here)."""
-        os.set_blocking(self.slave, False)
-        try:
-            return os.read(self.slave, 65536).decode(errors="replace")
-        except BlockingIOError:
-            return ""
+        return _read_now(self.slave)
 
     def close(self) -> None:
         os.close(self.master)
         os.close(self.slave)
+
+
+def _read_now(fd: int) -> str:
+    """What can be read from `fd` without waiting."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 65536).decode(errors="replace")
+    except BlockingIOError:
+        return ""
 
 
 @pytest.fixture

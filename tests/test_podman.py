@@ -39,7 +39,7 @@ class Podman:
             "--runroot",
             str(base / "run"),
         ]
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
         self.limits = [
             "--network",
@@ -54,6 +54,10 @@ class Podman:
         return subprocess.run(
             [*self.argv, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
         )
+
+    def run_sh(self, rootfs: Path, script: str, *options: str) -> subprocess.CompletedProcess:
+        """`podman run OPTIONS --rootfs ROOTFS /bin/sh -c SCRIPT`, with this machine's flags."""
+        return self("run", *options, *self.limits, "--rootfs", str(rootfs), "/bin/sh", "-c", script)
 
 
 @pytest.fixture
@@ -83,34 +87,15 @@ def _host_network() -> tuple[str, str]:
 
 def test_podman_run_with_its_default_seccomp_profile(podman: tuple[Podman, Path]) -> None:
     p, rootfs = podman
-    done = p(
-        "run",
-        "--rm",
-        *p.limits,
-        "--rootfs",
-        str(rootfs),
-        "/bin/sh",
-        "-c",
-        "echo hello; grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; exit 5",
-    )
+    done = p.run_sh(rootfs, "echo hello; grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; exit 5", "--rm")
     assert done.returncode == 5, done.stderr
     assert done.stdout.split() == ["hello", "NoNewPrivs:", "0", "Seccomp:", "2"]
 
 
 def test_podman_exec_stop_rm(podman: tuple[Podman, Path]) -> None:
     p, rootfs = podman
-    started = p(
-        "run",
-        "--detach",
-        "--name",
-        "stockade-podman",
-        *p.limits,
-        "--rootfs",
-        str(rootfs),
-        "/bin/sh",
-        "-c",
-        "trap 'exit 0' TERM; while :; do sleep 0.1; done",
-    )
+    loop = "trap 'exit 0' TERM; while :; do sleep 0.1; done"
+    started = p.run_sh(rootfs, loop, "--detach", "--name", "stockade-podman")
     assert started.returncode == 0, started.stderr
     done = p("exec", "stockade-podman", "/bin/sh", "-c", "echo exec-ok; exit 4")
     assert done.returncode == 4 and done.stdout.strip() == "exec-ok", done.stderr
