@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from stockade.runtime import mountinfo
 from stockade.runtime.errors import NotSupported, SpecError, StockadeError
 
 BPF_SOURCE = os.path.join(
@@ -95,14 +96,9 @@ def unified_root() -> str:
 
 def _fs_type(path: str) -> str:
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if parts[4] == path:
-                    return parts[parts.index("-") + 1]
+        return next((m.fstype for m in mountinfo.read() if m.point == path), "")
     except OSError:
-        pass
-    return ""
+        return ""
 
 
 class LocalSandbox:

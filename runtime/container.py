@@ -39,6 +39,9 @@ class CreateOptions:
     # Called with the container's cgroup2 id once its cgroup exists, before the init is forked
     # (the profile recorder attaches there: the init installs the filter during create).
     on_cgroup: Callable[[int], None] | None = None
+    # Told each setting accepted without effect, as runc accepts it (spec.ignored_fields): the
+    # CLIs write it to their log, a daemon to its own.
+    warn: Callable[[str], None] | None = None
 
 
 @record
@@ -86,6 +89,9 @@ def create(
             f"container {container_id!r} already exists", hint="delete it first or pick another ID"
         )
     spec = opts.spec or specmod.load_bundle(bundle)
+    if opts.warn is not None:
+        for note in specmod.ignored_fields(spec):
+            opts.warn(note)
     rootfs = os.fspath(opts.rootfs) if opts.rootfs else _rootfs_of(spec, bundle)
     seccomp_program = _compile_seccomp(spec)
     state_dir = store.claim(container_id)
@@ -222,10 +228,19 @@ def _rootfs_of(spec: Any, bundle: str) -> str:
 
 
 def _resources(spec: Any) -> Any:
-    from .resources import Resources
+    from .resources import DeviceRule, Resources
 
     res = spec.linux.resources
-    return res if isinstance(res, Resources) or res is None else Resources.from_oci(res)
+    if res is not None and not isinstance(res, Resources):
+        res = Resources.from_oci(res)
+    # The device filter is in place before the init runs, and the init creates linux.devices:
+    # allow mknod (and only mknod) of exactly those, which runc's later filter never has to.
+    made = [DeviceRule(True, "b" if d.type == "b" else "c", d.major, d.minor, "m")
+            for d in spec.linux.devices if d.type != "p"]
+    if made:
+        res = res or Resources()
+        res = Resources(**{**vars(res), "devices": [*res.devices, *made]})
+    return res
 
 
 def _compile_seccomp(spec: Any) -> bytes | None:

@@ -11,6 +11,7 @@ import errno
 import os
 import stat
 
+from . import mountinfo
 from . import syscalls as sc
 from .errors import StockadeError
 from .spec import MOUNT_PROPAGATION, Mount
@@ -28,15 +29,27 @@ _ST_TO_MS = (
 
 
 def prepare_root(rootfs: str, propagation: str) -> None:
-    """Stop mount events leaking to the host, then make the rootfs a mount point of its own."""
-    private = propagation in ("private", "rprivate")
-    sc.mount(None, "/", None, sc.MS_REC | (sc.MS_PRIVATE if private else sc.MS_SLAVE))
+    """Stop mount events leaking to the host (unless the spec asks for shared mounts, which
+    propagate both ways as with runc), then make the rootfs a mount point of its own."""
+    if propagation in ("shared", "rshared"):
+        sc.mount(None, "/", None, MOUNT_PROPAGATION[propagation])
+        _make_private(mountinfo.containing(rootfs))
+    else:
+        private = propagation in ("private", "rprivate")
+        sc.mount(None, "/", None, sc.MS_REC | (sc.MS_PRIVATE if private else sc.MS_SLAVE))
     try:
         sc.mount(rootfs, rootfs, None, sc.MS_BIND | sc.MS_REC)
     except OSError as exc:
         raise StockadeError(
             f"cannot bind the rootfs onto itself: {exc.strerror}", where="root.path"
         ) from None
+
+
+def _make_private(parent: mountinfo.Mount) -> None:
+    """A shared mount under the rootfs would copy the rootfs bind (and everything the container
+    mounts on it) back to the host, and pivot_root refuses a new root whose parent is shared."""
+    if parent.shared:
+        sc.mount(None, parent.point, None, sc.MS_PRIVATE)
 
 
 def open_root(rootfs: str) -> int:

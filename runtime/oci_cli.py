@@ -205,22 +205,37 @@ def _log_error(args: argparse.Namespace, message: str) -> None:
     """The --log file first, always: containerd's shim hands the runtime a read-only /dev/null as
     stderr for sandboxes and reads the error from the log. A failing stderr hides nothing."""
     if args.log:
-        import json  # not at the top: the json package costs every start ~6 ms (re, enum)
-
-        if args.log_format == "json":
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            line = json.dumps({"level": "error", "msg": message, "time": stamp})
-        else:
-            line = f"error: {message}"
         try:
-            with open(args.log, "a") as f:
-                f.write(line + "\n")
+            _log_line(args, "error", message)
         except OSError as exc:
             message += f" (and the log {args.log} could not be written: {exc.strerror})"
     try:
         print(f"stockade-oci: {message}", file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
+
+
+def _log_warning(args: argparse.Namespace, message: str) -> None:
+    """Warnings go to the --log file when there is one, as runc's do; else to stderr."""
+    try:
+        if args.log:
+            _log_line(args, "warning", message)
+        else:
+            print(f"stockade-oci: warning: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # a warning never fails the command
+
+
+def _log_line(args: argparse.Namespace, level: str, message: str) -> None:
+    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+
+    if args.log_format == "json":
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        line = json.dumps({"level": level, "msg": message, "time": stamp})
+    else:
+        line = f"{level}: {message}"
+    with open(args.log, "a") as f:
+        f.write(line + "\n")
 
 
 # ---------------------------------------------------------------- commands
@@ -242,6 +257,7 @@ def _create_options(args: argparse.Namespace):  # noqa: ANN202 - lazy import kee
         no_pivot=args.no_pivot,
         preserve_fds=args.preserve_fds,
         allow_degraded=args.allow_degraded,
+        warn=lambda message: _log_warning(args, message),
     )
 
 

@@ -88,8 +88,8 @@ class Memory:
     limit: int | None = None  # bytes; -1 unlimited
     reservation: int | None = None  # soft limit (v1 soft_limit_in_bytes, v2 memory.low)
     swap: int | None = None  # OCI: memory+swap limit, bytes; -1 unlimited
-    kernel: int | None = None  # deprecated in OCI; drivers refuse it
-    kernel_tcp: int | None = None  # deprecated in OCI; drivers refuse it
+    kernel: int | None = None  # deprecated in OCI; ignored and reported (spec.ignored_fields)
+    kernel_tcp: int | None = None  # deprecated in OCI; ignored and reported (spec.ignored_fields)
     swappiness: int | None = None  # v1 only
     disable_oom_killer: bool | None = None  # v1 only
     use_hierarchy: bool | None = None  # v1: always hierarchical on current kernels

@@ -84,8 +84,12 @@ def main(args: argparse.Namespace) -> int:
         spec.raw = config
         if args.verbose:
             _report(config, cid)
-        opts = CreateOptions(spec=spec, rootfs=rootfs, allow_degraded=args.allow_degraded)
+        opts = CreateOptions(spec=spec, rootfs=rootfs, allow_degraded=args.allow_degraded, warn=_warn)
         return foreground.run(args.root, cid, bundle, opts, timeout=args.timeout)
+
+
+def _warn(message: str) -> None:
+    print(f"stockade: warning: {message}", file=sys.stderr, flush=True)
 
 
 def build_config(args: argparse.Namespace, command: list[str], cid: str) -> dict[str, Any]:

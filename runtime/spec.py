@@ -140,6 +140,7 @@ MOUNT_DATA_OPTIONS: dict[str, tuple[str, ...]] = {
     "cgroup2": ("nsdelegate", "memory_recursiveprot"),
 }
 MOUNT_TYPES = tuple(MOUNT_DATA_OPTIONS)
+_ANY_DATA_OPTION = frozenset(o for opts in MOUNT_DATA_OPTIONS.values() for o in opts)
 
 # Known OCI/runc option extensions that this runtime does not implement: refused by name.
 _UNSUPPORTED_MOUNT_OPTIONS = {
@@ -248,6 +249,7 @@ class Mount:
     flags: int = 0  # MS_* to pass to mount(2) (MS_BIND|MS_REC for rbind)
     propagation: list[int] = field(default_factory=list)  # MS_SHARED/... applied after mounting
     data: str = ""  # filesystem-specific options joined by ","
+    ignored: list[str] = field(default_factory=list)  # data options of a bind mount (runc ignores them)
 
 
 @record
@@ -407,6 +409,23 @@ def parse_spec(d: Any, where: str = "config.json") -> Spec:
     )
     _check_consistency(spec, where)
     return spec
+
+
+def ignored_fields(spec: Spec) -> list[str]:
+    """Deprecated or no-op settings runc accepts without effect: accepted here too, and reported
+    (the CLIs write these lines to the log). Anything that would weaken confinement is refused
+    while parsing instead."""
+    notes = [
+        f"mounts[{i}] ({m.destination}): data option(s) {', '.join(m.ignored)} ignored on a bind mount"
+        for i, m in enumerate(spec.mounts)
+        if m.ignored
+    ]
+    memory = getattr(spec.linux.resources, "memory", None)
+    for name, attr in (("kernel", "kernel"), ("kernelTCP", "kernel_tcp")):
+        if getattr(memory, attr, None) is not None:
+            notes.append(f"linux.resources.memory.{name} ignored: deprecated, kernel memory is "
+                         "accounted in the memory limit")
+    return notes
 
 
 def parse_process(d: Any, where: str = "process") -> Process:
@@ -629,7 +648,7 @@ def _parse_mount(d: Any, where: str) -> Mount:
     source = _str(m.get("source", ""), _at(where, "source"))
     if kind == "bind" and not source:
         raise SpecError("a bind mount needs a source", where=_at(where, "source"))
-    flags, propagation, data = 0, [], []
+    flags, propagation, data, ignored = 0, [], [], []
     if kind == "bind":
         flags |= _MS["BIND"]
     allowed_data = MOUNT_DATA_OPTIONS[kind]
@@ -644,6 +663,8 @@ def _parse_mount(d: Any, where: str) -> Mount:
             raise SpecError(f"option {opt!r}: {_UNSUPPORTED_MOUNT_OPTIONS[opt]}", where=here)
         elif opt.split("=", 1)[0] in allowed_data:
             data.append(opt)
+        elif kind == "bind" and ("=" in opt or opt in _ANY_DATA_OPTION):
+            ignored.append(opt)  # the kernel ignores data on a bind mount; runc passes it along
         else:
             hint = f"{kind} data options: {', '.join(allowed_data)}" if allowed_data else "see `features`"
             raise SpecError(f"unknown mount option {opt!r} for a {kind} mount", where=here, hint=hint)
@@ -657,6 +678,7 @@ def _parse_mount(d: Any, where: str) -> Mount:
         flags=flags,
         propagation=propagation,
         data=",".join(data),
+        ignored=ignored,
     )
 
 

@@ -66,6 +66,13 @@ def _set_args(bundle: Path, args: list[str], **changes) -> dict:  # noqa: ANN003
     return config
 
 
+def _sh(script: str, *caps: str) -> dict:
+    """A config running `sh -c SCRIPT` with exactly CAPS."""
+    config = default_config(["sh", "-c", script])
+    config["process"]["capabilities"] = {k: list(caps) for k in ("bounding", "effective", "permitted")}
+    return config
+
+
 def _state(root: Path, cid: str) -> dict:
     done = _oci(root, "state", cid)
     assert done.returncode == 0, done.stderr
@@ -466,8 +473,7 @@ def test_device_rules_bind_the_container(root: Path, bundle: Path, where: str) -
         "mknod /tmp/sda b 8 0 2>&1 | grep -c 'Operation not permitted'; "
         "mknod /tmp/null c 1 3 && echo mknod-ok; echo x > /dev/null && echo null-ok"
     )
-    config = default_config(["sh", "-c", script])
-    config["process"]["capabilities"] = {k: ["CAP_MKNOD"] for k in ("bounding", "effective", "permitted")}
+    config = _sh(script, "CAP_MKNOD")
     write_config(bundle, config)
     done = _oci(root, "run", "--bundle", str(bundle), "devs")
     assert done.returncode == 0, done.stderr
@@ -522,3 +528,92 @@ def test_a_process_that_cannot_start_fails_at_create(
     done = _oci(root, "create", "--bundle", str(bundle), "cannot-start")
     assert done.returncode == 1 and reason in done.stderr, done.stderr
     assert _oci(root, "state", "cannot-start").returncode != 0  # nothing left behind
+
+
+@pytest.mark.parametrize(("propagation", "back_to_host"), [("rshared", True), ("", False)])
+def test_rootfs_propagation(
+    root: Path, bundle: Path, tmp_path: Path, propagation: str, back_to_host: bool
+) -> None:
+    """rootfsPropagation rshared: a mount made inside a shared bind mount reaches the host, and one
+    made on the host reaches the container (runc's behaviour). Without it, only the host's do."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "stockade-test", str(shared)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(shared)], check=True)
+        for d in ("in", "h"):
+            (shared / d).mkdir()
+        script = (
+            "mount -t tmpfs c /mnt/shared/in && touch /mnt/shared/in/c /mnt/shared/ready; i=0; "
+            "while [ ! -e /mnt/shared/h/h ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
+            "[ -e /mnt/shared/h/h ] && echo saw-host; umount /mnt/shared/in"
+        )
+        config = _sh(script, "CAP_SYS_ADMIN")
+        config["mounts"].append(
+            {"destination": "/mnt/shared", "type": "bind", "source": str(shared),
+             "options": ["rbind", "rshared"]}
+        )
+        if propagation:
+            config["linux"]["rootfsPropagation"] = propagation
+        write_config(bundle, config)
+        with open(tmp_path / "out", "w+") as out:
+            proc = subprocess.Popen(
+                [OCI, "--root", str(root), "run", "--bundle", str(bundle), "propagation"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            )
+            _wait_until(lambda: (shared / "ready").exists() or proc.poll() is not None)
+            seen_on_host = (shared / "in" / "c").exists()
+            subprocess.run(["mount", "-t", "tmpfs", "h", str(shared / "h")], check=True)
+            (shared / "h" / "h").touch()
+            assert proc.wait(timeout=30) == 0
+            out.seek(0)
+            assert out.read().split() == ["saw-host"]
+        assert seen_on_host == back_to_host
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(shared)], check=False)
+
+
+@pytest.mark.parametrize("where", ["host", pytest.param("lab", marks=pytest.mark.lab)])
+def test_linux_devices_are_created_and_the_filter_still_binds(root: Path, bundle: Path, where: str) -> None:
+    """linux.devices are made although the device filter is attached before the init runs; the
+    filter still decides who may open them (here: nobody, as the resources allow nothing more)."""
+    script = (
+        "stat -c '%t:%T:%a' /dev/kmsg /dev/loop-test; cat /dev/kmsg 2>&1 | grep -c 'not permitted'; "
+        "mknod /tmp/sda b 8 0 2>&1 | grep -c 'not permitted'"
+    )
+    config = _sh(script, "CAP_MKNOD")
+    config["linux"]["devices"] = [
+        {"path": "/dev/kmsg", "type": "c", "major": 1, "minor": 11, "fileMode": 0o600, "uid": 0, "gid": 0},
+        {"path": "/dev/loop-test", "type": "b", "major": 7, "minor": 200, "fileMode": 0o640},
+    ]
+    write_config(bundle, config)
+    done = _oci(root, "run", "--bundle", str(bundle), "linux-devices")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1:b:600", "7:c8:640", "1", "1"]
+
+
+def test_no_op_fields_runc_tolerates_are_logged(root: Path, bundle: Path, tmp_path: Path) -> None:
+    """Deprecated kernel memory limits and data options on a bind mount do nothing (in runc too):
+    accepted, with a warning in the --log file the shims read; a misspelt flag is still refused."""
+    data = tmp_path / "data"
+    data.mkdir()
+    config = default_config(["sh", "-c", "cat /proc/self/mountinfo | grep -c ' /data '"])
+    config["linux"]["resources"] = {"memory": {"limit": 64 << 20, "kernel": 32 << 20, "kernelTCP": 8 << 20}}
+    config["mounts"].append(
+        {"destination": "/data", "type": "bind", "source": str(data), "options": ["rbind", "ro", "mode=755"]}
+    )
+    write_config(bundle, config)
+    log = tmp_path / "log.json"
+    done = _oci(root, "--log", str(log), "--log-format", "json", "run", "--bundle", str(bundle), "tolerated")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1"]
+    warnings = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {w["level"] for w in warnings} == {"warning"}
+    text = " | ".join(w["msg"] for w in warnings)
+    assert "mode=755 ignored on a bind mount" in text
+    assert "memory.kernel ignored" in text and "memory.kernelTCP ignored" in text
+
+    config["mounts"][-1]["options"] = ["rbind", "nosiud"]
+    write_config(bundle, config)
+    done = _oci(root, "run", "--bundle", str(bundle), "typo")
+    assert done.returncode == 1 and "unknown mount option 'nosiud'" in done.stderr

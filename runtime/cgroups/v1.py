@@ -26,6 +26,7 @@ from __future__ import annotations
 import _signal as signal  # the C module: `signal` imports enum (~3 ms of every start)
 import os
 
+from .. import mountinfo
 from ..errors import ContainerError, SpecError
 from ..resources import UNLIMITED, DeviceRule, Resources, effective_device_rules
 from . import common, v2
@@ -42,21 +43,15 @@ def mounts(root: str = "/sys/fs/cgroup") -> tuple[dict[str, str], str | None]:
     """(v1 controller -> mount point, cgroup2 mount point or None) for hierarchies mounted under root."""
     v1: dict[str, str] = {}
     unified = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) < 5 or len(rfields) < 3 or fields[3] != "/":
-                continue
-            point = fields[4]
-            if os.path.dirname(point) != root.rstrip("/") and point != root:
-                continue
-            if rfields[0] == "cgroup2":
-                unified = point
-            elif rfields[0] == "cgroup":
-                for opt in rfields[2].split(","):
-                    if opt in KNOWN:
-                        v1[opt] = point
+    for m in mountinfo.read():
+        if m.root != "/" or (os.path.dirname(m.point) != root.rstrip("/") and m.point != root):
+            continue
+        if m.fstype == "cgroup2":
+            unified = m.point
+        elif m.fstype == "cgroup":
+            for opt in m.super_options.split(","):
+                if opt in KNOWN:
+                    v1[opt] = m.point
     return v1, unified
 
 
@@ -146,17 +141,12 @@ class Driver:
 
         m = res.memory
         if m is not None:
-            for name, present in (
-                ("kernel", m.kernel is not None),
-                ("kernelTCP", m.kernel_tcp is not None),
-                ("useHierarchy", m.use_hierarchy is False),
-            ):
-                if present:
-                    common.refuse(
-                        f"memory.{name} is not supported (deprecated, gone from current kernels)",
-                        f"{where}.memory.{name}",
-                        "remove it",
-                    )
+            if m.use_hierarchy is False:
+                common.refuse(
+                    "memory.useHierarchy false is not supported (gone from current kernels)",
+                    f"{where}.memory.useHierarchy",
+                    "remove it",
+                )
             need("memory", "memory")
         c = res.cpu
         if c is not None:

@@ -39,8 +39,6 @@ def needed_controllers(res: Resources | None, where: str = "linux.resources") ->
     m = res.memory
     if m is not None:
         for name, present in (
-            ("kernel", m.kernel is not None),
-            ("kernelTCP", m.kernel_tcp is not None),
             ("swappiness", m.swappiness is not None),
             ("disableOOMKiller", bool(m.disable_oom_killer)),
             ("useHierarchy", m.use_hierarchy is False),
