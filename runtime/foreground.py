@@ -15,6 +15,10 @@ import sys
 from . import container
 from .container import CreateOptions
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .terminal import Terminal
+
 PR_SET_CHILD_SUBREAPER = 36
 FORWARDED = (
     signal.SIGINT,
@@ -85,14 +89,19 @@ def run(
     opts: CreateOptions,
     timeout: float | None = None,
     keep: bool = False,
+    terminal: Terminal | None = None,
 ) -> int:
-    """Create and start the container, wait for it, delete it; return its exit code (128+N for signal N)."""
+    """Create and start the container, wait for it, delete it; return its exit code (128+N for signal N).
+    With a TERMINAL (opts.console_socket is its socket) the container's pty is on the caller's."""
     set_child_subreaper()
     state = container.create(root, container_id, bundle, opts)
     sup = _Supervisor(root, state)
     saved = {sig: signal.signal(sig, sup.forward) for sig in FORWARDED}
     saved[signal.SIGALRM] = signal.signal(signal.SIGALRM, sup.alarm)
     try:
+        if terminal is not None:
+            terminal.attach()
+            signal.signal(signal.SIGWINCH, terminal.resize)  # the pty signals its foreground group
         container.start(root, container_id)
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, timeout)

@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run even when a layer the profile needs cannot be enforced here (reported)",
     )
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin attached (else /dev/null)")
+    p.add_argument("-t", "--tty", action="store_true", help="give the workload a pty on this terminal")
     p.add_argument("-v", "--verbose", action="store_true", help="say which layers confine the workload")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
 
@@ -85,7 +87,25 @@ def main(args: argparse.Namespace) -> int:
         if args.verbose:
             _report(config, cid)
         opts = CreateOptions(spec=spec, rootfs=rootfs, allow_degraded=args.allow_degraded, warn=_warn)
-        return foreground.run(args.root, cid, bundle, opts, timeout=args.timeout)
+        if not args.interactive:
+            _stdin_from_dev_null()
+        if not args.tty:
+            return foreground.run(args.root, cid, bundle, opts, timeout=args.timeout)
+        from .terminal import Terminal
+
+        term = Terminal(stdin=args.interactive)
+        opts.console_socket = term.path
+        try:
+            return foreground.run(args.root, cid, bundle, opts, timeout=args.timeout, terminal=term)
+        finally:
+            term.close()
+
+
+def _stdin_from_dev_null() -> None:
+    """Without -i the workload reads nothing of the caller's (as podman run)."""
+    fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    os.dup2(fd, 0)
+    os.close(fd)
 
 
 def _warn(message: str) -> None:
@@ -136,8 +156,8 @@ def _process(args: argparse.Namespace, command: list[str], uid: int, gid: int) -
         env.append(item)
     nofile = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     caps = DEFAULT_CAPS if uid == 0 else []
-    return {
-        "terminal": False,
+    process: dict[str, Any] = {
+        "terminal": bool(args.tty),
         "user": {"uid": uid, "gid": gid},
         "args": command,
         "env": env,
@@ -146,6 +166,13 @@ def _process(args: argparse.Namespace, command: list[str], uid: int, gid: int) -
         "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
         "noNewPrivileges": True,
     }
+    if args.tty:
+        from .terminal import size_of
+
+        size = size_of(0) or size_of(1)
+        if size:
+            process["consoleSize"] = {"height": size[0], "width": size[1]}
+    return process
 
 
 def _user(text: str) -> tuple[int, int]:
