@@ -1,5 +1,5 @@
 """podman drives stockade-oci with its own defaults: its seccomp profile without no_new_privs,
-its capabilities, conmon, `run`, `exec`, `stop`, `rm`.
+its capabilities, conmon, `run` (also `-it`), `exec`, `stop`, `rm`.
 
 Flags added, each for this machine rather than for Stockade:
 - --ulimit: podman asks for nofile and nproc of 1048576 as root, which this project's machines
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import pytest
 from bundles import make_rootfs
 from kernel import require
 from leftovers import new_since, snapshot
+from terminals import Pty
 
 OCI = str(Path(sys.executable).parent / "stockade-oci")
 
@@ -103,3 +106,22 @@ def test_podman_exec_stop_rm(podman: tuple[Podman, Path]) -> None:
     state = p("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", "stockade-podman")
     assert state.stdout.split() == ["exited", "0"], state.stderr
     assert p("rm", "stockade-podman").returncode == 0
+
+
+def test_podman_run_interactive_tty(podman: tuple[Podman, Path]) -> None:
+    """`podman run -it`: conmon hands Stockade a console socket; the shell gets a pty of the
+    caller's size, follows a resize, and its exit code comes back."""
+    p, rootfs = podman
+    term = Pty([*p.argv, "run", "-it", "--rm", *p.limits, "--rootfs", str(rootfs), "/bin/sh"])
+    try:
+        term.expect("# ")
+        term.type("stty size; tty\r")
+        assert "30 100\r\n/dev/pts/0\r\n" in term.expect("/dev/pts/0\r\n")
+        term.resize(40, 120)
+        term.proc.send_signal(signal.SIGWINCH)
+        time.sleep(1)  # podman passes the size to conmon, conmon to the pty
+        term.type("stty size; exit 3\r")
+        term.expect("40 120")
+        assert term.proc.wait(timeout=60) == 3
+    finally:
+        term.close()

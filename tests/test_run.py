@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
-import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from leftovers import new_since, snapshot
+from terminals import Pty
 
 STOCKADE = str(Path(sys.executable).parent / "stockade")
 
@@ -258,45 +254,6 @@ def test_container_variable_names_the_runtime() -> None:
     assert sh('echo "$container"', "--env", "container=other").stdout.strip() == "other"
 
 
-class _Pty:
-    """The caller's terminal for `stockade run -t`: a real pty pair, the run on its slave."""
-
-    def __init__(self, *args: str, rows: int = 30, cols: int = 100) -> None:
-        import pty
-
-        self.master, slave = pty.openpty()
-        self.resize(rows, cols)
-        self.proc = subprocess.Popen(
-            [STOCKADE, "run", "--allow-degraded", *args],
-            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-        )
-        os.close(slave)
-
-    def resize(self, rows: int, cols: int) -> None:
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-    def expect(self, text: str, seconds: float = 15) -> str:
-        """Read the terminal until TEXT appears; return everything read."""
-        out, deadline = b"", time.monotonic() + seconds
-        while text.encode() not in out:
-            assert time.monotonic() < deadline, f"never saw {text!r} in {out!r}"
-            if select.select([self.master], [], [], 0.1)[0]:
-                try:
-                    out += os.read(self.master, 4096)
-                except OSError:
-                    break
-        return out.decode(errors="replace")
-
-    def type(self, keys: str) -> None:
-        os.write(self.master, keys.encode())
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.master)
-
-
 @pytest.fixture
 def console_dirs() -> Iterator[None]:
     before = set(Path(tempfile.gettempdir()).glob("stockade-console-*"))
@@ -307,7 +264,7 @@ def console_dirs() -> Iterator[None]:
 def test_interactive_shell_with_pty_resize_and_job_control(console_dirs: None) -> None:
     """`stockade run -it -- bash`, as `podman run -it`: a pty of its own with the caller's size,
     resized on SIGWINCH; Ctrl-C and Ctrl-Z go to the container's foreground job; the exit code."""
-    term = _Pty("-it", "--", "bash", "--norc", "--noprofile", "-i")
+    term = Pty([STOCKADE, "run", "--allow-degraded", "-it", "--", "bash", "--norc", "--noprofile", "-i"])
     try:
         term.expect("# ")
         term.type("stty size; tty; echo $container\r")
@@ -328,7 +285,7 @@ def test_interactive_shell_with_pty_resize_and_job_control(console_dirs: None) -
         time.sleep(0.5)
         term.type("\x1a")  # Ctrl-Z stops it: job control inside
         assert "Stopped" in term.expect("Stopped")
-        term.type("kill -9 %1; exit 5\r")
+        term.type("kill -9 %1; wait %1; exit 5\r")  # wait: no "There are stopped jobs"
         assert term.proc.wait(timeout=30) == 5
     finally:
         term.close()
