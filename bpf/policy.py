@@ -326,8 +326,8 @@ CACHE_DIR = Path(os.environ.get("STOCKADE_BPF_CACHE", "/var/cache/stockade/bpf")
 def load_compiled(name_or_path: str) -> tuple[CompiledPolicy, set[str]]:
     """(compile_policy(p), requirements(p)) for a policy, cached by content: the start path's
     call, which skips YAML parsing (and importing yaml) when the policy file is unchanged."""
-    from stockade.runtime import jsonlite
-    from stockade.runtime.digest import sha256
+    from stockade.runtime._lite import json as jsonlite
+    from stockade.runtime._lite.hashlib import sha256
 
     path, text = _read(name_or_path)
     key = sha256(f"{_FORMAT}\0{path}\0{text}".encode()).hexdigest()[:32]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cliargs import formatter, lean_argparse
+from ._lite.argparse import formatter, lean_argparse
 from .errors import StockadeError
 
 VERSION = "0.1.0"
@@ -86,7 +86,7 @@ def entry() -> None:
         gc.disable()  # as stockade-oci does (oci_cli.entry)
     code = main()
     if short_lived:
-        from .cliargs import fast_exit
+        from ._lite.argparse import fast_exit
 
         fast_exit(code)
     sys.exit(code)

@@ -11,8 +11,9 @@ import os
 import select
 import time
 
-from .errors import ContainerError, StockadeError, suppress
-from .record import field, record
+from ._lite.contextlib import suppress
+from ._lite.dataclasses import field, record
+from .errors import ContainerError, StockadeError
 from .state import State, StateStore, process_alive, process_start_time, validate_id, write_atomic
 
 TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
@@ -302,7 +303,7 @@ def _spec_json(spec: Any, bundle: str) -> str:
     """The spec as created; `exec` reads it back, so the bundle may change or vanish later."""
     raw = getattr(spec, "raw", None)
     if raw is not None:
-        from . import jsonlite
+        from ._lite import json as jsonlite
 
         return jsonlite.dumps(raw)
     with open(os.path.join(bundle, "config.json")) as f:
@@ -453,7 +454,7 @@ def _load_spec(state_dir: str) -> Any:
     from . import spec as specmod
 
     try:
-        from . import jsonlite
+        from ._lite import json as jsonlite
 
         with open(os.path.join(state_dir, "config.json")) as f:
             return specmod.parse_spec(jsonlite.loads(f.read()), where="state config.json")

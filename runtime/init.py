@@ -28,9 +28,9 @@ import os
 
 from . import capabilities, devices, mounts, namespaces, procfs, rlimits, trampoline
 from . import syscalls as sc
+from ._lite.dataclasses import record
 from .errors import ContainerError, NotSupported, SpecError, StockadeError
 from .idmap import write_maps
-from .record import record
 from .spec import Linux, Process, Spec, sysctl_namespace, sysctl_path
 
 TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
@@ -196,7 +196,7 @@ def _preload(process: Process, seccomp_program: bytes | None) -> None:
         from . import console  # noqa: F401
     if seccomp_program is not None:
         from . import seccomp  # noqa: F401
-    from . import jsonlite  # noqa: F401 - error reports
+    from ._lite import json as jsonlite  # noqa: F401 - error reports
 
 
 def _preload_hooks(launch: Launch) -> None:
@@ -387,7 +387,7 @@ def _recv(fd: int) -> tuple[bytes, bytes]:
 
 
 def _encode_error(exc: BaseException) -> bytes:
-    from . import jsonlite
+    from ._lite import json as jsonlite
 
     if isinstance(exc, StockadeError):
         d = {"type": type(exc).__name__, "what": exc.what, "where": exc.where, "hint": exc.hint}
@@ -404,7 +404,7 @@ def _encode_error(exc: BaseException) -> bytes:
 
 
 def _decode_error(payload: bytes) -> StockadeError:
-    from . import jsonlite
+    from ._lite import json as jsonlite
 
     d = jsonlite.loads(payload)
     cls = {"SpecError": SpecError, "NotSupported": NotSupported, "ContainerError": ContainerError}.get(

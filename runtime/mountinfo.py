@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .record import record
+from ._lite.dataclasses import record
 
 
 @record

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from .cliargs import Option, add_options, fast_exit, formatter, lean_argparse, parse_simple
+from ._lite.argparse import Option, add_options, fast_exit, formatter, lean_argparse, parse_simple
 from .errors import StockadeError
 from .state import DEFAULT_ROOT
 

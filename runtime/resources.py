@@ -11,8 +11,8 @@ and pids limit 0 are treated as "not set"; -1 means unlimited where OCI allows i
 
 from __future__ import annotations
 
+from ._lite.dataclasses import field, record
 from .errors import SpecError
-from .record import field, record
 
 TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
 if TYPE_CHECKING:

@@ -15,9 +15,10 @@ import resource
 import sys
 from pathlib import Path
 
+from ._lite.contextlib import suppress
+from ._lite.hashlib import sha256
 from .defaults import MASKED_PATHS, OCI_DEFAULT_CAPS, READONLY_PATHS, standard_mounts
-from .digest import sha256
-from .errors import StockadeError, suppress
+from .errors import StockadeError
 from .state import DEFAULT_ROOT, remove_tree
 
 TYPE_CHECKING = False  # typing, secrets, shutil and tempfile would cost every run ~5 ms
@@ -330,7 +331,7 @@ def _profile_parts(name: str) -> tuple[dict | None, Any]:
     key = _profile_cache_key(name)
     cache = os.path.join(_cache_dir(), f"profile-{key}.json") if key else None
     if cache:
-        from . import jsonlite
+        from ._lite import json as jsonlite
 
         with suppress(OSError, ValueError, KeyError):
             with open(cache) as f:
@@ -341,7 +342,7 @@ def _profile_parts(name: str) -> tuple[dict | None, Any]:
     profile = load_profile(name)
     parts = (profile_seccomp(profile), profile.bpf_policy)
     if cache:
-        from . import jsonlite
+        from ._lite import json as jsonlite
         from .state import write_atomic
 
         with suppress(OSError, TypeError):  # no cache: the next run resolves again
@@ -379,7 +380,7 @@ def _cache_dir() -> str:
 
 def _merge_bundle(bundle: Path, ours: dict[str, Any]) -> dict[str, Any]:
     """A bundle's own config, with stockade run's confinement and limits laid over it."""
-    from . import jsonlite
+    from ._lite import json as jsonlite
 
     try:
         config = jsonlite.loads((bundle / "config.json").read_text())
@@ -407,7 +408,7 @@ def root_filesystem(args: argparse.Namespace):  # noqa: ANN202 - yields (bundle,
     if args.bundle:
         bundle = Path(args.bundle).resolve()
         config = bundle / "config.json"
-        from . import jsonlite
+        from ._lite import json as jsonlite
 
         root = (
             jsonlite.loads(config.read_text()).get("root", {}).get("path", "rootfs")

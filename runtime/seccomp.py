@@ -24,8 +24,8 @@ import ctypes
 import os
 import struct
 
-from stockade.runtime import jsonlite
-from stockade.runtime.digest import sha256
+from stockade.runtime._lite import json as jsonlite
+from stockade.runtime._lite.hashlib import sha256
 from stockade.runtime.errors import NotSupported, SpecError
 
 COMPILER_VERSION = "1"  # bump when the compile logic changes: part of the cache key

@@ -1,18 +1,18 @@
-"""OCI runtime-spec 1.x config.json -> plain records (runtime.record), every field validated.
+"""OCI runtime-spec 1.x config.json -> plain records (runtime._lite.dataclasses), every field validated.
 
 Every refusal is a SpecError whose `where` is the JSON path of the offending field
 (`config.json: linux.namespaces[2].type`). Unknown properties are ignored as the spec requires;
 known properties this runtime cannot honour are refused, never dropped in silence.
-This module is on the container start path: it imports json, os and the lean runtime.record only.
+This module is on the container start path: it imports os and the stand-ins in runtime._lite only.
 """
 
 from __future__ import annotations
 
 import os
 
-from . import jsonlite
+from ._lite import json as jsonlite
+from ._lite.dataclasses import field, record
 from .errors import SpecError
-from .record import field, record
 
 TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
 if TYPE_CHECKING:

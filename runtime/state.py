@@ -11,9 +11,10 @@ from __future__ import annotations
 import fcntl
 import os
 
-from . import jsonlite
-from .errors import ContainerError, suppress
-from .record import asdict, field, record
+from ._lite import json as jsonlite
+from ._lite.contextlib import suppress
+from ._lite.dataclasses import asdict, field, record
+from .errors import ContainerError
 
 DEFAULT_ROOT = "/run/stockade"
 MAX_ID_LENGTH = 128

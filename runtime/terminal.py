@@ -20,7 +20,8 @@ import termios
 import threading
 
 from . import console
-from .errors import StockadeError, suppress
+from ._lite.contextlib import suppress
+from .errors import StockadeError
 
 ACCEPT_SECONDS = 10.0  # the init sends the master during create; create has returned by now
 DRAIN_SECONDS = 2.0  # after the container exits, for output still in the pty

@@ -407,7 +407,7 @@ _ARGV_CORPUS = [
 def test_fast_argument_parsing_agrees_with_argparse(argv: list[str]) -> None:
     """Plain lifecycle invocations skip argparse; they must parse exactly as argparse does."""
     from stockade.runtime import oci_cli
-    from stockade.runtime.cliargs import parse_simple
+    from stockade.runtime._lite.argparse import parse_simple
 
     fast = parse_simple(argv, oci_cli.GLOBAL_OPTIONS, oci_cli.LIFECYCLE)
     assert fast is not None
@@ -426,7 +426,7 @@ def test_fast_argument_parsing_agrees_with_argparse(argv: list[str]) -> None:
 )
 def test_unusual_arguments_go_to_argparse(argv: list[str]) -> None:
     from stockade.runtime import oci_cli
-    from stockade.runtime.cliargs import parse_simple
+    from stockade.runtime._lite.argparse import parse_simple
 
     assert parse_simple(argv, oci_cli.GLOBAL_OPTIONS, oci_cli.LIFECYCLE) is None
 
