@@ -377,16 +377,12 @@ def _sandbox(args: argparse.Namespace):  # noqa: ANN202 - a sandbox factory
             hint="the runtime sandbox always has its own network namespace (loopback down); "
             "add --sandbox local for loopback",
         )
-    run_args: list[str] = []
-    for flag in ("memory", "cpus", "pids", "user", "workdir", "rootfs"):
-        value = getattr(args, flag)
-        if value is not None:
-            run_args += [f"--{flag}", str(value)]
-    for item in args.bind:
-        run_args += ["--bind", item]
-    for item in args.env:
-        run_args += ["--env", item]
-    return functools.partial(RuntimeSandbox, run_args=run_args)
+    from stockade.runtime.sandbox import SandboxOptions
+
+    flags = ("memory", "cpus", "pids", "user", "workdir", "rootfs")
+    given = {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
+    options = SandboxOptions(**given, bind=args.bind, env=args.env)
+    return functools.partial(RuntimeSandbox, options)
 
 
 def _quiet(args: argparse.Namespace) -> dict:

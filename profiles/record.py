@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from stockade.runtime import mountinfo
 from stockade.runtime.errors import NotSupported, SpecError, StockadeError
+from stockade.runtime.sandbox import SandboxOptions
 
 BPF_SOURCE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf", "syscall_record.bpf.c"
@@ -232,11 +233,15 @@ class RuntimeSandbox:
     needed). Each run uses a private state root under /run and deletes the container and the root
     afterwards, also on errors, timeouts and Ctrl-C.
 
-    `run_args` are `stockade run` options (e.g. ["--bind", "/src:/src:ro", "--memory", "256M"]); they
-    are parsed and checked by `stockade run`'s own parser."""
+    `options` are `stockade run`'s (runtime.sandbox.SandboxOptions: limits, binds, env, user, a
+    root filesystem); its profile is replaced by the filter under test."""
 
-    def __init__(self, run_args: list[str] | None = None, allow_degraded: bool = False) -> None:
-        self.run_args = list(run_args or [])
+    def __init__(self, options: SandboxOptions | None = None, allow_degraded: bool = False) -> None:
+        self.options = options or SandboxOptions()
+        if self.options.bundle:
+            raise SpecError(
+                "--bundle is not a recording sandbox", where="sandbox options", hint="use --rootfs"
+            )
         self.allow_degraded = allow_degraded
         self.cgroup_id = 0
         self.container_id = ""
@@ -255,8 +260,8 @@ class RuntimeSandbox:
         stderr: int | None = None,
     ) -> int:
         from stockade.runtime import container
-        from stockade.runtime import run as runmod
         from stockade.runtime.foreground import set_child_subreaper
+        from stockade.runtime.sandbox import prepare
 
         if program is not None and seccomp is None:
             raise StockadeError(
@@ -266,16 +271,15 @@ class RuntimeSandbox:
             )
         if not cmd:
             raise SpecError("nothing to run", where="command", hint="... -- CMD ARGS")
-        args = _run_args(self.run_args + ["--", *cmd])
+        # The filter under test in place of a profile's; no BPF policy (it would need the agent).
+        given = {**vars(self.options), "seccomp": seccomp, "bpf_policy": None}
+        given["profile"] = "stockade-profile-record"
         cid = f"stockade-rec-{secrets.token_hex(4)}"
-        config = runmod.build_config(args, cmd, cid)
-        _use_filter(config, seccomp)
         root = tempfile.mkdtemp(prefix="stockade-rec-state-", dir="/run")
         try:
-            with runmod.root_filesystem(args) as (bundle, rootfs):
-                config["root"]["path"] = str(rootfs)
+            with prepare(SandboxOptions(**given), cmd, cid) as (spec, bundle, rootfs):
                 opts = container.CreateOptions(
-                    spec=_parse(config),
+                    spec=spec,
                     rootfs=rootfs,
                     allow_degraded=self.allow_degraded,
                     on_cgroup=lambda cgroup_id: self._cgroup_ready(cgroup_id, on_cgroup),
@@ -309,42 +313,6 @@ class RuntimeSandbox:
         self.cgroup_id = cgroup_id
         if on_cgroup:
             on_cgroup(cgroup_id)
-
-
-def _run_args(argv: list[str]):  # noqa: ANN202 - an argparse.Namespace
-    """`stockade run`'s options, parsed by its own parser; errors become StockadeError."""
-    import argparse
-
-    from stockade.runtime import run as runmod
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> None:  # type: ignore[override]
-            raise SpecError(message, where="sandbox options", hint="stockade run's options")
-
-    parser = Parser(prog="stockade profile (runtime sandbox)", add_help=False)
-    runmod.add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.bundle:
-        raise SpecError("--bundle is not a recording sandbox", where="sandbox options", hint="use --rootfs")
-    return args
-
-
-def _use_filter(config: dict, seccomp: dict | None) -> None:
-    """The filter under test in place of the profile's; no BPF policy (it would need the agent)."""
-    config["annotations"].pop("io.stockade.bpf-policy", None)
-    config["annotations"]["io.stockade.profile"] = "stockade-profile-record"
-    if seccomp is None:
-        config["linux"].pop("seccomp", None)
-    else:
-        config["linux"]["seccomp"] = seccomp
-
-
-def _parse(config: dict):  # noqa: ANN202 - a runtime Spec
-    from stockade.runtime.spec import parse_spec
-
-    spec = parse_spec(config, where="stockade profile sandbox")
-    spec.raw = config
-    return spec
 
 
 @contextlib.contextmanager

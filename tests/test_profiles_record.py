@@ -18,6 +18,7 @@ from stockade.profiles import cli, load_profile, profile_seccomp
 from stockade.profiles.generate import generate
 from stockade.profiles.record import RECORD_FILTER, LocalSandbox, RuntimeSandbox, record, run_under
 from stockade.runtime.errors import SpecError, StockadeError
+from stockade.runtime.sandbox import SandboxOptions
 from stockade.runtime.seccomp import compile_program
 
 BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
@@ -322,6 +323,6 @@ def test_runtime_sandbox_deletes_the_container_when_arming_fails():
 
 def test_runtime_sandbox_refuses_bad_options():
     with pytest.raises(StockadeError, match="--pids"):
-        RuntimeSandbox(["--pids", "many"]).run(["true"], seccomp=RECORD_FILTER)
-    with pytest.raises(StockadeError):
-        RuntimeSandbox(["--no-such-option"]).run(["true"], seccomp=RECORD_FILTER)
+        RuntimeSandbox(SandboxOptions(pids="many")).run(["true"], seccomp=RECORD_FILTER)
+    with pytest.raises(StockadeError, match="--bundle"):
+        RuntimeSandbox(SandboxOptions(bundle="/tmp"))
