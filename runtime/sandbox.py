@@ -235,29 +235,15 @@ def _mounts(opts: SandboxOptions) -> list[dict[str, Any]]:
 
 
 def _host_mounts() -> list[dict[str, Any]]:
+    """The host's /usr (and friends) and a few harmless /etc files, read-only."""
     out = []
-    for name in HOST_DIRS:
-        host = Path("/") / name
-        if host.is_dir() and not host.is_symlink():
-            out.append(
-                {
-                    "destination": f"/{name}",
-                    "type": "bind",
-                    "source": str(host),
-                    "options": ["rbind", "ro", "nosuid", "nodev", "rprivate"],
-                }
-            )
-    for name in HOST_ETC:
-        host = Path("/etc") / name
-        if host.exists() and not host.is_symlink():
-            out.append(
-                {
-                    "destination": f"/etc/{name}",
-                    "type": "bind",
-                    "source": str(host),
-                    "options": ["rbind", "ro", "nosuid", "nodev", "noexec", "rprivate"],
-                }
-            )
+    for parent, names, extra in (("/", HOST_DIRS, []), ("/etc", HOST_ETC, ["noexec"])):
+        for name in names:
+            host = Path(parent) / name
+            if host.exists() and not host.is_symlink():
+                options = ["rbind", "ro", "nosuid", "nodev", *extra, "rprivate"]
+                out.append({"destination": str(host), "type": "bind", "source": str(host),
+                            "options": options})
     return out
 
 
