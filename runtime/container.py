@@ -270,20 +270,20 @@ def _remove_bpf(state: State) -> None:
 
 def _in_container_hooks(
     kind: str, hooks: list, state: State, preserve_fds: int
-) -> Callable[[], None] | None:
-    """Hooks the init runs in the container. Their binaries are the image's (startContainer), so
-    they are executed through the trampoline, like the workload; the descriptors preserved for the
-    workload are close-on-exec meanwhile, as every other descriptor of the init is."""
+) -> Callable[[int], None] | None:
+    """Hooks the init runs in the container, called with its host pid. Their binaries are the
+    image's (startContainer), so they are executed through the trampoline, like the workload; the
+    descriptors preserved for the workload are close-on-exec meanwhile, as every other descriptor
+    of the init is."""
     if not hooks:
         return None
 
-    def run() -> None:
+    def run(host_pid: int) -> None:
         from .hooks import run_hooks
-        from .init import host_pid
 
         preserved = [fd for fd in range(3, 3 + preserve_fds) if _set_inheritable(fd, False)]
         try:
-            run_hooks(kind, hooks, _oci_state(state, "created", host_pid()), in_container=True)
+            run_hooks(kind, hooks, _oci_state(state, "created", host_pid), in_container=True)
         finally:
             for fd in preserved:
                 _set_inheritable(fd, True)
@@ -476,7 +476,7 @@ def exec_process(
     preserve_fds: int = 0,
 ) -> int:
     """OCI `exec`: run another process in a running container; its exit code, or its pid if detached."""
-    from . import init
+    from .exec_process import exec_process
 
     store = StateStore(root)
     with store.lock(container_id) as state_dir:
@@ -487,7 +487,7 @@ def exec_process(
         spec = _load_spec(state_dir)
         program = _compile_seccomp(spec)
         cgroup = cgroup_of(state)
-    return init.exec_process(
+    return exec_process(
         state.pid,
         spec,
         process,

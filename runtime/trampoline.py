@@ -8,7 +8,7 @@ has exited. runc closes this by re-executing itself from a sealed copy; re-execu
 cost a whole interpreter start on every container start. Instead the init (and every `exec`,
 and every hook run inside the container) first executes this 200-byte static program from a
 write-sealed memfd, which then executes the workload: at the workload's execve /proc/self/exe is
-the sealed memfd, never a host file. Before that the runtime is non-dumpable (init.spawn), so
+the sealed memfd, never a host file. Before that the runtime is non-dumpable (spawn.fork_child), so
 /proc/<pid>/exe of a runtime process stays closed to the container.
 
 The program takes argv = [MARKER, path, argv0, argv1, ...] and the environment, and calls

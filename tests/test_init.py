@@ -25,8 +25,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bundles import default_config, make_bundle, remove_bundle, userns_config, write_config  # noqa: E402
 from kernel import require  # noqa: E402
 from stockade.runtime import console  # noqa: E402
+from stockade.runtime import spawn as spawning  # noqa: E402
 from stockade.runtime.errors import NotSupported, SpecError, StockadeError  # noqa: E402
-from stockade.runtime.init import Launch, exec_process, host_pid, spawn  # noqa: E402
+from stockade.runtime.exec_process import exec_process  # noqa: E402
+from stockade.runtime.init import Launch, spawn  # noqa: E402
 from stockade.runtime.spec import load_bundle, parse_process  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -425,11 +427,11 @@ def test_hook_callbacks_run_in_order(bundle: Path) -> None:
     def on_created(pid: int) -> None:
         seen["created"] = os.readlink(f"/proc/{pid}/ns/uts") != os.readlink("/proc/self/ns/uts")
 
-    def create_container() -> None:  # inside the init, before pivot_root: the bundle is still visible
+    def create_container(_host_pid: int) -> None:  # in the init before pivot_root: the bundle is visible
         os.write(1, b"cc:" + str(Path(bundle, "config.json").exists()).encode() + b"\n")
 
-    def start_container() -> None:  # inside the init, after pivot_root
-        os.write(1, b"sc:" + str(Path(bundle).exists()).encode() + f" {os.getpid()} {host_pid()}\n".encode())
+    def start_container(host_pid: int) -> None:  # inside the init, after pivot_root
+        os.write(1, b"sc:" + str(Path(bundle).exists()).encode() + f" {os.getpid()} {host_pid}\n".encode())
 
     c = create(
         bundle,
@@ -771,11 +773,9 @@ def test_proc_destination_symlink_is_refused(bundle: Path) -> None:
 
 
 def test_a_threaded_runtime_forks_through_glibc_and_still_joins_the_cgroup(tmp_path: Path) -> None:
-    """The CRI daemon creates containers from gRPC threads: no raw clone3 there (see init._fork_into),
+    """The CRI daemon creates containers from gRPC threads: no raw clone3 there (see spawning.fork_into),
     the child joins its cgroup by writing cgroup.procs instead."""
     import threading
-
-    from stockade.runtime import init
 
     v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
     cgroup = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/unified") / f"stockade-test-{os.getpid()}"
@@ -784,9 +784,9 @@ def test_a_threaded_runtime_forks_through_glibc_and_still_joins_the_cgroup(tmp_p
     helper = threading.Thread(target=stop.wait)
     helper.start()
     try:
-        pid, join, _ = init._fork_into(str(cgroup))
+        pid, join, _ = spawning.fork_into(str(cgroup))
         if pid == 0:
-            init._join_cgroups(join)
+            spawning.join_cgroups(join)
             os._exit(0 if Path("/proc/self/cgroup").read_text().strip().endswith(cgroup.name) else 1)
         assert join == [str(cgroup / "cgroup.procs")]
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
