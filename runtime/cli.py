@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         module_name, func, _ = DELEGATED[argv[0]]
         module = __import__(module_name, fromlist=[func])
         return _guard(lambda: getattr(module, func)(argv[1:]))
-    parser = _parser()
-    args = parser.parse_args(argv)
+    with lean_argparse():
+        parser = _parser()
+        args = parser.parse_args(argv)
     if args.subcommand == "run":
         from . import run
 
@@ -44,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     from . import run
 
-    lean_argparse()
     p = argparse.ArgumentParser(
         prog="stockade",
         description="Stockade: run untrusted code confined by the kernel",

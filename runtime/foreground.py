@@ -64,8 +64,10 @@ class _Supervisor:
         self.kill_all()
 
     def kill_all(self) -> None:
+        """SIGKILL to every process in the container's cgroup, without the container's lock: the
+        main thread may hold it (start, delete), and a handler waiting for it would deadlock."""
         try:
-            container.kill(self.root, self.state.id, signal.SIGKILL, all_processes=True)
+            container.cgroup_of(self.state).kill(signal.SIGKILL)
         except Exception as err:  # noqa: BLE001 - best effort inside a signal handler
             print(f"stockade: could not kill container: {err}", file=sys.stderr)
 

@@ -69,7 +69,6 @@ HELP = {
 def _parser(only: str | None = None) -> argparse.ArgumentParser:
     import argparse
 
-    lean_argparse()
     p = argparse.ArgumentParser(
         prog="stockade-oci",
         description="Stockade OCI runtime (runc-compatible CLI)",
@@ -185,7 +184,10 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_simple(argv, GLOBAL_OPTIONS, LIFECYCLE) or _parser(_command_in(argv)).parse_args(argv)
+    args = parse_simple(argv, GLOBAL_OPTIONS, LIFECYCLE)
+    if args is None:
+        with lean_argparse():
+            args = _parser(_command_in(argv)).parse_args(argv)
     try:
         if args.systemd_cgroup:
             raise StockadeError(

@@ -105,3 +105,24 @@ def test_suppress_agrees_with_contextlib() -> None:
             pass
         with pytest.raises(ValueError), cls(KeyError):
             raise ValueError
+
+
+def test_lean_argparse_is_scoped_and_says_the_same() -> None:
+    """Plain strings instead of gettext lookups while active; argparse's own functions after."""
+    import argparse
+
+    from stockade.runtime._lite.argparse import lean_argparse
+
+    def usage_error() -> str:
+        parser = argparse.ArgumentParser(prog="p", exit_on_error=False)
+        parser.add_argument("--n", type=int)
+        with pytest.raises(argparse.ArgumentError) as err:
+            parser.parse_args(["--n", "x"])
+        return str(err.value)
+
+    before = (argparse._, argparse.ngettext)
+    expected = usage_error()
+    with lean_argparse():
+        assert argparse._ is str
+        assert usage_error() == expected
+    assert (argparse._, argparse.ngettext) == before

@@ -617,3 +617,36 @@ def test_no_op_fields_runc_tolerates_are_logged(root: Path, bundle: Path, tmp_pa
     write_config(bundle, config)
     done = _oci(root, "run", "--bundle", str(bundle), "typo")
     assert done.returncode == 1 and "unknown mount option 'nosiud'" in done.stderr
+
+
+def test_second_interrupt_kills_without_the_container_lock(root: Path, bundle: Path, tmp_path: Path) -> None:
+    """A second Ctrl-C kills everything at once, even while the container's lock is held (by
+    `start` or `delete` in the same process, which a handler taking the lock would deadlock on;
+    here by the test)."""
+    import fcntl
+
+    _set_args(bundle, ["sh", "-c", "trap '' INT TERM; echo ready; sleep 100"])
+    with open(tmp_path / "out", "w+") as out:
+        proc = subprocess.Popen(
+            [OCI, "--root", str(root), "run", "--bundle", str(bundle), "interrupted"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )
+        _wait_until(lambda: "ready" in (tmp_path / "out").read_text())
+        pid = _state(root, "interrupted")["pid"]
+        lock = os.open(root / "interrupted", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            _wait_until(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), seconds=10)
+        finally:
+            os.close(lock)
+        assert proc.wait(timeout=30) == 128 + signal.SIGKILL
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

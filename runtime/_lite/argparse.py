@@ -10,15 +10,27 @@ if TYPE_CHECKING:
     import argparse
 
 
-def lean_argparse() -> None:
-    """argparse looks up translations (gettext, which imports locale and searches for catalogues)
-    for every message and asks shutil for the terminal width when it builds a parser: ~3 ms of
-    every container start. Python ships no catalogues for argparse's messages, so plain strings
-    are what users see anyway."""
-    import argparse
+class lean_argparse:  # noqa: N801 - used like a function: `with lean_argparse(): ...`
+    """While active, argparse's messages are plain strings: it otherwise looks up translations
+    (gettext imports locale and searches for catalogues) for every message it builds, and Python
+    ships no catalogues for them, so users see the same text. The scope is explicit: argparse's
+    own functions come back on exit (a daemon importing the CLIs' modules keeps them)."""
 
-    argparse._ = str  # type: ignore[attr-defined]
-    argparse.ngettext = lambda singular, plural, n: singular if n == 1 else plural  # type: ignore[attr-defined]
+    def __enter__(self) -> None:
+        import argparse
+
+        self.saved = (argparse._, argparse.ngettext)  # type: ignore[attr-defined]
+        argparse._ = str  # type: ignore[attr-defined]
+        argparse.ngettext = _ngettext  # type: ignore[attr-defined]
+
+    def __exit__(self, *_: object) -> None:
+        import argparse
+
+        argparse._, argparse.ngettext = self.saved  # type: ignore[attr-defined]
+
+
+def _ngettext(singular: str, plural: str, n: int) -> str:
+    return singular if n == 1 else plural
 
 
 def formatter(prog: str) -> argparse.HelpFormatter:
