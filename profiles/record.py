@@ -260,8 +260,8 @@ class RuntimeSandbox:
         stderr: int | None = None,
     ) -> int:
         from stockade.runtime import container
-        from stockade.runtime.foreground import set_child_subreaper
         from stockade.runtime.sandbox import prepare
+        from stockade.runtime.syscalls import set_child_subreaper
 
         if program is not None and seccomp is None:
             raise StockadeError(

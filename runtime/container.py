@@ -43,6 +43,7 @@ class CreateOptions:
     # Told each setting accepted without effect, as runc accepts it (spec.ignored_fields): the
     # CLIs write it to their log, a daemon to its own.
     warn: Callable[[str], None] | None = None
+    debug: Callable[[str], None] | None = None  # told each step of create (`--debug`)
 
 
 @record
@@ -134,6 +135,7 @@ def _create_in(
     driver = cgroups.open_driver()
     cgroup = driver.create(cg_path, _resources(spec))
     undo.append(cgroup.destroy)
+    _debug(opts, lambda: f"{container_id}: cgroup {cg_path} ({driver.name} driver)")
     state.cgroup_path, state.cgroup_driver, state.cgroup_id = cg_path, driver.name, _unified_id(cgroup)
     _enforce_devices(cgroup)
     if opts.on_cgroup is not None:
@@ -178,7 +180,10 @@ def _create_in(
         undo.append(lambda: _kill_and_wait(pid, process_start_time(pid)))
         undo.append(lambda: launch.cgroup_move.wait(check=False))  # undone first: no move in flight
         state.pid, state.pid_start = pid, process_start_time(pid)
+        _debug(opts, lambda: f"{container_id}: init pid {pid}")
         _install_bpf(state, spec, opts, undo)
+        _debug(opts, lambda: f"{container_id}: BPF policy {state.bpf_policy or 'none'}, "
+               f"degraded {state.degraded}")
         store.save(state)
 
     launch.on_pid = on_pid
@@ -186,7 +191,13 @@ def _create_in(
     if opts.pid_file:
         write_atomic(opts.pid_file, str(pid), 0o644)
     launch.cgroup_move.wait()  # the init is in all of its cgroups before anyone can start it
+    _debug(opts, lambda: f"{container_id}: created, the init waits for start")
     return state
+
+
+def _debug(opts: CreateOptions, message: Callable[[], str]) -> None:
+    if opts.debug is not None:
+        opts.debug(message())
 
 
 def _birth_cgroup(cgroup: Any) -> str | None:
@@ -218,7 +229,7 @@ def _enforce_devices(cgroup: Any) -> None:
     """cgroup v2 has no devices.allow: the allow-list is a BPF program on the container's cgroup."""
     if getattr(cgroup, "devices_enforced", True):
         return
-    from stockade.bpf.devices import attach_device_filter
+    from stockade.bpf.device_filter import attach_device_filter
 
     rules = [rule.to_oci() for rule in cgroup.device_rules]
     attach_device_filter(cgroup.unified_path(), rules, replace=False)

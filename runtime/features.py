@@ -32,9 +32,12 @@ def features() -> dict[str, Any]:
 
 
 def _seccomp() -> dict[str, Any]:
+    from .seccomp import supported
+
     try:
-        from .seccomp import supported
-    except ImportError:
+        info = supported()
+    except ModuleNotFoundError as exc:  # Debian's python3-seccomp bindings, not ours
+        if exc.name != "seccomp":
+            raise
         return {"enabled": False}
-    info = supported()
     return {"enabled": True, **{k: v for k, v in info.items() if k != "known_syscalls"}}

@@ -8,18 +8,17 @@ exit status can be reaped. Everything is deleted afterwards, also on Ctrl-C and 
 from __future__ import annotations
 
 import _signal as signal  # the C module: `signal` imports enum (~3 ms of every start)
-import ctypes
 import os
 import sys
 
 from . import container
 from .container import CreateOptions
+from .syscalls import set_child_subreaper
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .terminal import Terminal
 
-PR_SET_CHILD_SUBREAPER = 36
 FORWARDED = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -31,11 +30,6 @@ FORWARDED = (
 )
 GRACE_SECONDS = 3.0  # after a forwarded SIGINT/SIGTERM, how long before every process is killed
 TIMEOUT_EXIT_CODE = 124  # as coreutils timeout(1)
-
-
-def set_child_subreaper() -> None:
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 class _Supervisor:

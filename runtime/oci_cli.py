@@ -57,9 +57,10 @@ LIFECYCLE: dict[str, tuple[tuple[Option, ...], tuple[str, ...]]] = {
 }
 HELP = {
     "root": "state directory (default %(default)s)",
-    "log": "append errors and debug messages to this file",
+    "log": "append errors, warnings and (with --debug) debug messages to this file",
+    "debug": "log what the runtime does, step by step",
     "systemd_cgroup": "refused: Stockade manages cgroupfs directly",
-    "rootless": "accepted for runc compatibility; only 'false'/'auto' work",
+    "rootless": "runc compatibility: 'auto' or 'false' as root; rootless mode is refused",
     "no_new_keyring": "accepted and ignored: every container and exec gets a fresh session keyring",
     "allow_degraded": "run even if a BPF layer the policy needs cannot be enforced (reported in state)",
     "keep": "do not delete the container when it exits",
@@ -189,18 +190,47 @@ def main(argv: list[str] | None = None) -> int:
         with lean_argparse():
             args = _parser(_command_in(argv)).parse_args(argv)
     try:
-        if args.systemd_cgroup:
-            raise StockadeError(
-                "--systemd-cgroup is not supported",
-                hint="use the cgroupfs manager "
-                "(podman: --cgroup-manager=cgroupfs; containerd: SystemdCgroup = false)",
-            )
-        return COMMANDS[args.command](args) or 0
+        _check_globals(args)
+        _log_debug(args, lambda: f"stockade-oci {' '.join(argv)}")
+        code = COMMANDS[args.command](args) or 0
+        _log_debug(args, lambda: f"{args.command}: exit {code}")
+        return code
     except StockadeError as err:
         _log_error(args, err.render())
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _check_globals(args: argparse.Namespace) -> None:
+    if args.systemd_cgroup:
+        raise StockadeError(
+            "--systemd-cgroup is not supported",
+            hint="use the cgroupfs manager "
+            "(podman: --cgroup-manager=cgroupfs; containerd: SystemdCgroup = false)",
+        )
+    if args.rootless not in ("auto", "false", "true"):
+        raise StockadeError(f"--rootless {args.rootless!r}: expected true, false or auto", where="--rootless")
+    if args.rootless == "true" or os.geteuid() != 0:
+        raise StockadeError(
+            "rootless mode is not supported: Stockade runs as root and confines containers with "
+            "user namespaces of its own",
+            where="--rootless" if args.rootless == "true" else "euid",
+            hint="run stockade-oci as root (podman: as root, or with another runtime when rootless)",
+        )
+
+
+def _log_debug(args: argparse.Namespace, message: Callable[[], str]) -> None:
+    """--debug: what the runtime does, as debug lines in the log (stderr without --log)."""
+    if not args.debug:
+        return
+    try:
+        if args.log:
+            _log_line(args, "debug", message())
+        else:
+            print(f"stockade-oci: debug: {message()}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # debug output never fails the command
 
 
 def _log_error(args: argparse.Namespace, message: str) -> None:
@@ -260,6 +290,7 @@ def _create_options(args: argparse.Namespace):  # noqa: ANN202 - lazy import kee
         preserve_fds=args.preserve_fds,
         allow_degraded=args.allow_degraded,
         warn=lambda message: _log_warning(args, message),
+        debug=(lambda message: _log_debug(args, lambda: message)) if args.debug else None,
     )
 
 

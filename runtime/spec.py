@@ -806,10 +806,8 @@ def _parse_time_offsets(d: Any, where: str) -> dict[str, tuple[int, int]]:
 
 
 def _parse_resources(d: dict, where: str) -> Any:
-    try:
-        from .resources import Resources
-    except ImportError:
-        return d  # the cgroups helper has not landed yet: keep the raw dict
+    from .resources import Resources
+
     return Resources.from_oci(d, where)
 
 

@@ -650,3 +650,20 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_global_flags_do_what_they_say(root: Path, bundle: Path, tmp_path: Path) -> None:
+    """--debug logs the steps; --rootless true (or a bad value) is refused, not ignored."""
+    log = tmp_path / "debug.json"
+    done = _oci(root, "--debug", "--log", str(log), "--log-format", "json", "run", "-b", str(bundle), "dbg")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {line["level"] for line in lines} == {"debug"}
+    text = " | ".join(line["msg"] for line in lines)
+    assert f"stockade-oci --root {root} --debug" in text and "run: exit 0" in text
+    assert "dbg: cgroup " in text and "dbg: init pid " in text
+    refusals = (("true", "rootless mode is not supported"), ("maybe", "expected true, false or auto"))
+    for value, message in refusals:
+        done = _oci(root, "--rootless", value, "run", "--bundle", str(bundle), "rootless")
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+    assert _oci(root, "--rootless", "false", "run", "--bundle", str(bundle), "rootful").returncode == 0
