@@ -13,7 +13,7 @@ import time
 
 from ._lite.contextlib import suppress
 from ._lite.dataclasses import field, record
-from .errors import ContainerError, StockadeError
+from .errors import ContainerError, SpecError, StockadeError
 from .state import State, StateStore, process_alive, process_start_time, validate_id, write_atomic
 
 TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
@@ -474,6 +474,45 @@ def _load_spec(state_dir: str) -> Any:
 
 
 # ---------------------------------------------------------------- exec / pause / resume / update / ps / list
+
+
+@record
+class ExecChanges:
+    """`exec ID CMD...` without --process: the container's own process with these changes (runc's
+    rules: a new terminal setting, cwd, extra env, user, no_new_privs)."""
+
+    args: list[str]
+    tty: bool = False
+    cwd: str | None = None
+    env: list[str] = field(default_factory=list)
+    user: str | None = None  # UID[:GID]
+    no_new_privs: bool = False
+
+
+def exec_process_of(root: Path | str, container_id: str, changes: ExecChanges) -> Any:
+    """The OCI process (spec.Process) `exec` runs for CHANGES in container CONTAINER_ID."""
+    from . import spec as specmod
+    from ._lite import json as jsonlite
+
+    base = status(root, container_id)
+    with open(os.path.join(os.fspath(root), base.state.id, "config.json")) as f:
+        config = jsonlite.loads(f.read())
+    proc = dict(config.get("process") or {})
+    proc["args"] = list(changes.args)
+    proc["terminal"] = changes.tty
+    if changes.cwd:
+        proc["cwd"] = changes.cwd
+    if changes.env:
+        proc["env"] = list(proc.get("env") or []) + list(changes.env)
+    if changes.user:
+        uid, _, gid = changes.user.partition(":")
+        try:
+            proc["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+        except ValueError:
+            raise SpecError(f"--user {changes.user!r}: expected numeric UID[:GID]", where="--user") from None
+    if changes.no_new_privs:
+        proc["noNewPrivileges"] = True
+    return specmod.parse_process(proc, where="exec arguments")
 
 
 def exec_process(

@@ -144,23 +144,10 @@ def _exec_flags(e: argparse.ArgumentParser) -> None:
     e.add_argument("args", nargs="...")  # argparse.REMAINDER
 
 
-UPDATE_FLAGS = {
-    # flag: (OCI section, OCI key, parser)
-    "memory": ("memory", "limit", "size"),
-    "memory-reservation": ("memory", "reservation", "size"),
-    "memory-swap": ("memory", "swap", "size"),
-    "cpu-shares": ("cpu", "shares", "int"),
-    "cpu-quota": ("cpu", "quota", "int"),
-    "cpu-period": ("cpu", "period", "int"),
-    "cpuset-cpus": ("cpu", "cpus", "str"),
-    "cpuset-mems": ("cpu", "mems", "str"),
-    "pids-limit": ("pids", "limit", "int"),
-    "blkio-weight": ("blockIO", "weight", "int"),
-}
-
-
 def _update_flags(u: argparse.ArgumentParser) -> None:
     u.add_argument("-r", "--resources", help="linux.resources JSON file ('-' for stdin)")
+    from .resources import UPDATE_FLAGS
+
     for flag in UPDATE_FLAGS:
         u.add_argument(f"--{flag}")
     u.add_argument("id")
@@ -387,21 +374,11 @@ def _exec_process(args: argparse.Namespace):  # noqa: ANN202
         return spec.parse_process(data, where=where)
     if not args.args:
         raise StockadeError("exec needs a command", hint="stockade-oci exec ID CMD [ARGS...] or --process F")
-    base = container.status(args.root, args.id)
-    config = json.loads(_read(os.path.join(args.root, base.state.id, "config.json")))
-    proc = dict(config.get("process") or {})
-    proc["args"] = [a for a in args.args if a != "--"] if args.args[0] == "--" else args.args
-    proc["terminal"] = args.tty
-    if args.cwd:
-        proc["cwd"] = args.cwd
-    if args.env:
-        proc["env"] = list(proc.get("env") or []) + args.env
-    if args.user:
-        uid, _, gid = args.user.partition(":")
-        proc["user"] = {"uid": int(uid), "gid": int(gid or 0)}
-    if args.no_new_privs:
-        proc["noNewPrivileges"] = True
-    return spec.parse_process(proc, where="exec arguments")
+    argv = [a for a in args.args if a != "--"] if args.args[0] == "--" else args.args
+    changes = container.ExecChanges(
+        args=argv, tty=args.tty, cwd=args.cwd, env=args.env, user=args.user, no_new_privs=args.no_new_privs
+    )
+    return container.exec_process_of(args.root, args.id, changes)
 
 
 def _ps(args: argparse.Namespace) -> int:
@@ -453,7 +430,7 @@ def update_resources(args: argparse.Namespace) -> dict:
     """linux.resources from --resources and/or the runc-style flags."""
     import json  # not at the top: the json package costs every start ~6 ms (re, enum)
 
-    from .resources import parse_size
+    from .resources import UPDATE_FLAGS, update_from_flags
 
     resources: dict = {}
     if args.resources:
@@ -464,24 +441,8 @@ def update_resources(args: argparse.Namespace) -> dict:
             raise StockadeError(
                 f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}", where=args.resources
             ) from None
-    for flag, (section, key, kind) in UPDATE_FLAGS.items():
-        value = getattr(args, flag.replace("-", "_"))
-        if value is None:
-            continue
-        where = f"--{flag}"
-        if kind == "size":
-            parsed: object = parse_size(value, where)
-        elif kind == "int":
-            try:
-                parsed = int(value)
-            except ValueError:
-                raise StockadeError(f"not a whole number: {value!r}", where=where) from None
-        else:
-            parsed = value
-        resources.setdefault(section, {})[key] = parsed
-    if not resources:
-        raise StockadeError("nothing to update", hint="pass --resources FILE or flags like --memory 256M")
-    return resources
+    flags = {flag: getattr(args, flag.replace("-", "_")) for flag in UPDATE_FLAGS}
+    return update_from_flags(resources, flags)
 
 
 def _pause(args: argparse.Namespace, freeze: bool) -> int:

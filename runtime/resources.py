@@ -526,3 +526,41 @@ DEFAULT_DEVICE_RULES = [
 def effective_device_rules(rules: list[DeviceRule]) -> list[DeviceRule]:
     """What the kernel enforces: deny everything, then the spec's rules in order, then the defaults."""
     return [DeviceRule(False, "a"), *rules, *DEFAULT_DEVICE_RULES]
+
+
+# `update`'s runc-style flags: flag -> (linux.resources section, key, value kind)
+UPDATE_FLAGS = {
+    # flag: (OCI section, OCI key, parser)
+    "memory": ("memory", "limit", "size"),
+    "memory-reservation": ("memory", "reservation", "size"),
+    "memory-swap": ("memory", "swap", "size"),
+    "cpu-shares": ("cpu", "shares", "int"),
+    "cpu-quota": ("cpu", "quota", "int"),
+    "cpu-period": ("cpu", "period", "int"),
+    "cpuset-cpus": ("cpu", "cpus", "str"),
+    "cpuset-mems": ("cpu", "mems", "str"),
+    "pids-limit": ("pids", "limit", "int"),
+    "blkio-weight": ("blockIO", "weight", "int"),
+}
+
+
+def update_from_flags(resources: dict, flags: dict[str, str | None]) -> dict:
+    """linux.resources for `update`: RESOURCES (from --resources) with the flags given laid over."""
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        section, key, kind = UPDATE_FLAGS[flag]
+        where = f"--{flag}"
+        if kind == "size":
+            parsed: object = parse_size(value, where)
+        elif kind == "int":
+            try:
+                parsed = int(value)
+            except ValueError:
+                raise SpecError(f"not a whole number: {value!r}", where=where) from None
+        else:
+            parsed = value
+        resources.setdefault(section, {})[key] = parsed
+    if not resources:
+        raise SpecError("nothing to update", hint="pass --resources FILE or flags like --memory 256M")
+    return resources
