@@ -11,7 +11,8 @@ import prctl
 
 from . import syscalls as sc
 from .errors import NotSupported, StockadeError
-from .spec import CAPABILITIES, Capabilities
+from .linux import CAPABILITIES
+from .spec import Capabilities
 
 
 def held_bounding() -> set[int]:

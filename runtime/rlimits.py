@@ -5,7 +5,8 @@ from __future__ import annotations
 import resource
 
 from .errors import StockadeError
-from .spec import RLIM_INFINITY, RLIMITS, Rlimit
+from .linux import RLIM_INFINITY, RLIMITS
+from .spec import Rlimit
 
 
 def apply(rlimits: list[Rlimit]) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 
+from . import linux
 from ._lite import json as jsonlite
 from ._lite.dataclasses import field, record
 from .errors import SpecError
+from .linux import CAPABILITIES, RLIM_INFINITY, RLIMITS
 
 TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
 if TYPE_CHECKING:
@@ -27,93 +29,52 @@ NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
 PERSONALITY_DOMAINS = {"LINUX": 0x0000, "LINUX32": 0x0008}  # personality(2) PER_LINUX, PER_LINUX32
 TIME_CLOCKS = ("monotonic", "boottime")
 
-_CAP_NAMES = (
-    "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE "
-    "NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO "
-    "SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME "
-    "SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP MAC_OVERRIDE MAC_ADMIN SYSLOG "
-    "WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE"
-).split()
-CAPABILITIES = {f"CAP_{name}": number for number, name in enumerate(_CAP_NAMES)}  # name -> capability number
-
-_RLIMIT_NAMES = (
-    "CPU FSIZE DATA STACK CORE RSS NPROC NOFILE MEMLOCK AS LOCKS SIGPENDING MSGQUEUE NICE RTPRIO RTTIME"
-)
-RLIMITS = {f"RLIMIT_{name}": number for number, name in enumerate(_RLIMIT_NAMES.split())}  # x86_64 numbers
-RLIM_INFINITY = 2**64 - 1
-
-# mount(2) flags, mirrored from syscalls.py so this module stays ctypes-free.
-_MS = {
-    "RDONLY": 1,
-    "NOSUID": 2,
-    "NODEV": 4,
-    "NOEXEC": 8,
-    "SYNCHRONOUS": 16,
-    "REMOUNT": 32,
-    "MANDLOCK": 64,
-    "DIRSYNC": 128,
-    "NOSYMFOLLOW": 256,
-    "NOATIME": 1024,
-    "NODIRATIME": 2048,
-    "BIND": 4096,
-    "REC": 16384,
-    "SILENT": 32768,
-    "UNBINDABLE": 1 << 17,
-    "PRIVATE": 1 << 18,
-    "SLAVE": 1 << 19,
-    "SHARED": 1 << 20,
-    "RELATIME": 1 << 21,
-    "I_VERSION": 1 << 23,
-    "STRICTATIME": 1 << 24,
-    "LAZYTIME": 1 << 25,
-}
-
 # option -> (flag, True to set / False to clear)
 MOUNT_FLAGS: dict[str, tuple[int, bool]] = {
     "defaults": (0, True),
-    "ro": (_MS["RDONLY"], True),
-    "rw": (_MS["RDONLY"], False),
-    "nosuid": (_MS["NOSUID"], True),
-    "suid": (_MS["NOSUID"], False),
-    "nodev": (_MS["NODEV"], True),
-    "dev": (_MS["NODEV"], False),
-    "noexec": (_MS["NOEXEC"], True),
-    "exec": (_MS["NOEXEC"], False),
-    "sync": (_MS["SYNCHRONOUS"], True),
-    "async": (_MS["SYNCHRONOUS"], False),
-    "dirsync": (_MS["DIRSYNC"], True),
-    "remount": (_MS["REMOUNT"], True),
-    "mand": (_MS["MANDLOCK"], True),
-    "nomand": (_MS["MANDLOCK"], False),
-    "noatime": (_MS["NOATIME"], True),
-    "atime": (_MS["NOATIME"], False),
-    "nodiratime": (_MS["NODIRATIME"], True),
-    "diratime": (_MS["NODIRATIME"], False),
-    "relatime": (_MS["RELATIME"], True),
-    "norelatime": (_MS["RELATIME"], False),
-    "strictatime": (_MS["STRICTATIME"], True),
-    "nostrictatime": (_MS["STRICTATIME"], False),
-    "lazytime": (_MS["LAZYTIME"], True),
-    "nolazytime": (_MS["LAZYTIME"], False),
-    "silent": (_MS["SILENT"], True),
-    "loud": (_MS["SILENT"], False),
-    "iversion": (_MS["I_VERSION"], True),
-    "noiversion": (_MS["I_VERSION"], False),
-    "nosymfollow": (_MS["NOSYMFOLLOW"], True),
-    "symfollow": (_MS["NOSYMFOLLOW"], False),
-    "bind": (_MS["BIND"], True),
-    "rbind": (_MS["BIND"] | _MS["REC"], True),
+    "ro": (linux.MS_RDONLY, True),
+    "rw": (linux.MS_RDONLY, False),
+    "nosuid": (linux.MS_NOSUID, True),
+    "suid": (linux.MS_NOSUID, False),
+    "nodev": (linux.MS_NODEV, True),
+    "dev": (linux.MS_NODEV, False),
+    "noexec": (linux.MS_NOEXEC, True),
+    "exec": (linux.MS_NOEXEC, False),
+    "sync": (linux.MS_SYNCHRONOUS, True),
+    "async": (linux.MS_SYNCHRONOUS, False),
+    "dirsync": (linux.MS_DIRSYNC, True),
+    "remount": (linux.MS_REMOUNT, True),
+    "mand": (linux.MS_MANDLOCK, True),
+    "nomand": (linux.MS_MANDLOCK, False),
+    "noatime": (linux.MS_NOATIME, True),
+    "atime": (linux.MS_NOATIME, False),
+    "nodiratime": (linux.MS_NODIRATIME, True),
+    "diratime": (linux.MS_NODIRATIME, False),
+    "relatime": (linux.MS_RELATIME, True),
+    "norelatime": (linux.MS_RELATIME, False),
+    "strictatime": (linux.MS_STRICTATIME, True),
+    "nostrictatime": (linux.MS_STRICTATIME, False),
+    "lazytime": (linux.MS_LAZYTIME, True),
+    "nolazytime": (linux.MS_LAZYTIME, False),
+    "silent": (linux.MS_SILENT, True),
+    "loud": (linux.MS_SILENT, False),
+    "iversion": (linux.MS_I_VERSION, True),
+    "noiversion": (linux.MS_I_VERSION, False),
+    "nosymfollow": (linux.MS_NOSYMFOLLOW, True),
+    "symfollow": (linux.MS_NOSYMFOLLOW, False),
+    "bind": (linux.MS_BIND, True),
+    "rbind": (linux.MS_BIND | linux.MS_REC, True),
 }
 
 MOUNT_PROPAGATION = {
-    "private": _MS["PRIVATE"],
-    "rprivate": _MS["PRIVATE"] | _MS["REC"],
-    "shared": _MS["SHARED"],
-    "rshared": _MS["SHARED"] | _MS["REC"],
-    "slave": _MS["SLAVE"],
-    "rslave": _MS["SLAVE"] | _MS["REC"],
-    "unbindable": _MS["UNBINDABLE"],
-    "runbindable": _MS["UNBINDABLE"] | _MS["REC"],
+    "private": linux.MS_PRIVATE,
+    "rprivate": linux.MS_PRIVATE | linux.MS_REC,
+    "shared": linux.MS_SHARED,
+    "rshared": linux.MS_SHARED | linux.MS_REC,
+    "slave": linux.MS_SLAVE,
+    "rslave": linux.MS_SLAVE | linux.MS_REC,
+    "unbindable": linux.MS_UNBINDABLE,
+    "runbindable": linux.MS_UNBINDABLE | linux.MS_REC,
 }
 
 # Filesystem-specific data options (passed through as mount data) per mount type.
@@ -650,7 +611,7 @@ def _parse_mount(d: Any, where: str) -> Mount:
         raise SpecError("a bind mount needs a source", where=_at(where, "source"))
     flags, propagation, data, ignored = 0, [], [], []
     if kind == "bind":
-        flags |= _MS["BIND"]
+        flags |= linux.MS_BIND
     allowed_data = MOUNT_DATA_OPTIONS[kind]
     for i, opt in enumerate(options):
         here = _at(where, f"options[{i}]")
@@ -668,7 +629,7 @@ def _parse_mount(d: Any, where: str) -> Mount:
         else:
             hint = f"{kind} data options: {', '.join(allowed_data)}" if allowed_data else "see `features`"
             raise SpecError(f"unknown mount option {opt!r} for a {kind} mount", where=here, hint=hint)
-    if flags & _MS["REMOUNT"]:
+    if flags & linux.MS_REMOUNT:
         raise SpecError("remount is not allowed in a container mount", where=_at(where, "options"))
     return Mount(
         destination=dest,
