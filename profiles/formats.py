@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from stockade.profiles.model import BUILTIN_DIR, GALLERY_DIR, KIND, Context, Profile, Seccomp
+from stockade.runtime import files
 from stockade.runtime.errors import SpecError
 
 SPO_API = "security-profiles-operator.x-k8s.io/v1beta1"
@@ -98,21 +98,9 @@ def list_named() -> list[tuple[str, str]]:
 
 
 def write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".stockade-tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """A profile or export file, in place at once; its directory is made if need be."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    files.write_atomic(path, text, durable=True)
 
 
 def dump_json(data: object) -> str:

@@ -14,7 +14,8 @@ import time
 from ._lite.contextlib import suppress
 from ._lite.dataclasses import field, record
 from .errors import ContainerError, SpecError, StockadeError
-from .state import State, StateStore, process_alive, process_start_time, validate_id, write_atomic
+from .files import write_atomic
+from .state import State, StateStore, process_alive, process_start_time, validate_id
 
 TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
 if TYPE_CHECKING:

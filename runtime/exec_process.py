@@ -12,7 +12,7 @@ import os
 from . import capabilities, namespaces, rlimits, spawn, workload
 from .channel import PID, READY, Channel
 from .errors import ContainerError, SpecError
-from .state import write_atomic
+from .files import write_atomic
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

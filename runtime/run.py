@@ -126,7 +126,7 @@ def _profile_parts(name: str) -> tuple[dict | None, Any]:
     parts = (profile_seccomp(profile), profile.bpf_policy)
     if cache:
         from ._lite import json as jsonlite
-        from .state import write_atomic
+        from .files import write_atomic
 
         with suppress(OSError, TypeError):  # no cache: the next run resolves again
             os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)

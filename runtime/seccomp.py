@@ -171,26 +171,14 @@ def _cache_read(path: str) -> bytes | None:
 
 
 def _cache_write(path: str, program: bytes) -> None:
-    """Atomic write (temp file + rename); an unwritable cache only costs the next compile."""
-    import tempfile
+    """An unwritable cache only costs the next compile."""
+    from stockade.runtime.files import write_atomic
 
-    directory = os.path.dirname(path)
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        write_atomic(path, _CACHE_MAGIC + sha256(program).digest() + program, durable=True)
     except OSError:
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_CACHE_MAGIC + sha256(program).digest() + program)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        pass
 
 
 _VERSION: str | None = None

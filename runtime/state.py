@@ -15,6 +15,7 @@ from ._lite import json as jsonlite
 from ._lite.contextlib import suppress
 from ._lite.dataclasses import asdict, field, record
 from .errors import ContainerError
+from .files import write_atomic
 
 DEFAULT_ROOT = "/run/stockade"
 MAX_ID_LENGTH = 128
@@ -154,19 +155,6 @@ def remove_tree(path: str) -> None:
                 os.unlink(entry.path)
     with suppress(FileNotFoundError):
         os.rmdir(path)
-
-
-def write_atomic(path: str | os.PathLike, text: str, mode: int = 0o600) -> None:
-    """Write via a temporary file and rename, so readers never see half a file. No fsync: the
-    state lives on tmpfs (/run) and means nothing after a reboot, while fsync costs a disk flush."""
-    directory, name = os.path.split(os.fspath(path))
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _stat_fields(pid: int) -> list[bytes]:
