@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from stockade.runtime.defaults import OCI_DEFAULT_CAPS
 from stockade.runtime.errors import SpecError
-from stockade.runtime.seccomp import ACTIONS, ARCHITECTURES, OPERATORS
+from stockade.runtime.seccomp import ACTIONS, ARCHITECTURES, check_arg
 
 KIND = "StockadeProfile"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,19 +106,9 @@ class Arg:
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> Arg:
-        if not isinstance(d, dict):
-            raise SpecError("argument condition must be an object", where=where)
-        index, value, op = d.get("index"), d.get("value", 0), d.get("op")
-        if not isinstance(index, int) or not 0 <= index <= 5:
-            raise SpecError(f"argument index {index!r} out of range", where=f"{where}.index", hint="0..5")
-        if op not in OPERATORS:
-            raise SpecError(
-                f"unknown operator {op!r}", where=f"{where}.op", hint="one of " + ", ".join(OPERATORS)
-            )
-        for key in ("value", "valueTwo"):
-            v = d.get(key, 0)
-            if not isinstance(v, int) or not 0 <= v < 1 << 64:
-                raise SpecError(f"{key} {v!r} is not an unsigned 64-bit integer", where=f"{where}.{key}")
+        check_arg(d, where)
+        assert isinstance(d, dict)
+        index, value, op = d["index"], d.get("value", 0), d["op"]
         extra = {k: v for k, v in d.items() if k not in ("index", "value", "valueTwo", "op")}
         return cls(index, value, op, d.get("valueTwo"), extra)
 

@@ -235,7 +235,7 @@ def _validate(config: dict, where: str) -> None:
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise SpecError("names must be a non-empty list of syscall names", where=f"{rwhere}.names")
         for j, arg in enumerate(rule.get("args") or []):
-            _check_arg(arg, f"{rwhere}.args[{j}]")
+            check_arg(arg, f"{rwhere}.args[{j}]")
 
 
 def _check_action(action: object, where: str) -> None:
@@ -247,7 +247,9 @@ def _check_action(action: object, where: str) -> None:
         )
 
 
-def _check_arg(arg: object, where: str) -> None:
+def check_arg(arg: object, where: str) -> None:
+    """An OCI seccomp argument condition (index, op, value, valueTwo), validated once for the
+    runtime and the profile tools."""
     if not isinstance(arg, dict):
         raise SpecError("must be an object", where=where)
     index = arg.get("index")
