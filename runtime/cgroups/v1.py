@@ -4,18 +4,18 @@ One directory per mounted v1 hierarchy (memory, cpu, cpuacct, cpuset, pids, blki
 freezer, hugetlb; co-mounted hierarchies once), plus the same relative path in the cgroup2 tree
 (hybrid hosts: /sys/fs/cgroup/unified) so every container process also has a cgroup2 id for BPF.
 
-Interface files go through cgroupspy's controller classes (MemoryController, CpuController, ...),
-each built on a single `Node` for the container's own directory: never a `trees.Tree()` walk. cgroupspy
-has no pids or freezer controller; those go through its generic `Controller.set_property`. Importing
-cgroupspy costs ~6 ms (it imports logging), paid on create/update/stats only, not on import of this module.
+Every read and write of a v1 interface file (limits, devices, cgroup.procs, the freezer, cpuset
+inheritance) goes one way: `_write`/`_read`, cgroupspy's `Controller.set_property`/`get_property`
+on exactly one directory (a `_Dir` with the `full_path` its controllers use: no `trees.Tree()`
+walk, and no import of cgroupspy.nodes, which pulls in logging). cgroupspy is imported only when a
+v1 file is touched, never by importing this module.
 
 OCI -> v1 files: memory limit/reservation/swap(memory+swap)/swappiness/disableOOMKiller ->
 memory.limit_in_bytes/soft_limit_in_bytes/memsw.limit_in_bytes/swappiness/oom_control; cpu shares/quota/
 period/burst/idle/realtime* -> cpu.shares/cfs_quota_us/cfs_period_us/cfs_burst_us/idle/rt_*; cpus/mems ->
 cpuset.cpus/mems (new cpuset dirs first get the parent's values, or joining fails); pids.limit -> pids.max;
 blockIO.weight -> blkio.weight, or blkio.bfq.weight when a block device really uses bfq (else refused);
-throttle*Device -> blkio.throttle.{read,write}_{bps,iops}_device (written directly: cgroupspy's write_*
-descriptors carry a trailing space in the file name);
+throttle*Device -> blkio.throttle.{read,write}_{bps,iops}_device;
 devices -> devices.deny "a", then each rule in order, then the OCI default devices (resources.py).
 hugepageLimits and unified keys go to the cgroup2 dir when its hierarchy has the controller (this host's
 unified tree offers hugetlb), else they are refused.
@@ -33,7 +33,7 @@ from . import common, v2
 
 TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
 if TYPE_CHECKING:
-    from typing import Any
+    pass
 
 KNOWN = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer", "hugetlb")
 _UNLIMITED_V1 = 1 << 62  # the kernel prints "unlimited" as PAGE_COUNTER_MAX * PAGE_SIZE (about 2^63)
@@ -192,36 +192,36 @@ class Driver:
             common.refuse("rdma limits are not implemented", f"{where}.rdma", "remove linux.resources.rdma")
 
 
-def _node(path: str) -> Any:
-    """A cgroupspy Node for exactly one directory (no tree walk): its controllers only use full_path."""
-    from cgroupspy.nodes import Node
+class _Dir:
+    """What cgroupspy's controllers use of a node: the directory's full path."""
 
-    return Node(path.encode())
+    def __init__(self, path: str) -> None:
+        self.full_path = path.encode()
 
 
-def _set(controller: Any, attr: str, value: Any, filename: str) -> None:
-    """Assign through a cgroupspy file descriptor; kernel refusals become StockadeError naming the file."""
+def _write(directory: str, filename: str, value: str | int) -> None:
+    """The one way a v1 interface file is written; a refusal names the file and the value."""
+    from cgroupspy.controllers import Controller
+
     try:
-        setattr(controller, attr, value)
+        Controller(_Dir(directory)).set_property(filename.encode(), value)
     except OSError as e:
-        common.write_failed(controller.filepath(filename.encode()).decode(), value, e)
+        common.write_failed(os.path.join(directory, filename), value, e)
 
 
-def _cpu_set(text: str) -> set[int]:
-    from cgroupspy.interfaces import CommaDashSetFile
+def _read(directory: str, filename: str) -> str:
+    from cgroupspy.controllers import Controller
 
-    return CommaDashSetFile("cpuset.cpus").sanitize_get(text)
+    return Controller(_Dir(directory)).get_property(filename.encode())
 
 
 def _inherit_cpuset(mount: str, created: list[str]) -> None:
-    """New cpuset dirs start with empty cpus/mems, where no task may join: copy the parent's.
-    Plain file copies: this runs on every create, where importing cgroupspy (and logging) would
-    cost more than the container start itself; cgroupspy applies the limits a spec asks for."""
+    """New cpuset dirs start with empty cpus/mems, where no task may join: copy the parent's."""
     for d in created:  # shallowest first, so each parent is already filled
         if not d.startswith(mount + "/"):
             continue
         for name in ("cpuset.cpus", "cpuset.mems"):
-            common.write(os.path.join(d, name), common.read(os.path.join(os.path.dirname(d), name)))
+            _write(d, name, _read(os.path.dirname(d), name))
 
 
 def needed_controllers(res: Resources | None) -> set[str]:
@@ -297,7 +297,7 @@ class Cgroup:
             for pid in unified.pids():
                 for mount in sorted({self.driver.mounts[c] for c in controllers}):
                     try:
-                        common.write(os.path.join(mount, self.path, "cgroup.procs"), pid)
+                        _write(os.path.join(mount, self.path), "cgroup.procs", pid)
                     except ContainerError:
                         if os.path.exists(f"/proc/{pid}"):
                             raise
@@ -326,92 +326,76 @@ class Cgroup:
                 self.device_rules = rules
         self._unified_part(res)
 
-    def _generic(self, controller: str) -> Any:
-        from cgroupspy.controllers import Controller
-
-        return Controller(_node(self.dirs[controller]))
-
     def _write(self, controller: str, filename: str, value: str | int) -> None:
-        try:
-            self._generic(controller).set_property(filename.encode(), value)
-        except OSError as e:
-            common.write_failed(os.path.join(self.dirs[controller], filename), value, e)
+        _write(self.dirs[controller], filename, value)
+
+    def _read_int(self, controller: str, filename: str) -> int:
+        return int(_read(self.dirs[controller], filename))
 
     def _memory(self, res: Resources) -> None:
-        from cgroupspy.controllers import MemoryController
-
         m = res.memory
         assert m is not None
-        mem = MemoryController(_node(self.dirs["memory"]))
-        has_memsw = os.path.exists(mem.filepath(b"memory.memsw.limit_in_bytes"))
+        has_memsw = os.path.exists(os.path.join(self.dirs["memory"], "memory.memsw.limit_in_bytes"))
         if m.swap is not None and not has_memsw:
             common.refuse(
                 "swap limits need memory.memsw.limit_in_bytes (swap accounting is off)",
                 "linux.resources.memory.swap",
                 "boot with swapaccount=1 or remove memory.swap",
             )
-        if m.check_before_update and m.limit not in (None, UNLIMITED) and m.limit < mem.usage_in_bytes:
-            raise SpecError(
-                f"memory limit {m.limit} is below current usage {mem.usage_in_bytes}",
-                where="linux.resources.memory.limit",
-                hint="checkBeforeUpdate is set",
-            )
+        if m.check_before_update and m.limit not in (None, UNLIMITED):
+            usage = self._read_int("memory", "memory.usage_in_bytes")
+            if m.limit < usage:
+                raise SpecError(
+                    f"memory limit {m.limit} is below current usage {usage}",
+                    where="linux.resources.memory.limit",
+                    hint="checkBeforeUpdate is set",
+                )
         swap = m.swap
         if m.limit == UNLIMITED and swap is None and has_memsw:
             swap = UNLIMITED  # as runc: unlimited memory with swap unset lifts memsw too
         # memory.limit_in_bytes <= memsw.limit_in_bytes at every step: raise memsw first when it grows
-        current_memsw = mem.memsw_limit_in_bytes if has_memsw else None
+        current_memsw = self._read_int("memory", "memory.memsw.limit_in_bytes") if has_memsw else None
         swap_first = swap is not None and (
             swap == UNLIMITED or current_memsw is not None and current_memsw < swap
         )
         if swap is not None and swap_first:
-            _set(mem, "memsw_limit_in_bytes", swap, "memory.memsw.limit_in_bytes")
+            self._write("memory", "memory.memsw.limit_in_bytes", swap)
         if m.limit is not None:
-            _set(mem, "limit_in_bytes", m.limit, "memory.limit_in_bytes")
+            self._write("memory", "memory.limit_in_bytes", m.limit)
         if swap is not None and not swap_first:
-            _set(mem, "memsw_limit_in_bytes", swap, "memory.memsw.limit_in_bytes")
+            self._write("memory", "memory.memsw.limit_in_bytes", swap)
         if m.reservation is not None:
-            _set(mem, "soft_limit_in_bytes", m.reservation, "memory.soft_limit_in_bytes")
+            self._write("memory", "memory.soft_limit_in_bytes", m.reservation)
         if m.swappiness is not None:
-            _set(mem, "swappiness", m.swappiness, "memory.swappiness")
+            self._write("memory", "memory.swappiness", m.swappiness)
         if m.disable_oom_killer is not None:
-            _set(mem, "oom_control", m.disable_oom_killer, "memory.oom_control")
+            self._write("memory", "memory.oom_control", int(m.disable_oom_killer))
 
     def _cpu(self, res: Resources) -> None:
-        from cgroupspy.controllers import CpuController, CpuSetController
-
         c = res.cpu
         assert c is not None
         if "cpu" in self.dirs:
-            cpu = CpuController(_node(self.dirs["cpu"]))
-            if c.shares is not None:
-                _set(cpu, "shares", c.shares, "cpu.shares")
-            if c.period is not None:
-                _set(cpu, "cfs_period_us", c.period, "cpu.cfs_period_us")
-            if c.quota is not None:
-                _set(cpu, "cfs_quota_us", c.quota, "cpu.cfs_quota_us")
-            if c.burst is not None:
-                self._write("cpu", "cpu.cfs_burst_us", c.burst)
-            if c.idle is not None:
-                self._write("cpu", "cpu.idle", c.idle)
-            if c.realtime_period is not None:
-                _set(cpu, "rt_period_us", c.realtime_period, "cpu.rt_period_us")
-            if c.realtime_runtime is not None:
-                _set(cpu, "rt_runtime_us", c.realtime_runtime, "cpu.rt_runtime_us")
-        if c.cpus or c.mems:
-            cpuset = CpuSetController(_node(self.dirs["cpuset"]))
-            if c.cpus:
-                _set(cpuset, "cpus", _cpu_set(c.cpus), "cpuset.cpus")
-            if c.mems:
-                _set(cpuset, "mems", _cpu_set(c.mems), "cpuset.mems")
+            for filename, value in (
+                ("cpu.shares", c.shares),
+                ("cpu.cfs_period_us", c.period),
+                ("cpu.cfs_quota_us", c.quota),
+                ("cpu.cfs_burst_us", c.burst),
+                ("cpu.idle", c.idle),
+                ("cpu.rt_period_us", c.realtime_period),
+                ("cpu.rt_runtime_us", c.realtime_runtime),
+            ):
+                if value is not None:
+                    self._write("cpu", filename, value)
+        if c.cpus:
+            self._write("cpuset", "cpuset.cpus", c.cpus)
+        if c.mems:
+            self._write("cpuset", "cpuset.mems", c.mems)
 
     def _blkio_weight(self, weight: int) -> None:
-        from cgroupspy.controllers import BlkIOController
-
-        blkio = BlkIOController(_node(self.dirs["blkio"]))
-        if os.path.exists(blkio.filepath(b"blkio.weight")):
-            _set(blkio, "weight", weight, "blkio.weight")
-        elif os.path.exists(blkio.filepath(b"blkio.bfq.weight")) and _bfq_in_use():
+        blkio = self.dirs["blkio"]
+        if os.path.exists(os.path.join(blkio, "blkio.weight")):
+            self._write("blkio", "blkio.weight", weight)
+        elif os.path.exists(os.path.join(blkio, "blkio.bfq.weight")) and _bfq_in_use():
             self._write("blkio", "blkio.bfq.weight", weight)
         else:
             common.refuse(
@@ -421,10 +405,8 @@ class Cgroup:
             )
 
     def _devices(self, rules: list[DeviceRule]) -> None:
-        # Every create writes the default device list: plain writes keep cgroupspy off that path.
         for rule in rules:
-            name = "devices.allow" if rule.allow else "devices.deny"
-            common.write(os.path.join(self.dirs["devices"], name), rule.v1_line())
+            self._write("devices", "devices.allow" if rule.allow else "devices.deny", rule.v1_line())
         self.device_rules = list(rules)
 
     def _unified_part(self, res: Resources) -> None:
@@ -445,8 +427,10 @@ class Cgroup:
         return files
 
     def add(self, pid: int) -> None:
-        for f in self.procs_files():
-            common.write(f, pid)
+        for d in self._dirs():
+            _write(d, "cgroup.procs", pid)
+        if self.unified is not None:
+            self.unified.add(pid)
 
     def pids(self) -> list[int]:
         found: set[int] = set()
@@ -458,7 +442,7 @@ class Cgroup:
 
     # -- freezer and signals ------------------------------------------------------------------
     def _freezer_state(self) -> str:
-        return common.read(os.path.join(self.dirs["freezer"], "freezer.state"))
+        return _read(self.dirs["freezer"], "freezer.state")
 
     def freeze(self) -> None:
         if "freezer" not in self.dirs:
@@ -512,18 +496,13 @@ class Cgroup:
             )
         )
         if "memory" in self.dirs:
-            from cgroupspy.controllers import MemoryController
-
-            mem = MemoryController(_node(self.dirs["memory"]))
-            out["memory_current"] = mem.usage_in_bytes
-            out["memory_peak"] = mem.max_usage_in_bytes
-            out["memory_limit"] = _unlimited(mem.limit_in_bytes)
-            if os.path.exists(mem.filepath(b"memory.memsw.limit_in_bytes")):
-                out["memory_swap_limit"] = _unlimited(mem.memsw_limit_in_bytes)
+            out["memory_current"] = self._read_int("memory", "memory.usage_in_bytes")
+            out["memory_peak"] = self._read_int("memory", "memory.max_usage_in_bytes")
+            out["memory_limit"] = _unlimited(self._read_int("memory", "memory.limit_in_bytes"))
+            if os.path.exists(os.path.join(self.dirs["memory"], "memory.memsw.limit_in_bytes")):
+                out["memory_swap_limit"] = _unlimited(self._read_int("memory", "memory.memsw.limit_in_bytes"))
         if "cpuacct" in self.dirs:
-            from cgroupspy.controllers import CpuAcctController
-
-            out["cpu_usage_usec"] = CpuAcctController(_node(self.dirs["cpuacct"])).usage // 1000
+            out["cpu_usage_usec"] = self._read_int("cpuacct", "cpuacct.usage") // 1000
         elif self.unified is not None:
             usage = common.read_keyed(os.path.join(self.unified.unified_path(), "cpu.stat"))
             out["cpu_usage_usec"] = usage.get("usage_usec")
