@@ -64,9 +64,3 @@ def profile_seccomp(
         }
     )
     return profile.seccomp.resolve(ctx)
-
-
-def main(argv: list[str]) -> int:
-    from stockade.profiles.cli import main as cli_main
-
-    return cli_main(argv)
