@@ -15,7 +15,7 @@ import sys
 from .errors import NotSupported
 from .state import State
 
-TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
+TYPE_CHECKING = False  # typing is a slow import on the start path (bench/README.md)
 if TYPE_CHECKING:
     from typing import Any
 

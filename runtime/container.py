@@ -6,7 +6,7 @@ lock, and either completes or leaves nothing behind (no cgroup, state directory 
 
 from __future__ import annotations
 
-import _signal as signal  # the C module: `signal` imports enum (~3 ms of every start)
+import _signal as signal  # the C module: `signal` imports enum (bench/README.md, start-path costs)
 import os
 import select
 import time
@@ -17,7 +17,7 @@ from .errors import ContainerError, SpecError, StockadeError
 from .files import write_atomic
 from .state import State, StateStore, process_alive, process_start_time, validate_id
 
-TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
+TYPE_CHECKING = False  # typing is a slow import on the start path (bench/README.md)
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
@@ -355,7 +355,7 @@ def start(root: Path | str, container_id: str) -> State:
 
 
 def _may_have_hook(state: State, kind: str) -> bool:
-    """Whether the spec may hold `kind` hooks (reading the saved config costs every start ~0.4 ms)."""
+    """Whether the spec may hold `kind` hooks: the saved config is read only when it may."""
     return state.later_hooks is None or kind in state.later_hooks
 
 

@@ -1,33 +1,61 @@
 """`stockade doctor`: what this host's kernel lets Stockade enforce, and how to fix what it lacks.
 
-Every check asks the kernel for real (loads a BPF-LSM program, enters a user namespace, lists
-nftables tables) instead of trusting config files, then maps the answers onto Stockade's
-enforcement layers. Output is a table, or JSON with `--json`; `--strict` exits 1 when a layer
-is not fully available. Nothing is left behind: the probe program is detached and closed, the
-user-namespace child exits, securityfs is unmounted again if doctor had to mount it.
+Every check asks the kernel for real (loads a BPF-LSM program and reads its BTF through
+stockade.bpf, enters a user namespace, lists nftables tables) instead of trusting config files,
+then maps the answers onto Stockade's enforcement layers. Output is a table, or JSON with
+`--json`; `--strict` exits 1 when a layer is not fully available. Nothing is left behind: the
+probe program is detached and closed, the user-namespace child exits, securityfs is unmounted
+again if doctor had to mount it.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from stockade.bpf import btf, maps, probe
+from stockade.bpf.loader import lsm_hooks
+
+from .cgroups import describe_host
+
 OK, MISSING, DEGRADED, INFO = "ok", "missing", "degraded", "info"
 SECURITYFS = "/sys/kernel/security"
-BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+BTF_VMLINUX = btf.VMLINUX
 LAB_HINT = "or test in the kernel lab: vagrant/lab run -- .venv/bin/pytest -m lab"
 V2_WANTED = ("cpu", "memory", "pids", "io", "cpuset")
+# What the policy programs need beyond the LSM hooks in bpf/lsm.bpf.c: (BTF enum, enumerator, name).
+BPF_NEEDED = (
+    ("bpf_func_id", "BPF_FUNC_get_current_ancestor_cgroup_id", "cgroup-id helpers"),
+    ("bpf_map_type", "BPF_MAP_TYPE_RINGBUF", "ring buffer"),
+)
+# Newer hooks worth knowing about (none is needed today), with the release that brought them.
+BPF_EXTRAS = (
+    ("bpf_attach_type", "BPF_LSM_CGROUP", "per-cgroup LSM", "6.0"),
+    ("bpf_attach_type", "BPF_TRACE_FENTRY", "fentry/fexit", "5.5"),
+    ("bpf_map_type", "BPF_MAP_TYPE_CGRP_STORAGE", "cgroup storage maps", "6.2"),
+    ("bpf_attach_type", "BPF_CGROUP_UNIX_CONNECT", "AF_UNIX cgroup sock_addr hooks", "6.7"),
+    ("bpf_cmd", "BPF_TOKEN_CREATE", "BPF tokens", "6.9"),
+)
+# The kernels the lab boots, measured there (bpf_lsm_* attach probes, BTF enums, kfuncs); doctor
+# itself only reports the running kernel. vagrant/README.md has the same table.
+LAB_KERNELS = (
+    ("6.1 (Debian 12, vagrant/lab's default)",
+     "BPF-LSM with 228 hooks that take a program; per-cgroup LSM; fentry/fexit; cgroup v2"),
+    ("6.12 (bookworm-backports: vagrant/lab run --kernel linux-image-amd64/bookworm-backports)",
+     "BPF-LSM with 255 hooks (new: bpf_token_*, bpf_map_create, bpf_prog_load, file_truncate, "
+     "file_release, file_post_open, inode_*_acl, path_post_mknod, ...); as 6.1, plus AF_UNIX cgroup "
+     "sock_addr hooks, BPF tokens, cgroup storage maps, kfuncs such as bpf_path_d_path and "
+     "bpf_get_file_xattr; ima and evm join the LSM list"),
+)
 
 
 @dataclass
@@ -56,116 +84,14 @@ class Report:
         return next(c for c in self.checks if c.name == name)
 
 
-# --- BPF-LSM probe without bcc: a two-instruction program attached to bpf_lsm_file_open -------
-
-_SYS_BPF = 321  # x86_64
-_BPF_PROG_LOAD, _BPF_RAW_TRACEPOINT_OPEN = 5, 17
-_BPF_PROG_TYPE_LSM, _BPF_LSM_MAC = 29, 27
-_PROBE_INSNS = bytes.fromhex("b7000000000000009500000000000000")  # r0 = 0 (allow); exit
-# Bytes of kind-specific data after each 12-byte btf_type, by kind (vlen = entries).
-_BTF_EXTRA = {
-    1: (4, 0),
-    3: (12, 0),
-    4: (0, 12),
-    5: (0, 12),
-    6: (0, 8),
-    13: (0, 8),
-    14: (4, 0),
-    15: (0, 12),
-    17: (4, 0),
-    19: (0, 12),
-}
-_BTF_KIND_FUNC = 12
-
-
-def btf_func_id(name: str, path: str = BTF_VMLINUX) -> int | None:
-    """The BTF type id of kernel function NAME in vmlinux BTF (what an LSM program attaches to)."""
-    data = Path(path).read_bytes()
-    magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
-    if magic != 0xEB9F:
-        return None
-    type_off, type_len, str_off, _str_len = struct.unpack_from("<IIII", data, 8)
-    pos, end, strs = hdr_len + type_off, hdr_len + type_off + type_len, hdr_len + str_off
-    target, type_id = name.encode() + b"\0", 1
-    while pos < end:
-        name_off, info, _ = struct.unpack_from("<III", data, pos)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        fixed, per_entry = _BTF_EXTRA.get(kind, (0, 0))
-        if kind == _BTF_KIND_FUNC and data.startswith(target, strs + name_off):
-            return type_id
-        pos += 12 + fixed + per_entry * vlen
-        type_id += 1
-    return None
-
-
-def _bpf(cmd: int, attr: bytes) -> tuple[int, int]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(attr, len(attr))
-    fd = libc.syscall(_SYS_BPF, cmd, buf, len(attr))
-    return fd, ctypes.get_errno()
-
-
 def probe_bpf_lsm() -> tuple[bool, str]:
-    """Load and attach a trivial BPF-LSM program (allows everything), then remove it."""
-    try:
-        btf_id = btf_func_id("bpf_lsm_file_open")
-    except OSError as e:
-        return False, f"no vmlinux BTF ({e.strerror}); BPF-LSM needs CONFIG_DEBUG_INFO_BTF"
-    if btf_id is None:
-        return False, "the kernel has no bpf_lsm_file_open hook (CONFIG_BPF_LSM off)"
-    insns = ctypes.create_string_buffer(_PROBE_INSNS, len(_PROBE_INSNS))
-    license_ = ctypes.create_string_buffer(b"GPL")
-    attr = bytearray(128)
-    struct.pack_into(
-        "<IIQQ",
-        attr,
-        0,
-        _BPF_PROG_TYPE_LSM,
-        len(_PROBE_INSNS) // 8,
-        ctypes.addressof(insns),
-        ctypes.addressof(license_),
-    )
-    attr[48 : 48 + 14] = b"stockade_probe"
-    struct.pack_into("<I", attr, 68, _BPF_LSM_MAC)
-    struct.pack_into("<I", attr, 108, btf_id)
-    prog, err = _bpf(_BPF_PROG_LOAD, bytes(attr))
-    if prog < 0:
-        return False, f"the kernel refused to load a BPF-LSM program: {os.strerror(err)}"
-    try:
-        link, err = _bpf(_BPF_RAW_TRACEPOINT_OPEN, struct.pack("<QI4x", 0, prog))
-        if link < 0:
-            return False, f"the kernel refused to attach a BPF-LSM program: {os.strerror(err)}"
-        os.close(link)
-    finally:
-        os.close(prog)
-    return True, "a BPF-LSM program loaded and attached"
+    """Whether the kernel runs BPF-LSM programs, and why not (stockade.bpf.probe.lsm)."""
+    return probe.lsm()
 
 
-def bpf_lsm_status() -> tuple[bool, str]:
-    """The BPF helper's probe when it is importable (same answer the agent will get), else ours."""
-    try:
-        from stockade.bpf.agent import lsm_available
-    except ImportError:
-        return probe_bpf_lsm()
-    try:
-        with _quiet_stderr():  # bcc prints the kernel's refusal itself; the report says it once
-            return lsm_available()
-    except Exception:  # noqa: BLE001 - a broken helper must not hide the kernel's answer
-        return probe_bpf_lsm()
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+def btf_names() -> tuple[set[str], dict[str, set[str]]]:
+    """The kernel's bpf_lsm_* functions and its enums, from its BTF (stockade.bpf.btf.names)."""
+    return btf.names()
 
 
 # --- individual checks -----------------------------------------------------------------------
@@ -208,14 +134,44 @@ def grub_lsm_fix(lsms: list[str] | None) -> str:
 
 
 def check_bpf_lsm(report: Report, lsms: list[str] | None) -> None:
-    ok, why = bpf_lsm_status()
-    if ok:
+    ok, why = probe.lsm(lsms)
+    if ok and importlib.util.find_spec("bcc") is None:  # the agent compiles lsm.bpf.c with bcc
+        ok, why, fix = False, "bcc (python3-bpfcc) is not installed", "apt-get install python3-bpfcc"
+    elif ok:
         fix = ""
     elif lsms and "bpf" in lsms:  # listed but refused: lockdown, a restricted VM, missing CAP_BPF
         fix = f"the kernel lists bpf yet refuses LSM programs (lockdown, hypervisor policy?); {LAB_HINT}"
     else:
         fix = grub_lsm_fix(lsms)
     report.checks.append(Check("bpf-lsm", OK if ok else MISSING, why or "loads", fix))
+
+
+def check_bpf_hooks(report: Report) -> None:
+    """Whether the kernel has every LSM hook, helper and map type the policy programs use (from
+    its BTF), and which newer BPF hooks it offers besides."""
+    try:
+        hooks, enums = btf_names()
+    except OSError as e:
+        report.checks.append(Check("bpf-hooks", MISSING, f"no vmlinux BTF ({e.strerror})"))
+        return
+    try:
+        used = lsm_hooks()
+    except OSError:
+        used = []
+    no_hooks = [f"bpf_lsm_{h}" for h in used if f"bpf_lsm_{h}" not in hooks]
+    needed = [(what, name in enums.get(enum, ())) for enum, name, what in BPF_NEEDED]
+    lacking = no_hooks + [what for what, ok in needed if not ok]
+    extras = [(f"{what} ({since})", name in enums.get(enum, ())) for enum, name, what, since in BPF_EXTRAS]
+    have, lack = [x for x, ok in extras if ok], [x for x, ok in extras if not ok]
+    detail = "; ".join(
+        [f"{len(used) - len(no_hooks)}/{len(used)} LSM hooks Stockade attaches "
+         f"({len(hooks)} bpf_lsm_* functions in BTF)"]
+        + [what for what, ok in needed if ok]
+        + ([f"also {', '.join(have)}"] if have else [])
+        + ([f"not {', '.join(lack)}"] if lack else [])
+    )
+    fix = f"a kernel with {', '.join(lacking)}: Debian 12's 6.1 has them ({LAB_HINT})" if lacking else ""
+    report.checks.append(Check("bpf-hooks", MISSING if lacking else OK, detail, fix))
 
 
 def check_btf(report: Report) -> None:
@@ -235,14 +191,9 @@ def check_btf(report: Report) -> None:
 
 def describe_cgroups() -> dict:
     try:
-        from stockade.runtime.cgroups import describe_host
-    except ImportError:
-        describe_host = None
-    if describe_host is not None:
-        try:
-            return describe_host()
-        except OSError:
-            pass
+        return describe_host()
+    except OSError:
+        pass
     for mode, path in (("v2", "/sys/fs/cgroup"), ("hybrid", "/sys/fs/cgroup/unified")):
         controllers = Path(path, "cgroup.controllers")
         if controllers.exists():
@@ -388,8 +339,6 @@ def check_bpffs(report: Report) -> None:
 
 def _agent_layer() -> Layer:
     """Per-container BPF policies are map entries on the agent's pinned programs."""
-    from stockade.bpf import maps
-
     loaded = sorted(maps.loaded_layers())
     if loaded:
         return Layer("BPF agent (pinned programs)", "available", ", ".join(loaded))
@@ -398,8 +347,6 @@ def _agent_layer() -> Layer:
 
 def _v1_controllers() -> list[str]:
     try:
-        from .cgroups import describe_host
-
         hierarchies = describe_host().get("controllers", {})
     except Exception:  # noqa: BLE001 - doctor reports what it can
         return []
@@ -419,7 +366,7 @@ def layers(report: Report, v2: list[str]) -> list[Layer]:
     out = [
         layer("namespaces + uid mapping", "userns", "userns"),
         layer("seccomp filters", "seccomp", "seccomp"),
-        layer("BPF-LSM policy", "bpf-lsm, btf, bpffs", "bpf-lsm", "btf", "bpffs"),
+        layer("BPF-LSM policy", "bpf-lsm, btf, bpf-hooks, bpffs", "bpf-lsm", "btf", "bpf-hooks", "bpffs"),
         layer("overlay rootfs", "overlayfs", "overlayfs"),
         layer("network policy (nftables)", "nftables", "nftables"),
     ]
@@ -465,6 +412,7 @@ def diagnose() -> Report:
     lsms = check_lsm(report)
     check_bpf_lsm(report, lsms)
     check_btf(report)
+    check_bpf_hooks(report)
     v2 = check_cgroups(report)
     check_seccomp(report)
     check_userns(report)
@@ -486,6 +434,9 @@ def render_table(report: Report) -> str:
     if fixes:
         lines += ["", "to fix:"]
         lines += [f"  {layer.name}: {layer.fix}" for layer in fixes]
+    if any("vagrant/lab" in layer.fix for layer in fixes):
+        lines += ["", "the kernel lab's kernels (vagrant/README.md):"]
+        lines += [f"  {kernel}: {offers}" for kernel, offers in LAB_KERNELS]
     return "\n".join(lines)
 
 
@@ -498,7 +449,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     report = diagnose()
     if args.json:
-        print(json.dumps(asdict(report), indent=2))
+        lab = [{"kernel": kernel, "offers": offers} for kernel, offers in LAB_KERNELS]
+        print(json.dumps(dict(asdict(report), lab_kernels=lab), indent=2))
     else:
         print(render_table(report))
     if args.strict and any(layer.status != "available" for layer in report.layers):

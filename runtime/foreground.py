@@ -7,7 +7,7 @@ exit status can be reaped. Everything is deleted afterwards, also on Ctrl-C and 
 
 from __future__ import annotations
 
-import _signal as signal  # the C module: `signal` imports enum (~3 ms of every start)
+import _signal as signal  # the C module: `signal` imports enum (bench/README.md, start-path costs)
 import os
 import sys
 

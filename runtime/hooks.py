@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .errors import StockadeError
 
-TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
+TYPE_CHECKING = False  # typing is a slow import on the start path (bench/README.md)
 if TYPE_CHECKING:
     from typing import Any
 

@@ -169,7 +169,7 @@ def loopback_up() -> None:
     import fcntl
     import struct
 
-    fd = sc.socket(2, 2)  # AF_INET, SOCK_DGRAM; not through a socket module: ~1 ms of imports
+    fd = sc.socket(2, 2)  # AF_INET, SOCK_DGRAM; not through the socket module, a slow import
     try:
         _, flags = struct.unpack(_IFREQ, fcntl.ioctl(fd, SIOCGIFFLAGS, struct.pack(_IFREQ, b"lo", 0)))
         fcntl.ioctl(fd, SIOCSIFFLAGS, struct.pack(_IFREQ, b"lo", flags | IFF_UP))

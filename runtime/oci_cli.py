@@ -79,7 +79,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-v", "--version", action="version", version=f"stockade-oci {VERSION}\nspec: 1.2.0")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (text, flags) in SUBCOMMANDS.items():
-        # Building every subparser costs ~10 ms; a start only needs its own (help needs all).
+        # Building every subparser is slow; a start only needs its own (help needs all).
         if only is None or name == only:
             flags(sub.add_parser(name, help=text, formatter_class=formatter))
     return p
@@ -246,7 +246,7 @@ def _log_warning(args: argparse.Namespace, message: str) -> None:
 
 
 def _log_line(args: argparse.Namespace, level: str, message: str) -> None:
-    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+    import json  # not at the top: json imports re and enum, slow on the start path
 
     if args.log_format == "json":
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -301,7 +301,7 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _state(args: argparse.Namespace) -> int:
-    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+    import json  # not at the top: json imports re and enum, slow on the start path
 
     from . import container
 
@@ -357,7 +357,7 @@ def _exec(args: argparse.Namespace) -> int:
 
 def _exec_process(args: argparse.Namespace):  # noqa: ANN202
     """The OCI process to exec: from --process, or built from the arguments like runc does."""
-    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+    import json  # not at the top: json imports re and enum, slow on the start path
 
     from . import container, spec
 
@@ -382,7 +382,7 @@ def _exec_process(args: argparse.Namespace):  # noqa: ANN202
 
 
 def _ps(args: argparse.Namespace) -> int:
-    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+    import json  # not at the top: json imports re and enum, slow on the start path
 
     from . import container
 
@@ -398,7 +398,7 @@ def _ps(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+    import json  # not at the top: json imports re and enum, slow on the start path
 
     from . import container
 
@@ -428,7 +428,7 @@ def _update(args: argparse.Namespace) -> int:
 
 def update_resources(args: argparse.Namespace) -> dict:
     """linux.resources from --resources and/or the runc-style flags."""
-    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+    import json  # not at the top: json imports re and enum, slow on the start path
 
     from .resources import UPDATE_FLAGS, update_from_flags
 
@@ -453,7 +453,7 @@ def _pause(args: argparse.Namespace, freeze: bool) -> int:
 
 
 def _features(args: argparse.Namespace) -> int:
-    import json  # not at the top: the json package costs every start ~6 ms (re, enum)
+    import json  # not at the top: json imports re and enum, slow on the start path
 
     from .features import features
 
@@ -487,7 +487,7 @@ def entry() -> None:
     import gc
 
     # A short-lived command: no cycle collection. It would walk every object of the interpreter,
-    # also in the forked init (copying each page the parent shares with it): ~1 ms a start.
+    # also in the forked init (copying each page the parent shares with it).
     gc.disable()
     fast_exit(main())
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from ._lite.dataclasses import field, record
 from .errors import SpecError
 
-TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
+TYPE_CHECKING = False  # typing is a slow import on the start path (bench/README.md)
 if TYPE_CHECKING:
     from typing import Any
 
@@ -32,7 +32,7 @@ _UNIFIED_KEY_RE = r"^[a-z0-9_]+\.[a-z0-9_.]+$"
 
 
 def _match(pattern: str, text: str) -> Any:  # a re.Match or None
-    import re  # ~3 ms with enum: not on the path of a container without linux.resources
+    import re  # with enum, a slow import: not on the path of a container without linux.resources
 
     return re.match(pattern, text)
 

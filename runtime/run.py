@@ -110,7 +110,7 @@ def _warn(message: str) -> None:
 def _profile_parts(name: str) -> tuple[dict | None, Any]:
     """(the OCI seccomp section, the BPF policy) of a profile. A built-in or gallery profile's are
     cached per profile file, profile code, kernel and architecture: resolving them imports the
-    profile machinery, ~7 ms of every run."""
+    profile machinery, which would cost every run more than its own start (bench/README.md)."""
     key = _profile_cache_key(name)
     cache = os.path.join(_cache_dir(), f"profile-{key}.json") if key else None
     if cache:

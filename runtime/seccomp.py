@@ -288,7 +288,7 @@ def _action(sc, name: str, errno_ret: object, where: str) -> int:  # noqa: ANN00
 
 
 def _compile(config: dict, where: str) -> bytes:
-    import seccomp as sc  # ~1 ms; only on a cache miss
+    import seccomp as sc  # only on a cache miss
 
     default = _action(sc, config["defaultAction"], config.get("defaultErrnoRet"), f"{where}.defaultErrnoRet")
     filt = sc.SyscallFilter(default)

@@ -177,7 +177,7 @@ def _has_hooks(spec: Spec) -> bool:
 
 class CgroupMove:
     """Moves the init into its v1 hierarchies on a thread. Each move waits for an RCU grace
-    period (see syscalls.fork_into_cgroup: 7-25 ms), which then overlaps with the init building
+    period (see syscalls.fork_into_cgroup), which then overlaps with the init building
     its rootfs and the runtime installing the BPF policy and writing state; `create` waits for it
     before it returns, so the workload (released by `start`) always runs in its cgroups."""
 

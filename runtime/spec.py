@@ -16,7 +16,7 @@ from ._lite.dataclasses import field, record
 from .errors import SpecError
 from .linux import CAPABILITIES, RLIM_INFINITY, RLIMITS
 
-TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
+TYPE_CHECKING = False  # typing is a slow import on the start path (bench/README.md)
 if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any

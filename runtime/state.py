@@ -59,7 +59,7 @@ class State:
 class StateStore:
     """The runtime root: claims, locks, reads and writes per-container state."""
 
-    # Paths are plain strings: pathlib's imports cost every container start ~3 ms.
+    # Paths are plain strings: pathlib is a slow import on the start path (bench/README.md).
     def __init__(self, root: str | os.PathLike = DEFAULT_ROOT) -> None:
         self.root = os.fspath(root)
 

@@ -220,7 +220,7 @@ def fork_into_cgroup(cgroup_fd: int, namespaces: int = 0) -> int:
     """os.fork(), but the child is born in the cgroup2 directory `cgroup_fd` (clone3 with
     CLONE_INTO_CGROUP, Linux 5.7+), as crun does. Writing a pid into cgroup.procs instead takes
     the kernel's global threadgroup lock for writing, which waits for an RCU grace period:
-    7-25 ms on this project's machines, the largest single cost of a container start.
+    the largest single cost of a container start (bench/README.md).
 
     PyDLL keeps the GIL across the call and the PyOS_* hooks do what os.fork does around fork(2).
     Only for single-threaded callers: glibc's fork bookkeeping (atfork handlers, the cached thread

@@ -78,8 +78,8 @@ def parse_simple(
     global_options: tuple[Option, ...],
     commands: dict[str, tuple[tuple[Option, ...], tuple[str, ...]]],
 ) -> Parsed | None:
-    """Parse `[global options] COMMAND [options and positionals]` without argparse (~3 ms of every
-    container start with its re and gettext imports), or None for anything but the plain forms
+    """Parse `[global options] COMMAND [options and positionals]` without argparse (whose re and
+    gettext imports would cost every container start), or None for anything but the plain forms
     (help, version, unknown or abbreviated flags, '--', a missing value): argparse then parses
     argv and says what is wrong. Agreement with argparse is tested on the commands' grammar."""
     values = {dest: default for _, dest, _, default in global_options}

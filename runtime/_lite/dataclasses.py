@@ -1,15 +1,15 @@
 """Plain-data classes for the container start path, without the cost of `dataclasses`.
 
 `dataclasses` imports `inspect` (and with it ast, dis, tokenize) and compiles every generated
-method with exec(): about 0.5 ms per class and 15 ms per container start for the ~30 classes
-that parse a spec. `record` builds the same shape - keyword/positional __init__ with defaults
+method with exec() for each of the ~30 classes that parse a spec, on every container start
+(bench/README.md has the cost). `record` builds the same shape - keyword/positional __init__ with defaults
 and default factories, __repr__, __eq__ - from closures, at no import cost. Only what the
 runtime uses: no frozen, slots, ordering or __post_init__.
 """
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
+TYPE_CHECKING = False  # typing is a slow import on the start path (bench/README.md)
 if TYPE_CHECKING:
     from typing import Any, TypeVar
 

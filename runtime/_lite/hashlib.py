@@ -1,6 +1,6 @@
 """SHA-256 for the start path (cache keys, tenant id ranges).
 
-`hashlib` loads OpenSSL's libcrypto on import (~3 ms of every container start here); CPython's
+`hashlib` loads OpenSSL's libcrypto on import (a cost on every container start); CPython's
 own `_sha256` module gives the same digests. Falls back to hashlib where `_sha256` is absent
 (Python 3.12 renamed it `_sha2`).
 """

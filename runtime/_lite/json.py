@@ -1,7 +1,7 @@
 """JSON for the container start path through CPython's C accelerator (_json) alone.
 
-`import json` imports re, and re imports enum: about 6 ms of every `stockade-oci` start on this
-project's machines, while the C scanner and encoder that json uses underneath need neither.
+`import json` imports re, and re imports enum: a cost on every `stockade-oci` start
+(bench/README.md), while the C scanner and encoder that json uses underneath need neither.
 Same results as json.loads/json.dumps (compact separators); malformed input is handed to the
 json package after all, so errors carry its message, line and column (json.JSONDecodeError).
 """

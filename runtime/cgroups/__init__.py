@@ -17,7 +17,7 @@ DEFAULT_ROOT = "/sys/fs/cgroup"
 DEFAULT_PARENT = "stockade"
 
 
-TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
+TYPE_CHECKING = False  # typing is a slow import on the start path (bench/README.md)
 if TYPE_CHECKING:  # the two shapes every driver provides
     from typing import Protocol
 

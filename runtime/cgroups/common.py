@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import _signal as signal  # the C module: `signal` imports enum (~3 ms of every start)
+import _signal as signal  # the C module: `signal` imports enum (bench/README.md, start-path costs)
 import errno
 import os
 import time
 
 from ..errors import NotSupported, StockadeError
 
-TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
+TYPE_CHECKING = False  # typing is a slow import on the start path (bench/README.md)
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from typing import Any

@@ -23,7 +23,7 @@ unified tree offers hugetlb), else they are refused.
 
 from __future__ import annotations
 
-import _signal as signal  # the C module: `signal` imports enum (~3 ms of every start)
+import _signal as signal  # the C module: `signal` imports enum (bench/README.md, start-path costs)
 import os
 
 from .. import mountinfo
@@ -31,7 +31,7 @@ from ..errors import ContainerError, SpecError
 from ..resources import UNLIMITED, DeviceRule, Resources, effective_device_rules
 from . import common, v2
 
-TYPE_CHECKING = False  # typing itself costs ~2 ms of every start
+TYPE_CHECKING = False  # typing is a slow import on the start path (bench/README.md)
 if TYPE_CHECKING:
     pass
 
@@ -99,7 +99,7 @@ class Driver:
         those whose limits `res` asks for, as systemd does for units. Device control is then the
         cgroup-device BPF program and pause/kill the cgroup2 core files (cgroup.freeze,
         cgroup.kill) on the unified cgroup, which the container is born in; each v1 membership is a
-        migration that waits for an RCU grace period (7-25 ms here)."""
+        migration that waits for an RCU grace period (see syscalls.fork_into_cgroup)."""
         if self.unified_root is None:
             return set(self.mounts)
         return needed_controllers(res) & set(self.mounts)

@@ -20,7 +20,7 @@ Controllers are enabled in each ancestor's cgroup.subtree_control as needed and 
 
 from __future__ import annotations
 
-import _signal as signal  # the C module: `signal` imports enum (~3 ms of every start)
+import _signal as signal  # the C module: `signal` imports enum (bench/README.md, start-path costs)
 import os
 
 from ..errors import ContainerError, SpecError
