@@ -1,8 +1,8 @@
 """The bpf(2) system call through ctypes: maps, pins, program load/attach/query.
 
-No bcc here: this module is imported on the container start path, where importing bcc (and its
-LLVM) would cost hundreds of milliseconds. Every layout below is `union bpf_attr` from
-include/uapi/linux/bpf.h, packed by hand into a zeroed buffer.
+No bcc here: this module is imported on the container start path, and importing bcc (which
+loads LLVM) would cost more than the whole start (bench/README.md has the figures). Every layout
+below is `union bpf_attr` from include/uapi/linux/bpf.h, packed by hand into a zeroed buffer.
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ NOEXIST = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+
+
+def pin_path(name: str, pin_dir: str | None = None) -> str:
+    """The pinned path of NAME (a map, prog_<program>, link_lsm_<hook>) in PIN_DIR unless given."""
+    return os.path.join(pin_dir or PIN_DIR, name)
 
 
 class BpfError(OSError):

@@ -311,7 +311,7 @@ def test_remove_policy_restores_and_leaves_no_entry(agent, container):
 
 def test_start_path_is_bcc_free(agent, container):
     """Installing and removing a policy needs no bcc (how fast: bench/README.md, not a test)."""
-    assert no_bcc_imported(["stockade.bpf.maps", "stockade.bpf.policy", "stockade.bpf.devices"])
+    assert no_bcc_imported(["stockade.bpf.maps", "stockade.bpf.policy", "stockade.bpf.device_filter"])
     _, cgid = container
     policy = compiled()
     for _ in range(3):
@@ -456,7 +456,11 @@ def test_maps_with_an_older_layout_are_replaced_and_programs_reloaded(tmp_path):
 
 
 def test_device_filter_allows_listed_devices_only(agent):
-    from stockade.bpf.devices import attach_device_filter, attached_device_programs, detach_device_filter
+    from stockade.bpf.device_filter import (
+        attach_device_filter,
+        attached_device_programs,
+        detach_device_filter,
+    )
 
     path, _ = agent.container_cgroup("ctr-dev")
     try:
@@ -511,7 +515,7 @@ def test_device_filter_allows_listed_devices_only(agent):
 
 
 def test_device_rules_are_validated():
-    from stockade.bpf.devices import assemble
+    from stockade.bpf.device_filter import assemble
     from stockade.runtime.errors import SpecError
 
     with pytest.raises(SpecError, match=r"devices\[1\]"):

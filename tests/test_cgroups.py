@@ -354,7 +354,7 @@ def test_v1_devices_enforced(lab):
         listed = _read(os.path.join(cg.dirs["devices"], "devices.list")).splitlines()
         assert listed == [r.v1_line() for r in DEFAULT_DEVICE_RULES]
     else:  # hybrid: no devices membership; the rules become the unified cgroup's BPF device program
-        from stockade.bpf.devices import attach_device_filter
+        from stockade.bpf.device_filter import attach_device_filter
 
         assert not cg.devices_enforced and "devices" not in cg.dirs
         assert cg.device_rules[0] == DeviceRule(False, "a")

@@ -1,10 +1,11 @@
 """cgroup v2 device control: OCI linux.resources.devices as a BPF_PROG_TYPE_CGROUP_DEVICE program.
 
 cgroup v2 has no devices.allow; the kernel asks a BPF program attached to the task's cgroup
-instead. The program is assembled here instruction by instruction (no compiler, no bcc) so a
-container start can attach it in microseconds. OCI semantics: rules apply in order, later
-rules override earlier ones, anything no rule matches is denied. The program therefore tests
-the rules from last to first and returns the first match's verdict, falling back to deny.
+instead. The program is assembled here instruction by instruction (no compiler, no bcc): a
+container start only loads and attaches it (bench/README.md). OCI semantics: rules apply in
+order, later rules override earlier ones, anything no rule matches is denied. The program
+therefore tests the rules from last to first and returns the first match's verdict, falling
+back to deny.
 """
 
 from __future__ import annotations
@@ -33,8 +34,13 @@ _PSEUDO_MAP_FD = 1
 # helpers
 _KTIME_GET_NS, _GET_CURRENT_PID_TGID, _GET_CURRENT_COMM = 5, 14, 16
 _GET_CURRENT_CGROUP_ID, _RINGBUF_OUTPUT = 80, 130
-_STK_H_DEVICE = 7   # enum stk_hook in stockade.h
+# struct stk_event and enum stk_hook of stockade.h, spelled out here rather than taken from
+# stockade.bpf.abi, whose import every container start would pay; tests/test_bpf_abi.py checks
+# them (and where the assembled program stores each field) against the header
+_H_DEVICE = 7       # STK_H_DEVICE
 _EVENT_SIZE = 200   # sizeof(struct stk_event)
+_EV_TS, _EV_CGID, _EV_PID, _EV_HOOK, _EV_FAMILY, _EV_ARG0, _EV_ARG1, _EV_ADDR, _EV_COMM = (
+    0, 8, 16, 20, 28, 32, 36, 40, 56)
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -165,26 +171,28 @@ def _rule_block(asm: _Asm, index: int, allow: bool, type_code: int | None, major
 
 
 def _log_denial(asm: _Asm, events_fd: int) -> None:
-    """Build a struct stk_event on the stack and bpf_ringbuf_output() it (see stockade.h)."""
+    """Build a struct stk_event on the stack and bpf_ringbuf_output() it (see stockade.h).
+
+    The event is zeroed first, so its decision is STK_DENIED (0) and the rest of addr empty."""
     base = -_EVENT_SIZE
     for off in range(base, 0, 8):
         asm.op(_STDW_IMM, dst=10, off=off, imm=0)
     asm.op(_CALL, imm=_KTIME_GET_NS)
-    asm.op(_STXDW, dst=10, src=0, off=base + 0)            # ts_ns
+    asm.op(_STXDW, dst=10, src=0, off=base + _EV_TS)
     asm.op(_CALL, imm=_GET_CURRENT_CGROUP_ID)
-    asm.op(_STXDW, dst=10, src=0, off=base + 8)            # cgid
+    asm.op(_STXDW, dst=10, src=0, off=base + _EV_CGID)
     asm.op(_CALL, imm=_GET_CURRENT_PID_TGID)
     asm.op(_RSH64_IMM, dst=0, imm=32)
-    asm.op(_STXW, dst=10, src=0, off=base + 16)            # pid
-    asm.op(_STW_IMM, dst=10, off=base + 20, imm=_STK_H_DEVICE)
-    asm.op(_STXW, dst=10, src=9, off=base + 28)            # family := device type
-    asm.op(_STXW, dst=10, src=7, off=base + 32)            # arg0 := major
-    asm.op(_STXW, dst=10, src=8, off=base + 36)            # arg1 := minor
+    asm.op(_STXW, dst=10, src=0, off=base + _EV_PID)
+    asm.op(_STW_IMM, dst=10, off=base + _EV_HOOK, imm=_H_DEVICE)
+    asm.op(_STXW, dst=10, src=9, off=base + _EV_FAMILY)    # family := device type
+    asm.op(_STXW, dst=10, src=7, off=base + _EV_ARG0)      # arg0 := major
+    asm.op(_STXW, dst=10, src=8, off=base + _EV_ARG1)      # arg1 := minor
     asm.op(_MOV64_REG, dst=2, src=6)
     asm.op(_RSH64_IMM, dst=2, imm=16)
-    asm.op(_STXW, dst=10, src=2, off=base + 40)            # addr[0] := access bits
+    asm.op(_STXW, dst=10, src=2, off=base + _EV_ADDR)      # addr[0] := access bits
     asm.op(_MOV64_REG, dst=1, src=10)
-    asm.op(_ADD64_IMM, dst=1, imm=base + 56)
+    asm.op(_ADD64_IMM, dst=1, imm=base + _EV_COMM)
     asm.op(_MOV64_IMM, dst=2, imm=16)
     asm.op(_CALL, imm=_GET_CURRENT_COMM)                   # comm
     asm.op(_LD_IMM64, dst=1, src=_PSEUDO_MAP_FD, imm=events_fd)
@@ -198,8 +206,8 @@ def _log_denial(asm: _Asm, events_fd: int) -> None:
 
 def _events_map(pin_dir: str | None = None) -> int | None:
     """The agent's event ring, when it runs: denials are then logged like every other layer's."""
-    try:  # not through bpf.maps: its imports (dataclasses, ipaddress) would slow every start
-        return bpfsys.obj_get(os.path.join(pin_dir or bpfsys.PIN_DIR, "stk_events"))
+    try:  # not through bpf.maps, which a start without a BPF policy does not import
+        return bpfsys.obj_get(bpfsys.pin_path("stk_events", pin_dir))
     except OSError:
         return None
 
@@ -235,7 +243,7 @@ def attach_device_filter(
 
     When the agent runs, denials go to its event ring (PIN_DIR: the agent's pin directory).
     replace=False for a cgroup just created: nothing to look up and detach (the query waits on
-    the cgroup mutex, milliseconds on a busy host).
+    the cgroup mutex, which a busy host holds often; bench/README.md).
     """
     events_fd = _events_map(pin_dir)
     try:
