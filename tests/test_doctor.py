@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from stockade.bpf import btf
 from stockade.runtime import doctor
 
 CHECKS = {
@@ -113,9 +114,9 @@ def test_table_output_and_strict(capsys: pytest.CaptureFixture[str], report: dic
 def test_btf_lookup_finds_lsm_hooks() -> None:
     if not Path("/sys/kernel/btf/vmlinux").exists():
         pytest.skip("no vmlinux BTF")
-    a, b = doctor.btf_func_id("bpf_lsm_file_open"), doctor.btf_func_id("bpf_lsm_socket_create")
+    a, b = btf.func_id("bpf_lsm_file_open"), btf.func_id("bpf_lsm_socket_create")
     assert a and b and a != b
-    assert doctor.btf_func_id("stockade_no_such_function") is None
+    assert btf.func_id("stockade_no_such_function") is None
 
 
 @pytest.mark.lab
