@@ -58,10 +58,9 @@ def policy_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tenant", default="")
     ap.add_argument("--pin-dir", default=None)
     args = ap.parse_args(argv)
-    from dataclasses import asdict
-
     from stockade.bpf import maps
     from stockade.bpf import policy as pol
+    from stockade.runtime._lite.dataclasses import asdict
 
     try:
         if args.action == "remove":

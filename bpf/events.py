@@ -25,15 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from stockade.bpf import bpfsys, maps
+from stockade.bpf.abi import AUDITED, EVENT, HOOKS, fields
 
-HOOKS = [
-    "", "sock_create", "connect4", "connect6", "sendmsg4", "sendmsg6", "sysctl", "device", "file_open",
-    "bprm_check_security", "sb_mount", "move_mount", "sb_umount", "sb_pivotroot", "ptrace_access_check",
-    "task_kill", "userns_create", "kernel_module_request", "kernel_read_file", "kernel_load_data", "bpf",
-    "perf_event_open", "socket_create", "socket_connect", "socket_bind", "unix_stream_connect",
-    "inode_mknod", "capable",
-]
-_EVENT = struct.Struct("=QQIIIIII16s16s128s")
+_CGID_AT = fields("stk_event")["cgid"][0]
 _BUSY, _DISCARD = 1 << 31, 1 << 30
 MAX_EVENTS_BYTES = 64 << 20
 _NET_HOOKS = {"connect4", "connect6", "sendmsg4", "sendmsg6", "socket_connect", "socket_bind"}
@@ -75,14 +69,14 @@ def _object(hook: str, family: int, arg0: int, arg1: int, addr: bytes, text: str
 
 
 def decode(raw: bytes, boot_offset: float, names: dict[int, dict]) -> Event:
-    ts, cgid, pid, hook, decision, family, arg0, arg1, addr, comm, obj = _EVENT.unpack_from(raw)
+    ts, cgid, pid, hook, decision, family, arg0, arg1, addr, comm, obj = EVENT.unpack_from(raw)
     hook_name = HOOKS[hook] if hook < len(HOOKS) else f"hook{hook}"
     who = names.get(cgid, {})
     text = obj.split(b"\0")[0].decode(errors="replace")
     return Event(time=round(boot_offset + ts / 1e9, 6), container_id=who.get("container_id", ""),
                  tenant=who.get("tenant", ""), cgroup_id=cgid, pid=pid,
                  comm=comm.split(b"\0")[0].decode(errors="replace"), hook=hook_name,
-                 decision="audited" if decision == 1 else "denied",
+                 decision="audited" if decision == AUDITED else "denied",
                  object=_object(hook_name, family, arg0, arg1, addr, text))
 
 
@@ -152,7 +146,7 @@ def pump(pin_dir: str, events_file: Path, *, once: bool = False) -> int:
             if records:
                 offset = boot_offset()
                 for raw in records:
-                    cgid = struct.unpack_from("=Q", raw, 8)[0]
+                    cgid = struct.unpack_from("=Q", raw, _CGID_AT)[0]
                     if cgid not in names:
                         names.update(_names(pin_dir))  # cached: entries vanish on delete
                     out.write(decode(raw, offset, names).to_json() + "\n")

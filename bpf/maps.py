@@ -3,24 +3,35 @@
 `stockade-oci create` and `stockade run` call install_policy() after the container's cgroup
 exists and before the workload starts, and remove_policy() on delete. Nothing here imports bcc
 or compiles anything; a policy install is a handful of map updates on maps the agent pinned.
-Layouts mirror bpf/stockade.h byte for byte.
+Layouts and constants come from stockade.bpf.abi (bpf/stockade.h's Python side).
 """
 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import struct
-from dataclasses import dataclass
 
 from stockade.bpf import bpfsys
+from stockade.bpf.abi import (
+    CONFIG,
+    EVENTS_RING_BYTES,
+    F_EGRESS_TRIE,
+    FILE_KEY,
+    FILE_RULE,
+    NET_INLINE,
+    NET_INLINE_RULE,
+    NET_KEY,
+    NET_RULE,
+    POLICY_HEAD,
+    POLICY_SIZE,
+)
+from stockade.bpf.bpfsys import PIN_DIR, pin_path
+from stockade.runtime._lite.dataclasses import record
 from stockade.runtime.errors import NotSupported, SpecError
 
-PIN_DIR = bpfsys.PIN_DIR
 
-
-@dataclass(frozen=True)
+@record
 class MapSpec:
     map_type: int
     key_size: int
@@ -29,33 +40,18 @@ class MapSpec:
     flags: int = 0
 
 
+# the maps of stockade.h's BPF_TABLE_PINNED lines and its event ring
 MAPS: dict[str, MapSpec] = {
-    "stk_config": MapSpec(bpfsys.MAP_ARRAY, 4, 16, 1),
-    "stk_policies": MapSpec(bpfsys.MAP_HASH, 8, 776, 4096, bpfsys.F_NO_PREALLOC),
-    "stk_net": MapSpec(bpfsys.MAP_LPM_TRIE, 28, 8, 16384, bpfsys.F_NO_PREALLOC),
-    "stk_files": MapSpec(bpfsys.MAP_HASH, 24, 8, 16384),
-    "stk_events": MapSpec(bpfsys.MAP_RINGBUF, 0, 0, 256 * 4096),
+    "stk_config": MapSpec(bpfsys.MAP_ARRAY, 4, CONFIG.size, 1),
+    "stk_policies": MapSpec(bpfsys.MAP_HASH, 8, POLICY_SIZE, 4096, bpfsys.F_NO_PREALLOC),
+    "stk_net": MapSpec(bpfsys.MAP_LPM_TRIE, NET_KEY.size, NET_RULE.size, 16384, bpfsys.F_NO_PREALLOC),
+    "stk_files": MapSpec(bpfsys.MAP_HASH, FILE_KEY.size, FILE_RULE.size, 16384),
+    "stk_events": MapSpec(bpfsys.MAP_RINGBUF, 0, 0, EVENTS_RING_BYTES),
 }
-
-# struct stk_policy: the fixed part, then net_count, pad and STK_NET_INLINE inline rules
-_POLICY_HEAD = struct.Struct("=IIQQIHH64s32s")
-_NET_INLINE = struct.Struct("=4I4IHHI")  # struct stk_net_inline
-NET_INLINE = 16                          # STK_NET_INLINE
-_POLICY_SIZE = _POLICY_HEAD.size + 8 + NET_INLINE * _NET_INLINE.size
-F_EGRESS_TRIE = 1 << 13                  # STK_F_EGRESS_TRIE
-_CONFIG = struct.Struct("=QII")
-_NET_KEY = struct.Struct("=III16s")
-_NET_RULE = struct.Struct("=IHH")
-_FILE_KEY = struct.Struct("=QQII")
-_FILE_RULE = struct.Struct("=II")
 
 # programs the agent pins as prog_<name>; the cgroup layer is "up" when all of them are pinned
 CGROUP_PROGRAMS = ("stk_sock_create", "stk_connect4", "stk_connect6", "stk_sendmsg4", "stk_sendmsg6",
                    "stk_sysctl")
-
-
-def pin_path(name: str, pin_dir: str | None = None) -> str:
-    return os.path.join(pin_dir or PIN_DIR, name)
 
 
 def agent_running(pin_dir: str | None = None) -> bool:
@@ -95,7 +91,24 @@ def open_map(name: str, pin_dir: str | None = None) -> int:
         raise
 
 
-@dataclass(frozen=True)
+def open_maps(names, pin_dir: str | None = None) -> dict[str, int]:
+    """{name: fd} for pinned maps, all or none (a failure closes those already opened)."""
+    fds: dict[str, int] = {}
+    try:
+        for name in names:
+            fds[name] = open_map(name, pin_dir)
+    except BaseException:
+        close_all(fds)
+        raise
+    return fds
+
+
+def close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+
+
+@record
 class NetRule:
     network: str        # CIDR, IPv4 or IPv6
     action: str         # "allow" | "deny"
@@ -103,23 +116,20 @@ class NetRule:
     port_max: int = 65535
 
 
-@dataclass(frozen=True)
+@record
 class FileRule:
     path: str           # host path, resolved to (dev, ino) when installed
     deny: int = 0       # STK_ACC_* bits
     allow: int = 0
 
 
-ACC_READ, ACC_WRITE, ACC_EXEC = 1, 2, 4
-
-
-@dataclass(frozen=True)
+@record
 class CompiledPolicy:
     """Plain data for the map entries of one container (see stockade.bpf.policy)."""
 
     name: str
     flags: int
-    mode: int                       # 0 enforce, 1 audit
+    mode: int                       # abi.MODE_ENFORCE | abi.MODE_AUDIT
     families: int
     cap_deny: int
     sock_type_deny: int
@@ -132,11 +142,22 @@ class CompiledPolicy:
 def _cgid_bytes(cgroup_id: int) -> tuple[int, int]:
     if not isinstance(cgroup_id, int) or cgroup_id <= 0:
         raise SpecError(f"invalid cgroup id {cgroup_id!r}", hint="use Cgroup.unified_id()")
+    return _halves(cgroup_id)
+
+
+def _halves(cgroup_id: int) -> tuple[int, int]:
+    """(cgid_lo, cgid_hi) of struct stk_net_key."""
     return cgroup_id & 0xFFFFFFFF, cgroup_id >> 32
+
+
+def _policy_key(cgroup_id: int) -> bytes:
+    return struct.pack("=Q", cgroup_id)
 
 
 def _mapped(network: str) -> tuple[bytes, int]:
     """(address, prefix bits) in the IPv6 space the programs compare in (IPv4 as ::ffff:a.b.c.d)."""
+    import ipaddress  # only policies with egress rules need it
+
     net = ipaddress.ip_network(network, strict=False)
     if net.version == 4:
         return ipaddress.IPv6Address("::ffff:" + str(net.network_address)).packed, 96 + net.prefixlen
@@ -146,11 +167,19 @@ def _mapped(network: str) -> tuple[bytes, int]:
 def net_key(cgroup_id: int, network: str) -> bytes:
     addr, bits = _mapped(network)
     lo, hi = _cgid_bytes(cgroup_id)
-    return _NET_KEY.pack(64 + bits, lo, hi, addr)
+    return NET_KEY.pack(64 + bits, lo, hi, addr)
 
 
 def _net_rule(rule: NetRule) -> bytes:
-    return _NET_RULE.pack(1 if rule.action == "deny" else 0, rule.port_min, rule.port_max)
+    return NET_RULE.pack(1 if rule.action == "deny" else 0, rule.port_min, rule.port_max)
+
+
+def _file_rule(rule: FileRule) -> bytes:
+    return FILE_RULE.pack(rule.deny, rule.allow)
+
+
+def _config(root_cgid: int, root_level: int) -> bytes:
+    return CONFIG.pack(root_cgid, root_level, 0)
 
 
 def _by_network(rules: tuple[NetRule, ...]) -> dict[tuple[bytes, int], NetRule]:
@@ -174,8 +203,8 @@ def inline_rules(rules: tuple[NetRule, ...]) -> list[bytes] | None:
     for (addr, bits), rule in sorted(unique.items(), key=lambda item: -item[0][1]):
         mask = (((1 << 128) - 1) << (128 - bits) & ((1 << 128) - 1)).to_bytes(16, "big")
         masked = bytes(a & m for a, m in zip(addr, mask, strict=True))
-        out.append(_NET_INLINE.pack(*struct.unpack("=4I", masked), *struct.unpack("=4I", mask),
-                                    rule.port_min, rule.port_max, 1 if rule.action == "deny" else 0))
+        out.append(NET_INLINE_RULE.pack(*struct.unpack("=4I", masked), *struct.unpack("=4I", mask),
+                                        rule.port_min, rule.port_max, 1 if rule.action == "deny" else 0))
     return out
 
 
@@ -190,7 +219,7 @@ def _file_key(cgroup_id: int, path: str) -> bytes | None:
 def _stat_key(cgroup_id: int, st: os.stat_result) -> bytes:
     # the LSM sees inode->i_sb->s_dev, the kernel's internal dev_t: MKDEV(ma, mi) = ma << 20 | mi
     dev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
-    return _FILE_KEY.pack(cgroup_id, st.st_ino, dev, 0)
+    return FILE_KEY.pack(cgroup_id, st.st_ino, dev, 0)
 
 
 MAX_TREE_ENTRIES = 256
@@ -224,16 +253,14 @@ def policy_value(container_id: str, policy: CompiledPolicy, tenant: str = "") ->
     if rules is None:
         flags |= F_EGRESS_TRIE
         rules = []
-    head = _POLICY_HEAD.pack(flags, policy.mode, policy.families, policy.cap_deny,
-                             policy.sock_type_deny, policy.bind_port_min, policy.bind_port_max,
-                             container_id.encode()[:63], tenant.encode()[:31])
-    value = head + struct.pack("=II", len(rules), 0) + b"".join(rules)
-    return value.ljust(_POLICY_SIZE, b"\0")
+    head = POLICY_HEAD.pack(flags, policy.mode, policy.families, policy.cap_deny,
+                            policy.sock_type_deny, policy.bind_port_min, policy.bind_port_max,
+                            container_id.encode()[:63], tenant.encode()[:31], len(rules), 0)
+    return (head + b"".join(rules)).ljust(POLICY_SIZE, b"\0")
 
 
 def decode_policy(value: bytes) -> dict:
-    flags, mode, fam, caps, types, bmin, bmax, cid, tenant = _POLICY_HEAD.unpack_from(value)
-    count = struct.unpack_from("=I", value, _POLICY_HEAD.size)[0]
+    flags, mode, fam, caps, types, bmin, bmax, cid, tenant, count, _ = POLICY_HEAD.unpack_from(value)
     return {"flags": flags, "mode": mode, "families": fam, "cap_deny": caps, "sock_type_deny": types,
             "bind_port_min": bmin, "bind_port_max": bmax,
             "container_id": cid.split(b"\0")[0].decode(errors="replace"),
@@ -245,24 +272,24 @@ def install_policy(cgroup_id: int, container_id: str, policy: CompiledPolicy, te
                    pin_dir: str | None = None) -> None:
     """Put a container's policy in the maps; enforcement starts with the last update."""
     _cgid_bytes(cgroup_id)
-    fds = {name: open_map(name, pin_dir) for name in ("stk_policies", "stk_net", "stk_files")}
+    fds = open_maps(("stk_policies", "stk_net", "stk_files"), pin_dir)
     try:
         try:
-            replacing = bpfsys.map_lookup(fds["stk_policies"], struct.pack("=Q", cgroup_id), _POLICY_SIZE)
+            replacing = bpfsys.map_lookup(fds["stk_policies"], _policy_key(cgroup_id), POLICY_SIZE)
             value = policy_value(container_id, policy, tenant)
             # rules first, the policy entry (which switches enforcement on) last; egress rules
             # that fit travel inside that entry, so only larger sets touch the trie
             net_keys, file_keys = set(), set()
-            if _POLICY_HEAD.unpack_from(value)[0] & F_EGRESS_TRIE:
+            if POLICY_HEAD.unpack_from(value)[0] & F_EGRESS_TRIE:
                 for rule in policy.net_rules:
                     key = net_key(cgroup_id, rule.network)
                     bpfsys.map_update(fds["stk_net"], key, _net_rule(rule))
                     net_keys.add(key)
             for frule in policy.file_rules:
                 for key in _file_keys(cgroup_id, frule.path):
-                    bpfsys.map_update(fds["stk_files"], key, _FILE_RULE.pack(frule.deny, frule.allow))
+                    bpfsys.map_update(fds["stk_files"], key, _file_rule(frule))
                     file_keys.add(key)
-            bpfsys.map_update(fds["stk_policies"], struct.pack("=Q", cgroup_id), value)
+            bpfsys.map_update(fds["stk_policies"], _policy_key(cgroup_id), value)
             if replacing:
                 _remove_rules(fds, cgroup_id, keep=net_keys | file_keys)
         except OSError as e:
@@ -271,8 +298,7 @@ def install_policy(cgroup_id: int, container_id: str, policy: CompiledPolicy, te
                                where=f"cgroup id {cgroup_id}",
                                hint="the maps may be full; check `stockade agent --status`") from None
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        close_all(fds)
 
 
 def remove_policy(cgroup_id: int, pin_dir: str | None = None) -> None:
@@ -280,52 +306,51 @@ def remove_policy(cgroup_id: int, pin_dir: str | None = None) -> None:
     _cgid_bytes(cgroup_id)
     if not os.path.exists(pin_path("stk_policies", pin_dir)):
         return
-    fds = {name: open_map(name, pin_dir) for name in ("stk_policies", "stk_net", "stk_files")}
+    fds = open_maps(("stk_policies", "stk_net", "stk_files"), pin_dir)
     try:
         _remove(fds, cgroup_id)
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        close_all(fds)
 
 
 def _remove(fds: dict[str, int], cgroup_id: int) -> None:
     # the policy entry goes first so no half-removed rule set is ever enforced
-    bpfsys.map_delete(fds["stk_policies"], struct.pack("=Q", cgroup_id))
+    bpfsys.map_delete(fds["stk_policies"], _policy_key(cgroup_id))
     _remove_rules(fds, cgroup_id, keep=set())
 
 
+def _rule_keys(fds: dict[str, int], cgroup_id: int) -> tuple[list[bytes], list[bytes]]:
+    """The cgroup's keys in stk_net and in stk_files."""
+    halves = _halves(cgroup_id)
+    net = [k for k in bpfsys.map_keys(fds["stk_net"], NET_KEY.size) if NET_KEY.unpack(k)[1:3] == halves]
+    files = [k for k in bpfsys.map_keys(fds["stk_files"], FILE_KEY.size)
+             if FILE_KEY.unpack(k)[0] == cgroup_id]
+    return net, files
+
+
 def _remove_rules(fds: dict[str, int], cgroup_id: int, keep: set[bytes]) -> None:
-    lo, hi = cgroup_id & 0xFFFFFFFF, cgroup_id >> 32
-    for key in bpfsys.map_keys(fds["stk_net"], _NET_KEY.size):
-        if _NET_KEY.unpack(key)[1:3] == (lo, hi) and key not in keep:
-            bpfsys.map_delete(fds["stk_net"], key)
-    for key in bpfsys.map_keys(fds["stk_files"], _FILE_KEY.size):
-        if _FILE_KEY.unpack(key)[0] == cgroup_id and key not in keep:
-            bpfsys.map_delete(fds["stk_files"], key)
+    net, files = _rule_keys(fds, cgroup_id)
+    for name, keys in (("stk_net", net), ("stk_files", files)):
+        for key in keys:
+            if key not in keep:
+                bpfsys.map_delete(fds[name], key)
 
 
 def entries_for(cgroup_id: int, pin_dir: str | None = None) -> dict[str, int]:
     """How many map entries a cgroup id owns, per map (for tests and `stockade agent --status`)."""
-    counts = {"stk_policies": 0, "stk_net": 0, "stk_files": 0}
-    fds = {name: open_map(name, pin_dir) for name in counts}
+    fds = open_maps(("stk_policies", "stk_net", "stk_files"), pin_dir)
     try:
-        if bpfsys.map_lookup(fds["stk_policies"], struct.pack("=Q", cgroup_id), _POLICY_SIZE):
-            counts["stk_policies"] = 1
-        lo, hi = cgroup_id & 0xFFFFFFFF, cgroup_id >> 32
-        counts["stk_net"] = sum(1 for k in bpfsys.map_keys(fds["stk_net"], _NET_KEY.size)
-                                if _NET_KEY.unpack(k)[1:3] == (lo, hi))
-        counts["stk_files"] = sum(1 for k in bpfsys.map_keys(fds["stk_files"], _FILE_KEY.size)
-                                  if _FILE_KEY.unpack(k)[0] == cgroup_id)
+        policy = bpfsys.map_lookup(fds["stk_policies"], _policy_key(cgroup_id), POLICY_SIZE)
+        net, files = _rule_keys(fds, cgroup_id)
     finally:
-        for fd in fds.values():
-            os.close(fd)
-    return counts
+        close_all(fds)
+    return {"stk_policies": 1 if policy else 0, "stk_net": len(net), "stk_files": len(files)}
 
 
 def lookup_policy(cgroup_id: int, pin_dir: str | None = None) -> dict | None:
     fd = open_map("stk_policies", pin_dir)
     try:
-        value = bpfsys.map_lookup(fd, struct.pack("=Q", cgroup_id), _POLICY_SIZE)
+        value = bpfsys.map_lookup(fd, _policy_key(cgroup_id), POLICY_SIZE)
     finally:
         os.close(fd)
     return decode_policy(value) if value else None
@@ -336,7 +361,7 @@ def all_policies(pin_dir: str | None = None) -> dict[int, dict]:
     try:
         out = {}
         for key in bpfsys.map_keys(fd, 8):
-            value = bpfsys.map_lookup(fd, key, _POLICY_SIZE)
+            value = bpfsys.map_lookup(fd, key, POLICY_SIZE)
             if value:
                 out[struct.unpack("=Q", key)[0]] = decode_policy(value)
         return out
@@ -375,6 +400,6 @@ def create_maps(pin_dir: str | None = None) -> list[str]:
 def write_config(root_cgid: int, root_level: int, pin_dir: str | None = None) -> None:
     fd = open_map("stk_config", pin_dir)
     try:
-        bpfsys.map_update(fd, struct.pack("=I", 0), _CONFIG.pack(root_cgid, root_level, 0))
+        bpfsys.map_update(fd, struct.pack("=I", 0), _config(root_cgid, root_level))
     finally:
         os.close(fd)

@@ -8,32 +8,37 @@ runtime which enforcement layers a policy needs, so it can refuse when a layer i
 
 from __future__ import annotations
 
-import ipaddress
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from stockade.bpf.maps import ACC_EXEC, ACC_READ, ACC_WRITE, CompiledPolicy, FileRule, NetRule
+from stockade.bpf import cache
+from stockade.bpf.abi import (
+    ACC_EXEC,
+    ACC_READ,
+    ACC_WRITE,
+    F_DENY_BPF,
+    F_DENY_HOST_UNIX,
+    F_DENY_MKNOD,
+    F_DENY_MODULES,
+    F_DENY_MOUNT,
+    F_DENY_PERF,
+    F_DENY_SYSCTL_WRITE,
+    F_DENY_USERNS,
+    F_EGRESS_DENY,
+    F_EXEC_ALLOWLIST,
+    F_KILL_OWN,
+    F_NO_EXEC_WRITABLE,
+    F_PTRACE_OWN,
+    MODE_AUDIT,
+    MODE_ENFORCE,
+)
+from stockade.bpf.maps import CompiledPolicy, FileRule, NetRule
+from stockade.runtime._lite.dataclasses import asdict, field, record
 from stockade.runtime.errors import SpecError
+from stockade.runtime.linux import CAPABILITIES
 
-
-def _policy_dir() -> Path:
-    # found without importing stockade.profiles (the start path stays light)
-    import importlib.util
-
-    spec = importlib.util.find_spec("stockade.profiles")
-    if spec and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0]) / "policy"
-    return Path(__file__).resolve().parent.parent / "profiles" / "policy"
-
-
-POLICY_DIR = _policy_dir()
-
-# flags, mirrored from bpf/stockade.h
-F_DENY_MOUNT, F_PTRACE_OWN, F_KILL_OWN, F_DENY_USERNS = 1 << 0, 1 << 1, 1 << 2, 1 << 3
-F_DENY_MODULES, F_DENY_BPF, F_DENY_PERF, F_DENY_MKNOD = 1 << 4, 1 << 5, 1 << 6, 1 << 7
-F_DENY_SYSCTL_WRITE, F_NO_EXEC_WRITABLE, F_DENY_HOST_UNIX = 1 << 8, 1 << 9, 1 << 10
-F_EGRESS_DENY, F_EXEC_ALLOWLIST = 1 << 11, 1 << 12
+# The built-in policies are data of the profiles package, whose folder sits next to this one in
+# every layout (checkout, editable or wheel install); found by path, not by importing profiles.
+POLICY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles", "policy")
 
 FAMILIES = {
     "unix": 1, "inet": 2, "ax25": 3, "ipx": 4, "appletalk": 5, "netrom": 6, "bridge": 7, "atmpvc": 8,
@@ -43,27 +48,19 @@ FAMILIES = {
     "bluetooth": 31, "iucv": 32, "rxrpc": 33, "isdn": 34, "phonet": 35, "ieee802154": 36, "caif": 37,
     "alg": 38, "nfc": 39, "vsock": 40, "kcm": 41, "qipcrtr": 42, "smc": 43, "xdp": 44, "mctp": 45,
 }
-CAPABILITIES = [
-    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
-    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
-    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
-    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
-    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
-    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
-]
 _ACCESS = {"read": ACC_READ, "write": ACC_WRITE, "exec": ACC_EXEC}
 SOCK_RAW, SOCK_PACKET = 3, 10
 _ALL_INET = {"inet", "inet6"}
 
 
-@dataclass(frozen=True)
+@record
 class FileAccessRule:
     path: str
     access: frozenset[str]
     line: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class EgressRule:
     to: str                 # CIDR
     action: str             # allow | deny
@@ -72,7 +69,7 @@ class EgressRule:
     line: int = 0
 
 
-@dataclass
+@record
 class Policy:
     name: str
     source: str = ""
@@ -223,7 +220,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         denied = doc.seq(sec["deny"], "capability.deny") if "deny" in sec else []
         for node in denied:
             cap = doc.string(node, "capability").upper().removeprefix("CAP_")
-            if cap not in CAPABILITIES:
+            if f"CAP_{cap}" not in CAPABILITIES:
                 raise SpecError(f"unknown capability {cap!r}", where=doc.where(node), hint="e.g. SYS_MODULE")
             p.capability_deny.append(cap)
     if "device" in top:
@@ -262,6 +259,8 @@ def _parse_exec(doc: _Doc, node, p: Policy) -> None:
 
 
 def _parse_network(doc: _Doc, node, p: Policy) -> None:
+    import ipaddress  # lazy, like yaml: the start path reads compiled policies from the cache
+
     keys = {"families", "raw_sockets", "egress", "bind_ports", "unix_host_sockets"}
     sec = doc.mapping(node, keys, "network")
     if "families" in sec:
@@ -302,25 +301,30 @@ def _parse_network(doc: _Doc, node, p: Policy) -> None:
                                              lo, hi, item.start_mark.line + 1))
 
 
-def _read(name_or_path: str) -> tuple[Path, str]:
-    path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") or os.sep in name_or_path):
-        path = POLICY_DIR / f"{name_or_path}.yaml"
+def builtin_policies() -> list[str]:
+    """Names of the built-in policies (profiles/policy/NAME.yaml)."""
     try:
-        return path, path.read_text()
+        return sorted(name[:-5] for name in os.listdir(POLICY_DIR) if name.endswith(".yaml"))
+    except OSError:
+        return []
+
+
+def _read(name_or_path: str) -> tuple[str, str]:
+    path = name_or_path
+    if not (os.path.splitext(name_or_path)[1] in (".yaml", ".yml") or os.sep in name_or_path):
+        path = os.path.join(POLICY_DIR, f"{name_or_path}.yaml")
+    try:
+        with open(path) as f:
+            return path, f.read()
     except FileNotFoundError:
-        known = sorted(f.stem for f in POLICY_DIR.glob("*.yaml"))
-        raise SpecError(f"no BPF policy {name_or_path!r}", where=str(path),
-                        hint=f"built-in policies: {', '.join(known)}") from None
+        raise SpecError(f"no BPF policy {name_or_path!r}", where=path,
+                        hint=f"built-in policies: {', '.join(builtin_policies())}") from None
 
 
 def load_policy(name_or_path: str) -> Policy:
     """A policy by name (profiles/policy/<name>.yaml) or by path."""
     path, text = _read(name_or_path)
-    return parse_policy(text, str(path))
-
-
-CACHE_DIR = Path(os.environ.get("STOCKADE_BPF_CACHE", "/var/cache/stockade/bpf"))
+    return parse_policy(text, path)
 
 
 def load_compiled(name_or_path: str) -> tuple[CompiledPolicy, set[str]]:
@@ -331,9 +335,9 @@ def load_compiled(name_or_path: str) -> tuple[CompiledPolicy, set[str]]:
 
     path, text = _read(name_or_path)
     key = sha256(f"{_FORMAT}\0{path}\0{text}".encode()).hexdigest()[:32]
-    cache_file = CACHE_DIR / f"policy-{key}.json"
+    cache_file = f"policy-{key}.json"
     try:
-        data = jsonlite.loads(cache_file.read_text())
+        data = jsonlite.loads(cache.read(cache_file))
         compiled = CompiledPolicy(**{k: v for k, v in data["compiled"].items()
                                      if k not in ("net_rules", "file_rules")},
                                   net_rules=tuple(NetRule(**r) for r in data["compiled"]["net_rules"]),
@@ -341,17 +345,10 @@ def load_compiled(name_or_path: str) -> tuple[CompiledPolicy, set[str]]:
         return compiled, set(data["requirements"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    policy = parse_policy(text, str(path))
+    policy = parse_policy(text, path)
     compiled, needs = compile_policy(policy), requirements(policy)
-    try:
-        from dataclasses import asdict
-
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(jsonlite.dumps({"compiled": asdict(compiled), "requirements": sorted(needs)}))
-        tmp.replace(cache_file)
-    except OSError:
-        pass  # no cache: the next start parses again
+    # without a cache the next start parses again
+    cache.write(cache_file, jsonlite.dumps({"compiled": asdict(compiled), "requirements": sorted(needs)}))
     return compiled, needs
 
 
@@ -382,7 +379,7 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
         families = (1 << 64) - 1
     else:
         families = sum(1 << FAMILIES[f] for f in set(policy.families))
-    caps = sum(1 << CAPABILITIES.index(c) for c in set(policy.capability_deny))
+    caps = sum(1 << CAPABILITIES[f"CAP_{c}"] for c in set(policy.capability_deny))
     types = (1 << SOCK_RAW) | (1 << SOCK_PACKET) if _deny(policy.raw_sockets) else 0
     files: dict[str, list[int]] = {}
     for rule in policy.file_deny:
@@ -392,7 +389,8 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
     for path in policy.exec_allow_only or []:
         files.setdefault(path, [0, 0])[1] |= ACC_EXEC
     return CompiledPolicy(
-        name=policy.name, flags=flags, mode=1 if policy.mode == "audit" else 0, families=families,
+        name=policy.name, flags=flags, mode=MODE_AUDIT if policy.mode == "audit" else MODE_ENFORCE,
+        families=families,
         cap_deny=caps, sock_type_deny=types, bind_port_min=policy.bind_ports[0],
         bind_port_max=policy.bind_ports[1],
         net_rules=tuple(NetRule(r.to, r.action, r.port_min, r.port_max) for r in policy.egress_rules),

@@ -1,8 +1,9 @@
 /* Shared maps, layouts and helpers for every Stockade BPF program (compiled by bcc).
  *
  * Maps are pinned under STK_PIN_DIR and shared by all program objects: the agent creates them
- * (bcc-free, see maps.py, which mirrors every layout here byte for byte) and bcc's pinned tables
- * re-use them, so policies survive a reload of the programs and a restart of the agent.
+ * (bcc-free, see maps.py) and bcc's pinned tables re-use them, so policies survive a reload of
+ * the programs and a restart of the agent. abi.py is the Python copy of every constant, layout
+ * and hook number here; tests/test_bpf_abi.py compiles this header and checks it field by field.
  *
  * Per-container behaviour comes from stk_policies keyed by the container's cgroup id in the
  * unified hierarchy; a process whose cgroup is not below the Stockade parent cgroup
@@ -43,7 +44,7 @@
 #define STK_DENIED  0
 #define STK_AUDITED 1   /* audit mode: would have been denied, was allowed */
 
-/* hooks named in events (mirrored in events.py HOOKS) */
+/* hooks named in events (abi.py HOOKS: the names, in this order) */
 enum stk_hook {
     STK_H_SOCK_CREATE = 1, STK_H_CONNECT4, STK_H_CONNECT6, STK_H_SENDMSG4, STK_H_SENDMSG6,
     STK_H_SYSCTL, STK_H_DEVICE, STK_H_FILE_OPEN, STK_H_BPRM_CHECK, STK_H_SB_MOUNT,

@@ -6,13 +6,13 @@ import struct
 import sys
 
 import pytest
-from stockade.bpf import maps
+from stockade.bpf import abi, maps
 from stockade.bpf.policy import (
     F_DENY_MOUNT,
     F_DENY_USERNS,
     F_EGRESS_DENY,
     FAMILIES,
-    POLICY_DIR,
+    builtin_policies,
     compile_policy,
     load_policy,
     parse_policy,
@@ -21,7 +21,11 @@ from stockade.bpf.policy import (
 from stockade.runtime.errors import SpecError
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in POLICY_DIR.glob("*.yaml")))
+def test_the_builtin_policies_are_found():
+    assert {"default", "audit", "network-only"} <= set(builtin_policies())
+
+
+@pytest.mark.parametrize("name", builtin_policies())
 def test_shipped_policies_load_and_compile(name):
     policy = load_policy(name)
     compiled = compile_policy(policy)
@@ -122,7 +126,7 @@ def test_file_rules_resolve_to_inodes_at_install(tmp_path):
         )
     )
     rules = {r.path: r for r in c.file_rules}
-    assert rules[str(target)].deny == maps.ACC_WRITE | maps.ACC_EXEC
+    assert rules[str(target)].deny == abi.ACC_WRITE | abi.ACC_EXEC
     assert maps._file_key(5, str(target)) is not None
     assert maps._file_key(5, "/nonexistent/bin") is None
 
@@ -141,7 +145,7 @@ def test_load_compiled_caches_by_content(tmp_path, monkeypatch):
 
     from stockade.bpf import policy as pol
 
-    monkeypatch.setattr(pol, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("STOCKADE_BPF_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "p.yaml"
     src.write_text("name: p\nnetwork: {egress: {default: deny, rules: [{to: 10.0.0.0/8, action: allow}]}}\n")
     first = pol.load_compiled(str(src))
@@ -151,11 +155,11 @@ def test_load_compiled_caches_by_content(tmp_path, monkeypatch):
     src.write_text("name: p\nmode: audit\n")
     assert pol.load_compiled(str(src))[0].mode == 1  # content changed: recompiled
     # a warm start imports neither yaml nor bcc
-    cache = str(tmp_path / "cache")
-    code = (f"import sys; from stockade.bpf import policy, maps; policy.CACHE_DIR = policy.Path({cache!r})\n"
-            f"policy.load_compiled({str(src)!r}); print('yaml' in sys.modules, 'bcc' in sys.modules)")
+    code = (f"import sys; from stockade.bpf import policy, maps\n"
+            f"policy.load_compiled({str(src)!r})\n"
+            "print(*(m in sys.modules for m in ('yaml', 'bcc', 'dataclasses', 'pathlib')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "False", "False", "False"]
 
 
 def _inline(value: bytes) -> list[tuple]:
