@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from stockade.bpf import bpfsys, loader, maps
+from stockade.bpf import bpfsys, loader, maps, probe
 from stockade.runtime.errors import NotSupported, StockadeError
+from stockade.runtime.files import write_atomic
 
 BPFFS = "/sys/fs/bpf"
 KEEPER = "stockade-agent"  # child cgroup of the parent; never holds processes
@@ -193,7 +194,7 @@ def _setup_lsm(pin_dir: str, use_cache: bool = True) -> tuple[bool, str, str]:
     try:
         links, how = loader.load_lsm_links(pin_dir, use_cache)
     except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
-        ok, reason = lsm_available()  # name the host's reason rather than bcc's wording
+        ok, reason = probe.lsm()  # name the host's reason rather than bcc's wording
         return False, "", reason if not ok else f"loading lsm.bpf.c failed: {e}"
     try:
         for hook, fd in links.items():
@@ -211,35 +212,6 @@ def _unpin_lsm(pin_dir: str) -> None:
     for name in os.listdir(pin_dir):
         if name.startswith("link_lsm_"):
             os.unlink(os.path.join(pin_dir, name))
-
-
-_LSM_PROBE_INSNS = bytes.fromhex("b700000000000000" "9500000000000000")  # r0 = 0; exit
-
-
-def lsm_available() -> tuple[bool, str]:
-    """Can this kernel load a BPF-LSM program? Tries a trivial one on the file_open hook."""
-    try:
-        lsms = Path("/sys/kernel/security/lsm").read_text().strip()
-    except OSError:
-        lsms = ""
-    if lsms and "bpf" not in lsms.split(","):
-        return False, f"'bpf' is not in the active LSM list ({lsms}); boot with lsm=...,bpf"
-    try:
-        from bcc import BPF
-    except ImportError:
-        return False, "bcc (python3-bpfcc) is not installed"
-    if not BPF.support_lsm():
-        return False, "the kernel has no BPF-LSM support (CONFIG_BPF_LSM or BTF missing)"
-    try:
-        # bcc loads and links the probe while constructing; cleanup() unlinks it again
-        b = BPF(text=b"LSM_PROBE(file_open, struct file *file) { return 0; }")
-        b.cleanup()
-    except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
-        if "super-user" in str(e):  # bcc's wording for EPERM
-            return False, ("the kernel refused a trivial BPF-LSM program with EPERM "
-                           "(BPF-LSM not active: lsm= lacks bpf, lockdown, or a restricted VM)")
-        return False, f"the kernel refused a trivial BPF-LSM program: {e}"
-    return True, ""
 
 
 # -- stop ------------------------------------------------------------------------------------
@@ -281,9 +253,7 @@ def read_state() -> dict:
 
 def _write_state(state: dict) -> None:
     STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = STATE_FILE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(STATE_FILE)
+    write_atomic(STATE_FILE, json.dumps(state, indent=2), mode=0o644)
 
 
 def _alive(pid: int) -> bool:

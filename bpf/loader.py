@@ -3,9 +3,10 @@
 bcc rewrites map references only in the file it is given, not in included headers, so a
 program's text is its .bpf.c with `#include "stockade.h"` replaced by the header itself.
 
-Cache: after a bcc compile, each cgroup program's instructions are stored with the positions of
-its map references (ld_imm64 with BPF_PSEUDO_MAP_FD); a later load opens the pinned maps and
-patches their fds in. The cache key covers the sources, the pin directory, the kernel and bcc,
+Cache (bpf.cache): after a bcc compile, each program's instructions are stored with the
+positions of its map references (ld_imm64 with BPF_PSEUDO_MAP_FD); a later load opens the
+pinned maps and patches their fds in, and links an LSM program by the BTF id of its hook
+(bpf.btf), which bcc looked up by itself. The cache key covers the sources, the kernel and bcc,
 so any change recompiles; the pin directory is not part of it (maps are relocated by name).
 """
 
@@ -19,10 +20,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from stockade.bpf import bpfsys, maps
+from stockade.bpf import bpfsys, btf, cache, maps
+from stockade.runtime.errors import NotSupported
 
 BPF_DIR = Path(__file__).resolve().parent
-CACHE_DIR = Path(os.environ.get("STOCKADE_BPF_CACHE", "/var/cache/stockade/bpf"))
 _PSEUDO_MAP_FD = 1
 
 
@@ -73,7 +74,11 @@ def cache_key(file_name: str, pin_dir: str) -> str:
 
 def compile_with_bcc(file_name: str, pin_dir: str):
     """The bcc module for one source (maps must already be pinned; bcc re-uses them)."""
-    from bcc import BPF  # lazy: only the agent compiles
+    try:
+        from bcc import BPF  # lazy: only the agent compiles, and only without a cache entry
+    except ImportError as e:  # Debian's python3-bpfcc, reached through the venv's system packages
+        raise NotSupported("bcc (python3-bpfcc) is not installed; the agent compiles its programs with it",
+                           hint="apt-get install python3-bpfcc (scripts/setup does)") from e
 
     return BPF(text=source_text(file_name), cflags=cflags(pin_dir))
 
@@ -89,38 +94,56 @@ def _relocations(insns: bytes, fd_to_map: dict[int, str]) -> list[list]:
     return relocs
 
 
+def _cached(kind: str, file_name: str, pin_dir: str, use_cache: bool) -> tuple[str, dict | None]:
+    """(cache file name, its entry if there is a usable one) for the programs of FILE_NAME."""
+    name = f"{kind}-{cache_key(file_name, pin_dir)}.json"
+    if not use_cache:
+        return name, None
+    try:
+        return name, json.loads(cache.read(name))
+    except (OSError, ValueError):
+        return name, None
+
+
+def _entry(b, names: list[tuple[str, str | bytes]]) -> dict:
+    """The cache entry for programs bcc loaded: {programs: {name: {insns, relocs}}}.
+
+    NAMES: (entry name, bcc function name) pairs."""
+    fd_to_map = {b.get_table(n).map_fd: n for n in maps.MAPS}
+    programs = {}
+    for name, func in names:
+        insns = b.dump_func(func)
+        programs[name] = {"insns": insns.hex(), "relocs": _relocations(insns, fd_to_map)}
+    return {"programs": programs}
+
+
+def _relocated(prog: dict, map_fds: dict[str, int], pin_dir: str) -> bytes:
+    """A cached program's instructions with the pinned maps' fds patched in (opened as needed)."""
+    insns = bytearray(bytes.fromhex(prog["insns"]))
+    for index, map_name in prog["relocs"]:
+        if map_name not in map_fds:
+            map_fds[map_name] = maps.open_map(map_name, pin_dir)
+        struct.pack_into("=i", insns, index * 8 + 4, map_fds[map_name])
+    return bytes(insns)
+
+
 def load_cgroup_programs(pin_dir: str, use_cache: bool = True) -> tuple[dict[str, int], str]:
     """Load the cgroup programs; returns ({name: prog fd}, "cache" | "bcc")."""
-    key = cache_key("cgroup.bpf.c", pin_dir)
-    cache_file = CACHE_DIR / f"cgroup-{key}.json"
-    if use_cache and cache_file.exists():
+    cache_file, entry = _cached("cgroup", "cgroup.bpf.c", pin_dir, use_cache)
+    if entry is not None:
         try:
-            return _load_cached(json.loads(cache_file.read_text()), pin_dir), "cache"
+            return _load_cached(entry, pin_dir), "cache"
         except (OSError, ValueError, KeyError):
             pass  # a stale or broken cache entry: fall back to compiling
-    fds, entry = _compile_cgroup(pin_dir)
-    try:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entry))
-        tmp.replace(cache_file)
-    except OSError:
-        pass  # a read-only cache only costs a recompile next time
-    return fds, "bcc"
-
-
-def _compile_cgroup(pin_dir: str) -> tuple[dict[str, int], dict]:
     b = compile_with_bcc("cgroup.bpf.c", pin_dir)
-    fd_to_map = {b.get_table(n).map_fd: n for n in maps.MAPS}
     fds: dict[str, int] = {}
-    entry: dict = {"programs": {}}
     for spec in CGROUP_PROGS:
         fn = b.load_func(spec.name, spec.prog_type, attach_type=spec.attach_type)
-        insns = b.dump_func(spec.name)
-        entry["programs"][spec.name] = {"insns": insns.hex(), "relocs": _relocations(insns, fd_to_map)}
         fds[spec.name] = os.dup(fn.fd)
+    entry = _entry(b, [(spec.name, spec.name) for spec in CGROUP_PROGS])
     b.cleanup()
-    return fds, entry
+    cache.write(cache_file, json.dumps(entry))
+    return fds, "bcc"
 
 
 def _load_cached(entry: dict, pin_dir: str) -> dict[str, int]:
@@ -128,21 +151,14 @@ def _load_cached(entry: dict, pin_dir: str) -> dict[str, int]:
     fds: dict[str, int] = {}
     try:
         for spec in CGROUP_PROGS:
-            prog = entry["programs"][spec.name]
-            insns = bytearray(bytes.fromhex(prog["insns"]))
-            for index, map_name in prog["relocs"]:
-                if map_name not in map_fds:
-                    map_fds[map_name] = maps.open_map(map_name, pin_dir)
-                struct.pack_into("=i", insns, index * 8 + 4, map_fds[map_name])
-            fds[spec.name] = bpfsys.prog_load(spec.prog_type, bytes(insns), name=spec.name,
-                                        expected_attach_type=spec.attach_type)
+            insns = _relocated(entry["programs"][spec.name], map_fds, pin_dir)
+            fds[spec.name] = bpfsys.prog_load(spec.prog_type, insns, name=spec.name,
+                                              expected_attach_type=spec.attach_type)
     except Exception:
-        for fd in fds.values():
-            os.close(fd)
+        maps.close_all(fds)
         raise
     finally:
-        for fd in map_fds.values():
-            os.close(fd)
+        maps.close_all(map_fds)
     return fds
 
 
@@ -158,16 +174,10 @@ def lsm_hooks() -> list[str]:
 
 
 def _btf_ids(hooks: list[str]) -> dict[str, int]:
-    """BTF ids of bpf_lsm_<hook> in vmlinux BTF (what an LSM program attaches to)."""
-    from stockade.runtime.doctor import btf_func_id
-
-    ids = {}
-    for hook in hooks:
-        found = btf_func_id(f"bpf_lsm_{hook}")
-        if found is None:
-            raise KeyError(f"bpf_lsm_{hook}")
-        ids[hook] = found
-    return ids
+    """BTF ids of bpf_lsm_<hook> in vmlinux BTF (what an LSM program attaches to); KeyError
+    names a hook this kernel does not have."""
+    found = btf.func_ids([f"bpf_lsm_{hook}" for hook in hooks])
+    return {hook: found[f"bpf_lsm_{hook}"] for hook in hooks}
 
 
 def load_lsm_links(pin_dir: str, use_cache: bool = True) -> tuple[dict[str, int], str]:
@@ -177,33 +187,24 @@ def load_lsm_links(pin_dir: str, use_cache: bool = True) -> tuple[dict[str, int]
     stored instructions with plain bpf(2), attached by BTF id. Raises on any refusal.
     """
     hooks = lsm_hooks()
-    cache_file = CACHE_DIR / f"lsm-{cache_key('lsm.bpf.c', pin_dir)}.json"
-    if use_cache and cache_file.exists():
+    cache_file, entry = _cached("lsm", "lsm.bpf.c", pin_dir, use_cache)
+    if entry is not None:
         try:
-            return _load_lsm_cached(json.loads(cache_file.read_text()), hooks, pin_dir), "cache"
-        except (OSError, ValueError, KeyError, ImportError):
+            return _load_lsm_cached(entry, hooks, pin_dir), "cache"
+        except (OSError, ValueError, KeyError):
             pass  # fall back to bcc, which reports the real reason if it fails as well
     b = compile_with_bcc("lsm.bpf.c", pin_dir)
     try:
-        fd_to_map = {b.get_table(n).map_fd: n for n in maps.MAPS}
-        entry: dict = {"programs": {}}
         links = {}
         for hook in hooks:
             key = f"lsm__{hook}".encode()
             if key not in b.lsm_fds:
                 b.attach_lsm(hook)
-            insns = b.dump_func(key)
-            entry["programs"][hook] = {"insns": insns.hex(), "relocs": _relocations(insns, fd_to_map)}
             links[hook] = os.dup(b.lsm_fds[key])
+        entry = _entry(b, [(hook, f"lsm__{hook}".encode()) for hook in hooks])
     finally:
         b.cleanup()
-    try:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entry))
-        tmp.replace(cache_file)
-    except OSError:
-        pass
+    cache.write(cache_file, json.dumps(entry))
     return links, "bcc"
 
 
@@ -213,23 +214,16 @@ def _load_lsm_cached(entry: dict, hooks: list[str], pin_dir: str) -> dict[str, i
     links: dict[str, int] = {}
     try:
         for hook in hooks:
-            prog = entry["programs"][hook]
-            insns = bytearray(bytes.fromhex(prog["insns"]))
-            for index, map_name in prog["relocs"]:
-                if map_name not in map_fds:
-                    map_fds[map_name] = maps.open_map(map_name, pin_dir)
-                struct.pack_into("=i", insns, index * 8 + 4, map_fds[map_name])
-            prog_fd = bpfsys.prog_load(bpfsys.PROG_LSM, bytes(insns), name=f"lsm__{hook}",
-                                 expected_attach_type=bpfsys.LSM_MAC, attach_btf_id=btf_ids[hook])
+            insns = _relocated(entry["programs"][hook], map_fds, pin_dir)
+            prog_fd = bpfsys.prog_load(bpfsys.PROG_LSM, insns, name=f"lsm__{hook}",
+                                       expected_attach_type=bpfsys.LSM_MAC, attach_btf_id=btf_ids[hook])
             try:
                 links[hook] = bpfsys.raw_tracepoint_open(prog_fd)
             finally:
                 os.close(prog_fd)
     except Exception:
-        for fd in links.values():
-            os.close(fd)
+        maps.close_all(links)
         raise
     finally:
-        for fd in map_fds.values():
-            os.close(fd)
+        maps.close_all(map_fds)
     return links

@@ -47,9 +47,9 @@ def _py(fn) -> str:
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    from stockade.bpf.agent import lsm_available
+    from stockade.bpf.probe import lsm
 
-    ok, why = lsm_available()
+    ok, why = lsm()
     require(ok, f"BPF-LSM cannot load here: {why}")
     a = make_agent(tmp_path_factory.mktemp("lsm"), "lsm-")
     report = json.loads(a.run("--load-only").stdout)
@@ -548,9 +548,9 @@ def test_default_policy_lets_ordinary_work_run(agent, box, tmp_path):
 
 
 def test_agent_restart_reuses_pins_and_cache(tmp_path):
-    from stockade.bpf.agent import lsm_available
+    from stockade.bpf.probe import lsm
 
-    ok, why = lsm_available()
+    ok, why = lsm()
     require(ok, f"BPF-LSM cannot load here: {why}")
     a = make_agent(tmp_path, "lsmcache-")
     try:
