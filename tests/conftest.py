@@ -8,8 +8,9 @@ the kernel it ran on (the terminal summary says it too). A guest crash or timeou
 with the console tail. When the lab cannot run at all (no QEMU, the kernel package does not
 download) the tests skip with the reason, or fail under STOCKADE_REQUIRE_KERNEL_TESTS=1.
 
-Options: --lab-kernel PKG (env STOCKADE_LAB_KERNEL; default Debian 12's current linux-image),
---lab auto|always|never (env STOCKADE_LAB), --lab-timeout SECONDS (env STOCKADE_LAB_TIMEOUT).
+Options: --lab-kernel PKG (env STOCKADE_LAB_KERNEL; default Debian 12's current linux-image;
+exported to the session's processes so every lab it starts boots that kernel), --lab
+auto|always|never (env STOCKADE_LAB), --lab-timeout SECONDS (env STOCKADE_LAB_TIMEOUT).
 Inside the guest STOCKADE_IN_LAB=1: tests run natively and their reports go to the JSON-lines
 file named by STOCKADE_LAB_RESULTS.
 """
@@ -56,6 +57,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=float(os.environ.get("STOCKADE_LAB_TIMEOUT", 1800)),
         help="hard limit in seconds for the whole lab session (default 1800)",
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    kernel = config.getoption("--lab-kernel")
+    if kernel:  # tests that run vagrant/lab themselves (tests/test_lab.py) boot the same kernel
+        os.environ["STOCKADE_LAB_KERNEL"] = kernel
 
 
 def host_lacks() -> list[str]:
@@ -140,7 +147,11 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 def run_lab(config: pytest.Config, lab: LabSession) -> None:
     """Boot the lab once and run every selected lab test in it."""
-    cache = Path(os.environ.get("STOCKADE_LAB_CACHE") or LAB_CHECKOUT / ".cache" / "lab").resolve()
+    where = subprocess.run([sys.executable, str(LAB), "cache-dir"], capture_output=True, text=True)
+    if where.returncode != 0:
+        lab.cannot_run = f"{LAB} cache-dir failed: {where.stderr.strip() or where.returncode}"
+        return
+    cache = Path(where.stdout.strip())  # the lab's own (STOCKADE_LAB_CACHE or ~/.cache/stockade/lab)
     cache.mkdir(parents=True, exist_ok=True)
     for old in sorted(cache.glob("session-*.log"), key=lambda p: p.stat().st_mtime)[:-20]:
         old.unlink(missing_ok=True)  # keep the last 20 session logs

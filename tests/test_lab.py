@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -12,17 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-from kernel import require
+from kernel import in_lab, require
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 LAB = CHECKOUT / "vagrant" / "lab"
 
 
-def in_lab() -> bool:
-    return os.environ.get("STOCKADE_IN_LAB") == "1"
-
-
-CACHE = Path(os.environ.get("STOCKADE_LAB_CACHE") or CHECKOUT / ".cache" / "lab")
+@functools.cache
+def cache() -> Path:
+    """The lab's cache folder, as the lab itself resolves it (STOCKADE_LAB_CACHE, XDG, ~/.cache)."""
+    proc = subprocess.run([sys.executable, str(LAB), "cache-dir"], capture_output=True, text=True, check=True)
+    return Path(proc.stdout.strip())
 
 
 # --- inside the lab (or on a host that has the features) -------------------------------------
@@ -63,7 +64,10 @@ def test_guest_reports_kernel_and_has_its_modules_and_headers(request: pytest.Fi
 
 @pytest.mark.lab
 def test_bcc_compiles_against_the_guest_kernel() -> None:
-    bcc = pytest.importorskip("bcc")
+    try:
+        import bcc
+    except ImportError as e:
+        require(False, f"bcc is not importable ({e}); scripts/setup installs python3-bpfcc")
     bcc.BPF(text="").cleanup()  # pulls in bcc's helpers and the running kernel's headers
 
 
@@ -104,16 +108,19 @@ def qemu_processes(marker: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def lab_ready() -> None:
-    """The host can boot the lab (skip, or fail under STOCKADE_REQUIRE_KERNEL_TESTS=1)."""
+def lab_ready() -> str:
+    """The host can boot the lab (skip, or fail under STOCKADE_REQUIRE_KERNEL_TESTS=1); returns the
+    release of the kernel the lab was asked for: --lab-kernel / STOCKADE_LAB_KERNEL (which the
+    conftest exports for vagrant/lab), else the default, `vagrant/lab default-kernel`."""
     require(not in_lab(), "the lab is not nested inside itself")
     require(shutil.which("qemu-system-x86_64"), "QEMU is not installed (qemu-system-x86)")
     proc = lab("prepare", timeout=900)
     require(proc.returncode == 0, f"the lab kernel could not be prepared: {proc.stderr.strip()}")
+    return (Path(proc.stdout.strip()) / "release").read_text().strip()
 
 
 @pytest.mark.slow
-def test_command_output_exit_code_and_round_trip_report(lab_ready: None, tmp_path: Path) -> None:
+def test_command_output_exit_code_and_round_trip_report(lab_ready: str, tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     t0 = time.monotonic()
     script = "uname -r; cat /sys/kernel/security/lsm; echo; echo cwd=$PWD marker=$STOCKADE_TEST_MARK; exit 7"
@@ -121,7 +128,7 @@ def test_command_output_exit_code_and_round_trip_report(lab_ready: None, tmp_pat
     elapsed = time.monotonic() - t0
     assert proc.returncode == 7, proc.stderr
     info = json.loads(report.read_text())
-    assert info["exit_code"] == 7 and info["kernel"].startswith("6.1.")
+    assert info["exit_code"] == 7 and info["kernel"] == lab_ready
     assert proc.stdout.splitlines()[0] == info["kernel"]
     assert "bpf" in proc.stdout.splitlines()[1].split(",")
     assert f"cwd={CHECKOUT} marker=" in proc.stdout
@@ -131,7 +138,7 @@ def test_command_output_exit_code_and_round_trip_report(lab_ready: None, tmp_pat
 
 
 @pytest.mark.slow
-def test_environment_passes_through(lab_ready: None) -> None:
+def test_environment_passes_through(lab_ready: str) -> None:
     env = dict(os.environ, STOCKADE_TEST_MARK="through-9p", UNRELATED_VAR="x")
     proc = subprocess.run(
         [
@@ -157,20 +164,20 @@ def test_environment_passes_through(lab_ready: None) -> None:
 
 
 @pytest.mark.slow
-def test_false_returns_one(lab_ready: None) -> None:
+def test_false_returns_one(lab_ready: str) -> None:
     proc = lab("run", "-q", "--", "false", timeout=60)
     assert proc.returncode == 1, proc.stderr
-    assert not list((CACHE / "runs").glob(f"{proc.pid}-*"))  # the run folder is gone
-    assert not qemu_processes(f"{CACHE / 'runs'}/{proc.pid}-")
+    assert not list((cache() / "runs").glob(f"{proc.pid}-*"))  # the run folder is gone
+    assert not qemu_processes(f"{cache() / 'runs'}/{proc.pid}-")
 
 
-def test_unknown_kernel_package_fails_fast(lab_ready: None) -> None:
+def test_unknown_kernel_package_fails_fast(lab_ready: str) -> None:
     t0 = time.monotonic()
     proc = lab("run", "--kernel", "linux-image-6.1.0-999-stockade-amd64", "--", "true", timeout=60)
     assert proc.returncode == 125
     assert "linux-image-6.1.0-999-stockade-amd64" in proc.stderr and "vagrant/lab kernels" in proc.stderr
     assert time.monotonic() - t0 < 30
-    assert not list(CACHE.glob("6.1.0-999-stockade-amd64*")) and not list(CACHE.glob(".6.1.0-999-*.*-*"))
+    assert not list(cache().glob("6.1.0-999-stockade-amd64*")) and not list(cache().glob(".6.1.0-999-*.*-*"))
 
 
 def test_malformed_kernel_name_is_refused() -> None:
@@ -180,8 +187,8 @@ def test_malformed_kernel_name_is_refused() -> None:
 
 
 @pytest.mark.slow
-def test_timeout_kills_qemu_and_leaves_nothing(lab_ready: None) -> None:
-    runs = CACHE / "runs"
+def test_timeout_kills_qemu_and_leaves_nothing(lab_ready: str) -> None:
+    runs = cache() / "runs"
     t0 = time.monotonic()
     proc = lab("run", "--timeout", "3", "--", "sleep", "600", timeout=60)
     assert proc.returncode == 124
@@ -192,8 +199,8 @@ def test_timeout_kills_qemu_and_leaves_nothing(lab_ready: None) -> None:
 
 
 @pytest.mark.slow
-def test_stalled_boot_is_retried_once_with_the_kernel_log(lab_ready: None) -> None:
-    runs = CACHE / "runs"
+def test_stalled_boot_is_retried_once_with_the_kernel_log(lab_ready: str) -> None:
+    runs = cache() / "runs"
     proc = lab("run", "--boot-timeout", "1", "--", "true", timeout=60)
     assert proc.returncode == 124, proc.stderr
     assert proc.stderr.count("retrying with a fresh QEMU") == 1
@@ -203,9 +210,24 @@ def test_stalled_boot_is_retried_once_with_the_kernel_log(lab_ready: None) -> No
     assert not list(runs.glob(f"{proc.pid}-*"))
 
 
+def test_guest_that_dies_during_boot_is_retried_once(lab_ready: str, tmp_path: Path) -> None:
+    # A stand-in QEMU whose guest panics before the command starts, as a TCG guest once did.
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\necho '[    0.51] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI'\n"
+                    "echo '[    0.52] Kernel panic - not syncing: Attempted to kill init!'\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    proc = subprocess.run([sys.executable, str(LAB), "run", "--", "true"], capture_output=True, text=True,
+                          timeout=60, cwd=CHECKOUT, env=env)
+    assert proc.returncode == 125, proc.stderr
+    assert proc.stderr.count("guest boot crashed") == 1 and "retrying with a fresh QEMU" in proc.stderr
+    assert "guest stopped during boot, before the command started" in proc.stderr
+    assert "lab| [    0.52] Kernel panic" in proc.stderr  # the console tail of the last attempt
+
+
 @pytest.mark.slow
-def test_killed_lab_takes_qemu_with_it(lab_ready: None) -> None:
-    runs = CACHE / "runs"
+def test_killed_lab_takes_qemu_with_it(lab_ready: str) -> None:
+    runs = cache() / "runs"
     proc = subprocess.Popen(
         [sys.executable, str(LAB), "run", "-q", "--", "sleep", "600"],
         stdout=subprocess.DEVNULL,
@@ -233,13 +255,13 @@ def test_killed_lab_takes_qemu_with_it(lab_ready: None) -> None:
 
 
 @pytest.mark.slow
-def test_guest_crash_is_reported_with_console_tail(lab_ready: None) -> None:
+def test_guest_crash_is_reported_with_console_tail(lab_ready: str) -> None:
     proc = lab("run", "--", "sh", "-c", "echo about-to-crash; echo c > /proc/sysrq-trigger", timeout=90)
     assert proc.returncode == 125
     assert "guest stopped before the command finished" in proc.stderr
     assert "about-to-crash" in proc.stdout  # streamed while the command ran
     assert "Kernel panic" in proc.stderr  # the console tail
-    assert not qemu_processes(f"{CACHE / 'runs'}/{proc.pid}-")
+    assert not qemu_processes(f"{cache() / 'runs'}/{proc.pid}-")
 
 
 # --- the pytest integration (tests/conftest.py), end to end on copies of it ------------------
@@ -276,7 +298,7 @@ def run_session(
     full_env = dict(
         os.environ,
         STOCKADE_LAB_BIN=str(LAB),
-        STOCKADE_LAB_CACHE=str(CACHE.resolve()),
+        STOCKADE_LAB_CACHE=str(cache()),
         STOCKADE_LAB="always",
         **env,
     )
@@ -303,7 +325,7 @@ def run_session(
 
 
 @pytest.mark.slow
-def test_lab_tests_run_in_one_boot_and_map_back(lab_ready: None, tmp_path: Path) -> None:
+def test_lab_tests_run_in_one_boot_and_map_back(lab_ready: str, tmp_path: Path) -> None:
     proc, outcomes = run_session(tmp_path, GUEST_TESTS)
     out = proc.stdout
     assert outcomes["test_in_guest"][0] == "passed", out
@@ -312,12 +334,12 @@ def test_lab_tests_run_in_one_boot_and_map_back(lab_ready: None, tmp_path: Path)
     assert "guest-side failure text" in out
     assert outcomes["test_skips_in_guest"][0] == "skipped" and "guest-side skip reason" in out
     kernel = outcomes["test_in_guest"][1]["lab_kernel"]
-    assert kernel.startswith("6.1.") and kernel != platform.release()
+    assert kernel == lab_ready and kernel != platform.release()
     assert f"lab: 3 tests ran on {kernel}" in out
     assert out.count("tests go to the QEMU kernel lab") == 1  # one boot for the session
 
 
-def test_lab_that_cannot_start_skips_or_fails_under_ci(lab_ready: None, tmp_path: Path) -> None:
+def test_lab_that_cannot_start_skips_or_fails_under_ci(lab_ready: str, tmp_path: Path) -> None:
     bad = "linux-image-6.1.0-999-stockade-amd64"
     proc, outcomes = run_session(tmp_path, GUEST_TESTS, f"--lab-kernel={bad}")
     assert outcomes["test_in_guest"][0] == "skipped", proc.stdout
@@ -331,7 +353,7 @@ def test_lab_that_cannot_start_skips_or_fails_under_ci(lab_ready: None, tmp_path
 
 
 @pytest.mark.slow
-def test_guest_crash_fails_the_rest_with_console_tail(lab_ready: None, tmp_path: Path) -> None:
+def test_guest_crash_fails_the_rest_with_console_tail(lab_ready: str, tmp_path: Path) -> None:
     tests = GUEST_TESTS.split("@pytest.mark.lab\ndef test_fails")[0] + (
         "@pytest.mark.lab\ndef test_crashes():\n"
         "    print('guest-crash-marker', flush=True)\n"
@@ -356,7 +378,8 @@ def test_full_cache_is_refused_before_download(tmp_path: Path) -> None:
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "stockade-test-cache", str(small)], check=True)
     try:
-        proc = subprocess.run([sys.executable, str(LAB), "prepare", "--kernel", "linux-image-6.1.0-47-amd64"],
+        # The metapackage resolves to the current image without writing anything to the cache.
+        proc = subprocess.run([sys.executable, str(LAB), "prepare", "--kernel", "linux-image-amd64"],
                               capture_output=True, text=True, timeout=60, cwd=CHECKOUT,
                               env=dict(os.environ, STOCKADE_LAB_CACHE=str(small)))
         assert proc.returncode == 125
