@@ -4,9 +4,25 @@
  * once (one helper call and one array lookup), so host processes pass untouched. A hook
  * returns 0 to allow and -EPERM to deny; in audit mode it logs and allows.
  *
- * Compiled by bcc against the running kernel's headers (the lab boots Debian's 6.1, whose
- * headers bcc uses), loaded by the agent, each link pinned as link_lsm_<hook>.
+ * Compiled by bcc against the running kernel's headers (the lab boots Debian's 6.1 and
+ * backports' 6.12, whose headers bcc uses), loaded by the agent, each link pinned as
+ * link_lsm_<hook>.
  */
+
+/* bcc puts its own copy of uapi/linux/bpf.h in front of the kernel's (Debian 12's bcc 0.26 has
+ * 6.1's), and newer kernels' include/linux/bpf.h takes sizeof of uapi structs that copy lacks
+ * (bpf_rb_root and bpf_rb_node since 6.2, bpf_refcount since 6.4, bpf_wq since 6.10: "incomplete
+ * type" on 6.12). Only those inline helpers use them, never a program here: point the kernel
+ * headers at complete stand-ins, which also stays right with a bcc whose copy has them. */
+#define bpf_rb_root stk_bpf_rb_root
+#define bpf_rb_node stk_bpf_rb_node
+#define bpf_refcount stk_bpf_refcount
+#define bpf_wq stk_bpf_wq
+struct stk_bpf_rb_root { unsigned long long opaque[2]; } __attribute__((aligned(8)));
+struct stk_bpf_rb_node { unsigned long long opaque[4]; } __attribute__((aligned(8)));
+struct stk_bpf_refcount { unsigned int opaque[1]; } __attribute__((aligned(4)));
+struct stk_bpf_wq { unsigned long long opaque[2]; } __attribute__((aligned(8)));
+
 #include <linux/errno.h>
 #include <linux/fs.h>
 #include <linux/binfmts.h>
