@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from kernel import require
 from stockade.bpf import btf
+from stockade.bpf.loader import lsm_hooks
 from stockade.runtime import doctor
 
 CHECKS = {
@@ -19,6 +21,7 @@ CHECKS = {
     "lsm",
     "bpf-lsm",
     "btf",
+    "bpf-hooks",
     "cgroup-mode",
     "cgroup-v2-controllers",
     "seccomp",
@@ -112,11 +115,51 @@ def test_table_output_and_strict(capsys: pytest.CaptureFixture[str], report: dic
 
 
 def test_btf_lookup_finds_lsm_hooks() -> None:
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        pytest.skip("no vmlinux BTF")
+    require(Path("/sys/kernel/btf/vmlinux").exists(), "no vmlinux BTF (CONFIG_DEBUG_INFO_BTF)")
     a, b = btf.func_id("bpf_lsm_file_open"), btf.func_id("bpf_lsm_socket_create")
     assert a and b and a != b
     assert btf.func_id("stockade_no_such_function") is None
+    hooks, enums = doctor.btf_names()
+    assert {"bpf_lsm_file_open", "bpf_lsm_socket_create"} <= hooks
+    assert all(h.startswith("bpf_lsm_") for h in hooks)
+    assert {"BPF_PROG_LOAD", "BPF_MAP_CREATE"} <= enums["bpf_cmd"]
+    assert "BPF_FUNC_get_current_cgroup_id" in enums["bpf_func_id"]
+
+
+def test_bpf_hooks_check_matches_btf(report: dict) -> None:
+    require(Path("/sys/kernel/btf/vmlinux").exists(), "no vmlinux BTF (CONFIG_DEBUG_INFO_BTF)")
+    check = by_name(report)["bpf-hooks"]
+    hooks, enums = doctor.btf_names()
+    used = lsm_hooks()
+    assert (check["status"] == "ok") == all(f"bpf_lsm_{h}" in hooks for h in used), check
+    assert check["detail"].startswith(f"{len(used)}/{len(used)} LSM hooks" if check["status"] == "ok" else "")
+    assert f"({len(hooks)} bpf_lsm_* functions in BTF)" in check["detail"]
+    assert ("BPF tokens" in check["detail"].split("; not ")[0]) == ("BPF_TOKEN_CREATE" in enums["bpf_cmd"])
+
+
+def test_a_kernel_without_a_hook_loses_the_bpf_lsm_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    hooks = {f"bpf_lsm_{h}" for h in lsm_hooks()} - {"bpf_lsm_userns_create"}  # as on 5.15
+    enums = {"bpf_func_id": {"BPF_FUNC_get_current_ancestor_cgroup_id"},
+             "bpf_map_type": {"BPF_MAP_TYPE_RINGBUF"}}
+    monkeypatch.setattr(doctor, "btf_names", lambda: (hooks, enums))
+    report = doctor.Report(kernel="test")
+    doctor.check_bpf_hooks(report)
+    check = report.check("bpf-hooks")
+    assert check.status == doctor.MISSING
+    assert "bpf_lsm_userns_create" in check.fix and "vagrant/lab" in check.fix
+    assert "not per-cgroup LSM (6.0)" in check.detail and "BPF tokens (6.9)" in check.detail
+
+
+def test_lab_kernels_are_noted_where_the_lab_is_suggested(report: dict) -> None:
+    assert [k["kernel"].split()[0] for k in report["lab_kernels"]] == ["6.1", "6.12"]
+    checks = [doctor.Check("kernel", doctor.INFO, "test")]
+
+    def table(layer: doctor.Layer) -> str:
+        return doctor.render_table(doctor.Report(kernel="test", checks=checks, layers=[layer]))
+
+    suggested = table(doctor.Layer("x", "unavailable", "y", doctor.LAB_HINT))
+    assert "the kernel lab's kernels" in suggested and "linux-image-amd64/bookworm-backports" in suggested
+    assert "the kernel lab's kernels" not in table(doctor.Layer("x", "available", "y"))
 
 
 @pytest.mark.lab
@@ -124,6 +167,7 @@ def test_doctor_in_a_bpf_lsm_cgroup_v2_kernel(report: dict) -> None:
     checks = by_name(report)
     assert checks["bpf-lsm"]["status"] == "ok", checks["bpf-lsm"]
     assert checks["lsm"]["status"] == "ok"
+    assert checks["bpf-hooks"]["status"] == "ok", checks["bpf-hooks"]  # the lab kernels have every hook
     assert checks["cgroup-mode"]["detail"] == "v2"
     assert checks["cgroup-v2-controllers"]["status"] == "ok"
     layers = {x["name"]: x["status"] for x in report["layers"]}
@@ -133,8 +177,7 @@ def test_doctor_in_a_bpf_lsm_cgroup_v2_kernel(report: dict) -> None:
 
 def test_stockade_doctor_cli() -> None:
     cli = Path(sys.executable).parent / "stockade"
-    if not cli.exists():
-        pytest.skip("the stockade entry point is not installed in this venv")
+    require(cli.exists(), "no stockade entry point in this venv (scripts/setup installs it)")
     table = subprocess.run([str(cli), "doctor"], capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     assert "enforcement layers:" in table.stdout
