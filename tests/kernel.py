@@ -2,7 +2,8 @@
 
 `require(condition, reason)` skips (or fails under STOCKADE_REQUIRE_KERNEL_TESTS=1);
 `strict()` says whether that variable is set; `in_lab()` is true inside the QEMU lab guest
-(vagrant/lab sets STOCKADE_IN_LAB=1).
+(vagrant/lab sets STOCKADE_IN_LAB=1). `needs_root` is a fixture for modules whose every test
+needs root: import it and set `pytestmark = pytest.mark.usefixtures("needs_root")`.
 """
 
 from __future__ import annotations
@@ -26,3 +27,10 @@ def require(condition: bool, reason: str) -> None:
     if strict():
         pytest.fail(f"required kernel feature missing: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture
+def needs_root() -> None:
+    """The test runs as root, as the README's test command and CI do: skip as another user, fail
+    under STOCKADE_REQUIRE_KERNEL_TESTS=1."""
+    require(os.geteuid() == 0, "needs root")
