@@ -12,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from kernel import require
+from kernel import needs_root, require  # noqa: F401 (needs_root: a fixture, used by name)
 from stockade.bpf import maps
 from stockade.bpf.policy import compile_policy, parse_policy
 from test_bpf_helpers import (
@@ -29,7 +29,7 @@ from test_bpf_helpers import (
     op_sysctl_write,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for bpf(2) and cgroups")
+pytestmark = pytest.mark.usefixtures("needs_root")  # bpf(2) and cgroups
 
 NET_POLICY = """
 name: test-net

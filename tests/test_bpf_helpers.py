@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from kernel import require
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 PYTHON = str(CHECKOUT / ".venv" / "bin" / "python")
@@ -63,8 +63,7 @@ def unified_mount() -> str | None:
 def make_agent(tmp_path: Path, tag: str = "") -> Agent:
     name = f"stockade-test-{tag}{uuid.uuid4().hex[:8]}"
     unified = unified_mount()
-    if unified is None:
-        pytest.skip("no cgroup2 hierarchy mounted")
+    require(unified is not None, "no cgroup2 hierarchy mounted")
     env = dict(os.environ)
     env.update(
         {

@@ -16,12 +16,12 @@ import subprocess
 import time
 
 import pytest
-from kernel import require
+from kernel import needs_root, require  # noqa: F401 (needs_root: a fixture, used by name)
 from stockade.bpf import maps
 from stockade.bpf.policy import compile_policy, parse_policy
 from test_bpf_helpers import cleanup_agent, in_cgroup, make_agent, op_connect, op_socket
 
-pytestmark = [pytest.mark.lab, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("needs_root")]
 
 libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWUTS = 0x20000, 0x10000000, 0x4000000

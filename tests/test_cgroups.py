@@ -38,7 +38,7 @@ def _v2_root() -> str | None:
 
 def _open(kind: str):
     if kind == "v1":
-        if cgroups.is_cgroup2(ROOT):
+        if cgroups.is_cgroup2(ROOT):  # host shape, not a gap: such a host runs the v2 tests instead
             pytest.skip("pure cgroup v2 host: the v1 driver does not apply")
         return cgroups.open_driver(ROOT)
     root = _v2_root()
@@ -51,7 +51,7 @@ def _need(driver, *controllers: str) -> None:
     have = set(driver.controllers())
     missing = [c for c in controllers if c not in have]
     if driver.name == "v1":
-        if missing:
+        if missing:  # host shape: which v1 hierarchies a host mounts is its choice (v2 is the lab's)
             pytest.skip(f"v1 controller(s) {missing} not mounted")
         return
     require(not missing, f"cgroup v2 controller(s) {missing} not available (runs in the QEMU lab)")
@@ -411,7 +411,7 @@ def test_v1_refuses_network_and_rdma(lab):
 
 def test_v1_hugetlb_through_unified_tree(lab):
     driver = _open("v1")
-    if "hugetlb" in driver.mounts:
+    if "hugetlb" in driver.mounts:  # host shape: then the v1 hierarchy serves it, as tested above
         pytest.skip("hugetlb is a v1 hierarchy here")
     require("hugetlb" in driver.unified_controllers(), "hugetlb controller in the cgroup2 tree")
     root_ctl = os.path.join(driver.unified_root, "cgroup.subtree_control")
@@ -535,7 +535,7 @@ def test_hybrid_joins_only_the_hierarchies_its_limits_need(lab):
     """Hybrid host: a limit-free container is in its unified cgroup only (born there: no
     migration); `update` with a first limit joins that hierarchy with every process."""
     driver = _open("v1")
-    if driver.unified_root is None:
+    if driver.unified_root is None:  # host shape: without a cgroup2 tree there is nothing to skip
         pytest.skip("pure v1 host: every hierarchy is joined")
     cg = lab.create(driver)
     assert cg.dirs == {} and not cg.devices_enforced
@@ -584,8 +584,8 @@ def test_v1_memory_update_keeps_memsw_order(lab):
     _need(driver, "memory")
     cg = lab.create(driver, {"memory": {"limit": 64 * MiB, "swap": 64 * MiB, "reservation": 32 * MiB}})
     mem = cg.dirs["memory"]
-    if not os.path.exists(os.path.join(mem, "memory.memsw.limit_in_bytes")):
-        pytest.skip("no swap accounting")
+    require(os.path.exists(os.path.join(mem, "memory.memsw.limit_in_bytes")),
+            "no swap accounting (memory.memsw.*: the kernel's swapaccount)")
     for limit in (128 * MiB, 32 * MiB):  # raising needs memsw first, lowering needs limit first
         cg.update(Resources.from_oci({"memory": {"limit": limit, "swap": limit}}))
         assert _read(os.path.join(mem, "memory.limit_in_bytes")) == str(limit)
@@ -648,8 +648,7 @@ def loopdev(tmp_path):
     if out.returncode != 0 and not os.path.exists("/dev/loop-control"):  # e.g. the lab: load the driver
         subprocess.run(["modprobe", "loop"], capture_output=True)
         out = subprocess.run(attach, capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"cannot attach a loop device: {out.stderr.strip()}")
+    require(out.returncode == 0, f"cannot attach a loop device: {out.stderr.strip()}")
     dev = out.stdout.strip()
     try:
         major, minor = map(int, _read(f"/sys/block/{os.path.basename(dev)}/dev").split(":"))
@@ -721,7 +720,7 @@ def test_v2_io_max_written(lab, loopdev):
 def test_v2_missing_controller_refused_not_skipped(lab):
     """A limit whose controller the cgroup2 tree lacks is refused, never silently dropped."""
     driver = _open("v2")
-    if "memory" in driver.controllers():
+    if "memory" in driver.controllers():  # host shape: only a hybrid host's cgroup2 tree lacks it
         pytest.skip("this cgroup2 tree has the memory controller (nothing to refuse)")
     path = lab.path()
     with pytest.raises(NotSupported, match="memory"):

@@ -15,12 +15,17 @@ from pathlib import Path
 
 import pytest
 from bundles import make_bundle, remove_bundle
+from kernel import require
 from leftovers import new_since, snapshot
 
 OCI = str(Path(sys.executable).parent / "stockade-oci")
 PR_SET_CHILD_SUBREAPER = 36
 
-pytestmark = pytest.mark.skipif(shutil.which("conmon") is None, reason="conmon is installed by scripts/setup")
+
+
+@pytest.fixture(autouse=True)
+def conmon_installed() -> None:
+    require(shutil.which("conmon") is not None, "conmon is not installed (scripts/setup installs it)")
 
 
 def _wait_for(check, what: str, seconds: float = 20) -> None:  # noqa: ANN001

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from bundles import default_config, make_bundle, remove_bundle, write_config
+from kernel import require
 from leftovers import new_since, snapshot
 from stockade.profiles import load_profile, profile_seccomp
 from stockade.profiles.groups import ioctl_allow_rules
@@ -97,8 +98,7 @@ def runtime_copy(tmp_path: Path) -> Path:
 def oci(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runtime]:
     """stockade-oci (from the venv), or runc for comparison."""
     if request.param == "runc":
-        if RUNC is None:
-            pytest.skip("runc is not installed (scripts/setup installs it)")
+        require(RUNC is not None, "runc is not installed (scripts/setup installs it)")
         rt = Runtime("runc", [RUNC], tmp_path / "runc-root")
     else:
         rt = _stockade(tmp_path)
@@ -217,8 +217,7 @@ def _digest(path: Path) -> str:
 
 def _exe_copy(runtime: str, runtime_copy: Path, tmp_path: Path) -> tuple[Runtime, Path]:
     if runtime == "runc":
-        if RUNC is None:
-            pytest.skip("runc is not installed (scripts/setup installs it)")
+        require(RUNC is not None, "runc is not installed (scripts/setup installs it)")
         binary = tmp_path / "runc-copy"
         shutil.copy2(RUNC, binary)
         return Runtime("runc", [str(binary)], tmp_path / "runc-root"), binary

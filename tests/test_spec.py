@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bundles import default_config, make_bundle, remove_bundle, userns_config, write_config  # noqa: E402
+from kernel import require  # noqa: E402
 from stockade.runtime.errors import SpecError  # noqa: E402
 from stockade.runtime.spec import SUPPORTED, load_bundle, parse_process, parse_spec, sysctl_path  # noqa: E402
 
@@ -295,8 +296,7 @@ def test_runc_spec_output_parses(tmp_path: Path) -> None:
     import shutil
     import subprocess
 
-    if not shutil.which("runc"):
-        pytest.skip("runc not installed")
+    require(shutil.which("runc") is not None, "runc is not installed (scripts/setup installs it)")
     subprocess.run(["runc", "spec"], cwd=tmp_path, check=True)
     spec = parse_spec(json.loads((tmp_path / "config.json").read_text()))
     assert spec.process.terminal and spec.process.capabilities.ambient
