@@ -17,10 +17,24 @@ import struct
 from stockade.bpf import bpfsys
 from stockade.runtime.errors import NotSupported, SpecError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class DeviceRule(Protocol):
+        """runtime.resources.DeviceRule: an OCI device rule, validated there."""
+
+        allow: bool
+        type: str  # a, b or c
+        major: int | None  # None: any
+        minor: int | None
+        access: str  # letters from "rwm"
+
 PROG_NAME = "stockade_device"
 
 # struct bpf_cgroup_dev_ctx { u32 access_type /* (access << 16) | type */; u32 major; u32 minor; }
 _DEV_BLOCK, _DEV_CHAR = 1, 2
+_TYPE_CODES = {"a": None, "b": _DEV_BLOCK, "c": _DEV_CHAR}  # linux.DEVICE_RULE_TYPES
 _ACC = {"m": 1, "r": 2, "w": 4}
 
 # opcodes (include/uapi/linux/bpf.h, bpf_common.h)
@@ -75,37 +89,17 @@ class _Asm:
         return b"".join(out)
 
 
-def _rule_fields(rule: dict, where: str) -> tuple[bool, int | None, int | None, int | None, int]:
-    allow = rule.get("allow")
-    if not isinstance(allow, bool):
-        raise SpecError("'allow' must be true or false", where=where)
-    dev_type = rule.get("type", "a") or "a"
-    if dev_type not in ("a", "b", "c", "u", "p"):
-        raise SpecError(f"unknown device type {dev_type!r}", where=where, hint="use a, b, c, u or p")
-    type_code = {"a": None, "b": _DEV_BLOCK, "c": _DEV_CHAR, "u": _DEV_CHAR, "p": None}[dev_type]
-    if dev_type == "p":
-        # fifos are not device nodes; the kernel never asks the device hook about them
-        return allow, -1, None, None, 0
-    numbers = []
-    for field in ("major", "minor"):
-        value = rule.get(field)
-        if value is None or value == -1:
-            numbers.append(None)
-        elif isinstance(value, int) and 0 <= value < 2**31:
-            numbers.append(value)
-        else:
-            raise SpecError(f"{field} must be a device number or -1 (any)", where=f"{where}.{field}")
-    access = rule.get("access", "rwm") or "rwm"
-    if not isinstance(access, str) or set(access) - set("rwm"):
-        raise SpecError(f"access {access!r} must be letters from 'rwm'", where=f"{where}.access")
+def _rule_fields(rule: DeviceRule) -> tuple[bool, int | None, int | None, int | None, int]:
+    """A rule as runtime.resources validated it (DeviceRule: allow, type a/b/c, major and minor
+    or None for any, access letters from "rwm"): the one place device rules are checked."""
     mask = 0
-    for letter in access:
+    for letter in rule.access:
         mask |= _ACC[letter]
-    return allow, type_code, numbers[0], numbers[1], mask
+    return rule.allow, _TYPE_CODES[rule.type], rule.major, rule.minor, mask
 
 
-def assemble(rules: list[dict], events_fd: int | None = None) -> bytes:
-    """The program text for a rule list (OCI LinuxDeviceCgroup dicts).
+def assemble(rules: list[DeviceRule], events_fd: int | None = None) -> bytes:
+    """The program text for a rule list (validated DeviceRules, in OCI order).
 
     Registers: r6 = access_type, r7 = major, r8 = minor, r9 = type, r4 = access (r6-r9 survive
     helper calls). With EVENTS_FD (the agent's pinned ring buffer), a denial is logged first.
@@ -119,9 +113,7 @@ def assemble(rules: list[dict], events_fd: int | None = None) -> bytes:
     asm.op(_MOV64_REG, dst=4, src=6)        # r4 = access = access_type >> 16
     asm.op(_RSH64_IMM, dst=4, imm=16)
     for index in reversed(range(len(rules))):
-        allow, type_code, major, minor, mask = _rule_fields(rules[index], f"linux.resources.devices[{index}]")
-        if type_code == -1:
-            continue
+        allow, type_code, major, minor, mask = _rule_fields(rules[index])
         if _rule_block(asm, index, allow, type_code, major, minor, mask):
             # a rule matching everything decides alone: nothing after it is reachable, and the
             # verifier rejects unreachable code
@@ -237,7 +229,7 @@ def attached_device_programs(cgroup_fd: int) -> list[int]:
 
 
 def attach_device_filter(
-    cgroup_unified_path: str, rules: list[dict], pin_dir: str | None = None, replace: bool = True
+    cgroup_unified_path: str, rules: list[DeviceRule], pin_dir: str | None = None, replace: bool = True
 ) -> None:
     """Attach (or replace) the container's device filter on its unified-hierarchy cgroup.
 

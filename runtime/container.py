@@ -232,8 +232,7 @@ def _enforce_devices(cgroup: Any) -> None:
         return
     from stockade.bpf.device_filter import attach_device_filter
 
-    rules = [rule.to_oci() for rule in cgroup.device_rules]
-    attach_device_filter(cgroup.unified_path(), rules, replace=False)
+    attach_device_filter(cgroup.unified_path(), cgroup.device_rules, replace=False)
 
 
 def _rootfs_of(spec: Any, bundle: str) -> str:

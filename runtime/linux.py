@@ -80,3 +80,6 @@ _RLIMIT_NAMES = (
 )
 RLIMITS = {f"RLIMIT_{name}": number for number, name in enumerate(_RLIMIT_NAMES.split())}  # x86_64 numbers
 RLIM_INFINITY = 2**64 - 1
+
+DEVICE_RULE_TYPES = ("a", "b", "c")  # cgroup device rules: all, block, character
+DEVICE_NODE_TYPES = ("c", "b", "u", "p")  # linux.devices nodes: character, block, unbuffered, fifo

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ._lite.dataclasses import field, record
 from .errors import SpecError
+from .linux import DEVICE_RULE_TYPES
 
 TYPE_CHECKING = False  # typing is a slow import on the start path (bench/README.md)
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ class DeviceRule:
         return f"{self.type} {num(self.major)}:{num(self.minor)} {self.access}"
 
     def to_oci(self) -> dict:
-        """The OCI linux.resources.devices entry (for bpf.devices.attach_device_filter on cgroup v2)."""
+        """The OCI linux.resources.devices entry."""
         d: dict = {"allow": self.allow, "type": self.type, "access": self.access}
         if self.major is not None:
             d["major"] = self.major
@@ -454,7 +455,7 @@ def _device(d: dict, where: str) -> DeviceRule:
     if allow is None:
         raise SpecError("allow is required", where=f"{where}.allow")
     dev_type = r.string("type") or "a"
-    if dev_type not in ("a", "b", "c"):
+    if dev_type not in DEVICE_RULE_TYPES:
         raise SpecError(f"invalid type {dev_type!r}", where=f"{where}.type", hint='use "a", "b" or "c"')
     access = r.string("access") or "rwm"
     if not access or set(access) - set("rwm") or len(set(access)) != len(access):

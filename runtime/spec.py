@@ -798,7 +798,7 @@ def _parse_device(d: Any, where: str) -> Device:
     if not path.startswith("/dev/") or ".." in path.split("/"):
         raise SpecError(f"device path {path!r} must be under /dev", where=_at(where, "path"))
     kind = _str(_required(x, "type", where), _at(where, "type"))
-    if kind not in ("c", "b", "u", "p"):
+    if kind not in linux.DEVICE_NODE_TYPES:
         raise SpecError(f"unknown device type {kind!r}", where=_at(where, "type"), hint="use c, b, u or p")
     major = minor = 0
     if kind != "p":

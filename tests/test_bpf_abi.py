@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from stockade.bpf import abi, bpfsys, device_filter, events, maps
+from stockade.runtime.resources import DeviceRule
 
 HEADER = Path(__file__).resolve().parent.parent / "bpf" / "stockade.h"
 TEXT = HEADER.read_text()
@@ -247,7 +248,7 @@ def test_the_device_filter_logs_stk_events(c: dict[str, int]) -> None:
               "comm": "_EV_COMM"}
     for field, name in copied.items():
         assert getattr(device_filter, name) == c[f"offsetof stk_event.{field}"], name
-    insns = device_filter.assemble([{"allow": True, "type": "c", "major": 1, "minor": 3}], events_fd=3)
+    insns = device_filter.assemble([DeviceRule(True, "c", 1, 3)], events_fd=3)
     stores = {struct.unpack_from("=h", insns, i + 2)[0] for i in range(0, len(insns), 8)
               if insns[i] in (0x62, 0x63, 0x7B)}  # STW_IMM, STXW, STXDW from r10 (the stack)
     base = -c["sizeof stk_event"]

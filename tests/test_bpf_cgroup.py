@@ -15,6 +15,7 @@ import pytest
 from kernel import needs_root, require  # noqa: F401 (needs_root: a fixture, used by name)
 from stockade.bpf import maps
 from stockade.bpf.policy import compile_policy, parse_policy
+from stockade.runtime.resources import DeviceRule
 from test_bpf_helpers import (
     PYTHON,
     cleanup_agent,
@@ -465,11 +466,11 @@ def test_device_filter_allows_listed_devices_only(agent):
     path, _ = agent.container_cgroup("ctr-dev")
     try:
         rules = [
-            {"allow": False, "access": "rwm"},
-            {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rwm"},  # /dev/null
-            {"allow": True, "type": "c", "major": 1, "minor": 5, "access": "r"},  # /dev/zero read-only
-            {"allow": True, "type": "c", "major": 1, "minor": None, "access": "rw"},
-            {"allow": False, "type": "c", "major": 1, "minor": 7, "access": "w"},  # later deny wins
+            DeviceRule(False, "a", access="rwm"),
+            DeviceRule(True, "c", 1, 3, "rwm"),  # /dev/null
+            DeviceRule(True, "c", 1, 5, "r"),  # /dev/zero read-only
+            DeviceRule(True, "c", 1, None, "rw"),
+            DeviceRule(False, "c", 1, 7, "w"),  # later deny wins
         ]
         attach_device_filter(path, rules, pin_dir=agent.pin_dir)
         attach_device_filter(path, rules, pin_dir=agent.pin_dir)  # replacing keeps exactly one
@@ -503,10 +504,10 @@ def test_device_filter_allows_listed_devices_only(agent):
         assert detach_device_filter(path) == 1
         assert in_cgroup(path, ops, netns=False)["full_w"] == "ok"
         # the kernel's verifier accepts the edge shapes: allow-all, deny-all, empty
-        for edge in ([{"allow": True}], [{"allow": False}], []):
+        for edge in ([DeviceRule(True)], [DeviceRule(False)], []):
             attach_device_filter(path, edge, pin_dir=agent.pin_dir)
         assert in_cgroup(path, ops, netns=False)["null_rw"] == "EPERM"  # [] denies everything
-        attach_device_filter(path, [{"allow": True}], pin_dir=agent.pin_dir)
+        attach_device_filter(path, [DeviceRule(True)], pin_dir=agent.pin_dir)
         assert in_cgroup(path, ops, netns=False)["full_w"] == "ok"
         assert detach_device_filter(path) == 1
     finally:
@@ -514,17 +515,22 @@ def test_device_filter_allows_listed_devices_only(agent):
         os.rmdir(path)
 
 
-def test_device_rules_are_validated():
+def test_device_rules_are_validated_once_then_assembled():
+    """runtime.resources validates a rule list (the one place); the assembler takes its rules."""
     from stockade.bpf.device_filter import assemble
     from stockade.runtime.errors import SpecError
+    from stockade.runtime.resources import Resources
 
     with pytest.raises(SpecError, match=r"devices\[1\]"):
-        assemble([{"allow": True}, {"allow": True, "type": "x"}])
+        Resources.from_oci({"devices": [{"allow": True}, {"allow": True, "type": "x"}]})
     with pytest.raises(SpecError, match="access"):
-        assemble([{"allow": True, "access": "rwx"}])
+        Resources.from_oci({"devices": [{"allow": True, "access": "rwx"}]})
+    rules = Resources.from_oci({"devices": [{"allow": False}, {"allow": True, "type": "c", "major": 1,
+                                                                "minor": -1, "access": "rw"}]}).devices
+    assert rules[1].minor is None and len(assemble(rules)) % 8 == 0
     assert len(assemble([])) % 8 == 0
-    assert len(assemble([{"allow": True}])) % 8 == 0  # allow-all: no unreachable deny path
-    assert len(assemble([{"allow": True}], events_fd=3)) % 8 == 0
+    assert len(assemble([DeviceRule(True)])) % 8 == 0  # allow-all: no unreachable deny path
+    assert len(assemble([DeviceRule(True)], events_fd=3)) % 8 == 0
 
 
 def test_reinstall_replaces_the_rule_set(agent, container):

@@ -359,7 +359,7 @@ def test_v1_devices_enforced(lab):
         assert not cg.devices_enforced and "devices" not in cg.dirs
         assert cg.device_rules[0] == DeviceRule(False, "a")
         assert cg.device_rules[-len(DEFAULT_DEVICE_RULES):] == DEFAULT_DEVICE_RULES
-        attach_device_filter(cg.unified_path(), [r.to_oci() for r in cg.device_rules], replace=False)
+        attach_device_filter(cg.unified_path(), cg.device_rules, replace=False)
     code = """
 import errno
 open('/dev/null', 'w').close()
