@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bundles import default_config, make_bundle, remove_bundle, write_config
+from bundles import default_config, make_bundle, remove_bundle, userns_config, write_config
 from leftovers import new_since, snapshot
 
 OCI = str(Path(sys.executable).parent / "stockade-oci")
@@ -687,3 +687,27 @@ def test_global_flags_do_what_they_say(root: Path, bundle: Path, tmp_path: Path)
         done = _oci(root, "--rootless", value, "run", "--bundle", str(bundle), "rootless")
         assert done.returncode == 1 and message in done.stderr, done.stderr
     assert _oci(root, "--rootless", "false", "run", "--bundle", str(bundle), "rootful").returncode == 0
+
+
+def test_a_filter_the_kernel_would_refuse_fails_at_create(root: Path, bundle: Path) -> None:
+    """A filter longer than the kernel takes (BPF_MAXINSNS) is `create`'s error, said before
+    the kernel would answer EINVAL, with what to do."""
+    config = default_config(["true"])
+    ioctls = [{"index": 1, "value": 0x10000 + i, "op": "SCMP_CMP_EQ"} for i in range(4500)]
+    config["linux"]["seccomp"] = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["ioctl"], "action": "SCMP_ACT_ERRNO", "args": [a]} for a in ioctls],
+    }
+    write_config(bundle, config)
+    done = _oci(root, "create", "--bundle", str(bundle), "refused-filter")
+    assert done.returncode == 1 and "more than the kernel's 4096" in done.stderr, done.stderr
+    assert _oci(root, "state", "refused-filter").returncode != 0  # nothing left behind
+
+
+def test_an_unmapped_user_fails_at_create(root: Path, bundle: Path) -> None:
+    config = userns_config(["true"], size=1000)
+    config["process"]["user"] = {"uid": 5000, "gid": 5000}
+    write_config(bundle, config)
+    done = _oci(root, "create", "--bundle", str(bundle), "unmapped")
+    assert done.returncode == 1 and "uid 5000 is not mapped in the user namespace" in done.stderr, done.stderr
+    assert _oci(root, "state", "unmapped").returncode != 0
