@@ -27,11 +27,11 @@ from stockade.bpf.abi import (
     POLICY_SIZE,
 )
 from stockade.bpf.bpfsys import PIN_DIR, pin_path
-from stockade.runtime._lite.dataclasses import record
+from stockade.runtime._lite.dataclasses import dataclass
 from stockade.runtime.errors import NotSupported, SpecError
 
 
-@record
+@dataclass
 class MapSpec:
     map_type: int
     key_size: int
@@ -108,7 +108,7 @@ def close_all(fds: dict[str, int]) -> None:
         os.close(fd)
 
 
-@record
+@dataclass
 class NetRule:
     network: str        # CIDR, IPv4 or IPv6
     action: str         # "allow" | "deny"
@@ -116,14 +116,14 @@ class NetRule:
     port_max: int = 65535
 
 
-@record
+@dataclass
 class FileRule:
     path: str           # host path, resolved to (dev, ino) when installed
     deny: int = 0       # STK_ACC_* bits
     allow: int = 0
 
 
-@record
+@dataclass
 class CompiledPolicy:
     """Plain data for the map entries of one container (see stockade.bpf.policy)."""
 

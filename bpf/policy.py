@@ -32,7 +32,7 @@ from stockade.bpf.abi import (
     MODE_ENFORCE,
 )
 from stockade.bpf.maps import CompiledPolicy, FileRule, NetRule
-from stockade.runtime._lite.dataclasses import asdict, field, record
+from stockade.runtime._lite.dataclasses import asdict, dataclass, field
 from stockade.runtime.errors import SpecError
 from stockade.runtime.linux import CAPABILITIES
 
@@ -53,14 +53,14 @@ SOCK_RAW, SOCK_PACKET = 3, 10
 _ALL_INET = {"inet", "inet6"}
 
 
-@record
+@dataclass
 class FileAccessRule:
     path: str
     access: frozenset[str]
     line: int = 0
 
 
-@record
+@dataclass
 class EgressRule:
     to: str                 # CIDR
     action: str             # allow | deny
@@ -69,7 +69,7 @@ class EgressRule:
     line: int = 0
 
 
-@record
+@dataclass
 class Policy:
     name: str
     source: str = ""

@@ -12,7 +12,7 @@ import select
 import time
 
 from ._lite.contextlib import suppress
-from ._lite.dataclasses import field, record
+from ._lite.dataclasses import dataclass, field
 from .errors import ContainerError, SpecError, StockadeError
 from .files import write_atomic
 from .state import State, StateStore, process_alive, process_start_time, validate_id
@@ -27,7 +27,7 @@ OCI_VERSION = "1.2.1"
 KILL_WAIT_SECONDS = 10.0
 
 
-@record
+@dataclass
 class CreateOptions:
     """What `create` needs beyond the bundle; CLI flags and CRI requests fill it."""
 
@@ -47,7 +47,7 @@ class CreateOptions:
     debug: Callable[[str], None] | None = None  # told each step of create (`--debug`)
 
 
-@record
+@dataclass
 class Status:
     """OCI state plus what Stockade adds (cgroup, degraded layers)."""
 
@@ -476,7 +476,7 @@ def _load_spec(state_dir: str) -> Any:
 # ---------------------------------------------------------------- exec / pause / resume / update / ps / list
 
 
-@record
+@dataclass
 class ExecChanges:
     """`exec ID CMD...` without --process: the container's own process with these changes (runc's
     rules: a new terminal setting, cwd, extra env, user, no_new_privs)."""

@@ -30,7 +30,7 @@ import os
 from . import capabilities, devices, mounts, namespaces, procfs, rlimits, workload
 from . import spawn as spawn_
 from . import syscalls as sc
-from ._lite.dataclasses import record
+from ._lite.dataclasses import dataclass
 from .channel import HOOKS, MAP, MOVED, PID, READY, Channel, Reported, stderr
 from .errors import SpecError, StockadeError
 from .spec import sysctl_namespace, sysctl_path
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .spec import Spec
 
 
-@record
+@dataclass
 class Launch:
     spec: Spec
     bundle: Path

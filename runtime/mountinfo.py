@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from ._lite.dataclasses import record
+from ._lite.dataclasses import dataclass
 
 
-@record
+@dataclass
 class Mount:
     mount_id: int
     parent_id: int

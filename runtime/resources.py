@@ -11,7 +11,7 @@ and pids limit 0 are treated as "not set"; -1 means unlimited where OCI allows i
 
 from __future__ import annotations
 
-from ._lite.dataclasses import field, record
+from ._lite.dataclasses import dataclass, field
 from .errors import SpecError
 from .linux import DEVICE_RULE_TYPES
 
@@ -84,7 +84,7 @@ def parse_cpus(text: str, where: str) -> tuple[int, int]:
     return quota, DEFAULT_CPU_PERIOD
 
 
-@record
+@dataclass
 class Memory:
     limit: int | None = None  # bytes; -1 unlimited
     reservation: int | None = None  # soft limit (v1 soft_limit_in_bytes, v2 memory.low)
@@ -97,7 +97,7 @@ class Memory:
     check_before_update: bool = False  # refuse an update that sets the limit below current usage
 
 
-@record
+@dataclass
 class Cpu:
     shares: int | None = None  # v1 shares (2..262144); v2 converted to cpu.weight
     quota: int | None = None  # microseconds per period; -1 unlimited
@@ -110,7 +110,7 @@ class Cpu:
     idle: int | None = None  # 0 or 1
 
 
-@record
+@dataclass
 class DeviceRule:
     allow: bool
     type: str = "a"  # a (all), c (char), b (block)
@@ -136,14 +136,14 @@ class DeviceRule:
         return d
 
 
-@record
+@dataclass
 class DeviceRate:  # blockIO throttle*Device entry
     major: int
     minor: int
     rate: int
 
 
-@record
+@dataclass
 class DeviceWeight:  # blockIO weightDevice entry
     major: int
     minor: int
@@ -151,7 +151,7 @@ class DeviceWeight:  # blockIO weightDevice entry
     leaf_weight: int | None = None
 
 
-@record
+@dataclass
 class BlockIO:
     weight: int | None = None  # 10..1000
     leaf_weight: int | None = None
@@ -179,13 +179,13 @@ class BlockIO:
         return any(entries for _, _, entries in self.throttles())
 
 
-@record
+@dataclass
 class HugepageLimit:
     page_size: str  # "2MB", "1GB" (the kernel's hugetlb file naming)
     limit: int  # bytes
 
 
-@record
+@dataclass
 class Network:
     class_id: int | None = None
     priorities: list[tuple[str, int]] = field(default_factory=list)
@@ -194,7 +194,7 @@ class Network:
         return self.class_id is not None or bool(self.priorities)
 
 
-@record
+@dataclass
 class Resources:
     """Parsed OCI linux.resources. `None`/empty means "leave the kernel default"."""
 

@@ -16,7 +16,7 @@ import resource
 from pathlib import Path
 
 from ._lite.contextlib import suppress
-from ._lite.dataclasses import field, record
+from ._lite.dataclasses import dataclass, field
 from ._lite.hashlib import sha256
 from .defaults import MASKED_PATHS, OCI_DEFAULT_CAPS, READONLY_PATHS, standard_mounts
 from .errors import StockadeError
@@ -40,7 +40,7 @@ HOST_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")  # shared 
 HOST_ETC = ("alternatives", "ld.so.cache", "localtime")  # harmless host /etc entries programs look for
 
 
-@record
+@dataclass
 class SandboxOptions:
     """What a sandbox is made of; `stockade run`'s flags of the same names fill it."""
 

@@ -12,7 +12,7 @@ import os
 
 from . import linux
 from ._lite import json as jsonlite
-from ._lite.dataclasses import field, record
+from ._lite.dataclasses import dataclass, field
 from .errors import SpecError
 from .linux import CAPABILITIES, RLIM_INFINITY, RLIMITS
 
@@ -146,7 +146,7 @@ SUPPORTED: dict[str, Any] = {
 # ---------------------------------------------------------------------------------------------
 
 
-@record
+@dataclass
 class User:
     uid: int = 0
     gid: int = 0
@@ -154,7 +154,7 @@ class User:
     additional_gids: list[int] = field(default_factory=list)
 
 
-@record
+@dataclass
 class Capabilities:
     """Capability names (CAP_*). A missing `process.capabilities` means all sets empty."""
 
@@ -165,20 +165,20 @@ class Capabilities:
     ambient: list[str] = field(default_factory=list)
 
 
-@record
+@dataclass
 class Rlimit:
     type: str
     soft: int
     hard: int
 
 
-@record
+@dataclass
 class ConsoleSize:
     height: int
     width: int
 
 
-@record
+@dataclass
 class Process:
     args: list[str]
     cwd: str = "/"
@@ -194,13 +194,13 @@ class Process:
     selinux_label: str = ""
 
 
-@record
+@dataclass
 class Root:
     path: str
     readonly: bool = False
 
 
-@record
+@dataclass
 class Mount:
     destination: str
     type: str  # normalised: "bind" for bind/rbind mounts whatever the JSON said
@@ -213,7 +213,7 @@ class Mount:
     ignored: list[str] = field(default_factory=list)  # data options of a bind mount (runc ignores them)
 
 
-@record
+@dataclass
 class Hook:
     path: str
     args: list[str] = field(default_factory=list)
@@ -221,7 +221,7 @@ class Hook:
     timeout: int | None = None
 
 
-@record
+@dataclass
 class Hooks:
     prestart: list[Hook] = field(default_factory=list)
     create_runtime: list[Hook] = field(default_factory=list)
@@ -231,20 +231,20 @@ class Hooks:
     poststop: list[Hook] = field(default_factory=list)
 
 
-@record
+@dataclass
 class Namespace:
     type: str
     path: str = ""
 
 
-@record
+@dataclass
 class IDMapping:
     container_id: int
     host_id: int
     size: int
 
 
-@record
+@dataclass
 class Device:
     path: str
     type: str  # c, b, u or p
@@ -255,7 +255,7 @@ class Device:
     gid: int | None = None
 
 
-@record
+@dataclass
 class Linux:
     namespaces: list[Namespace] = field(default_factory=list)
     uid_mappings: list[IDMapping] = field(default_factory=list)
@@ -278,7 +278,7 @@ class Linux:
         return None
 
 
-@record
+@dataclass
 class Spec:
     oci_version: str
     process: Process

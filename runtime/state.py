@@ -13,7 +13,7 @@ import os
 
 from ._lite import json as jsonlite
 from ._lite.contextlib import suppress
-from ._lite.dataclasses import asdict, field, record
+from ._lite.dataclasses import asdict, dataclass, field
 from .errors import ContainerError
 from .files import write_atomic
 
@@ -32,7 +32,7 @@ def validate_id(container_id: str) -> str:
     return container_id
 
 
-@record
+@dataclass
 class State:
     """What the runtime remembers about one container (beyond the OCI state it reports)."""
 

@@ -54,7 +54,7 @@ def test_json_refuses_what_json_refuses() -> None:
 
 
 def _pair() -> tuple[type, type]:
-    """The same class through dataclasses.dataclass and through _lite's record."""
+    """The same class through dataclasses.dataclass and through _lite's."""
 
     def body() -> dict:
         return {
@@ -65,13 +65,13 @@ def _pair() -> tuple[type, type]:
     theirs = dataclasses.dataclass(type("Item", (), {
         **body(), "tags": dataclasses.field(default_factory=list), "extra": dataclasses.field(
             default_factory=dict, repr=False, compare=False)}))
-    ours = lite_dataclasses.record(type("Item", (), {
+    ours = lite_dataclasses.dataclass(type("Item", (), {
         **body(), "tags": lite_dataclasses.field(default_factory=list), "extra": lite_dataclasses.field(
             default_factory=dict, repr=False, compare=False)}))
     return theirs, ours
 
 
-def test_record_agrees_with_dataclass() -> None:
+def test_lite_dataclass_agrees_with_dataclass() -> None:
     theirs, ours = _pair()
     for args, kwargs in (((), {"name": "a"}), (("b", 3), {}), (("c",), {"tags": ["x"], "extra": {"k": 1}})):
         t, o = theirs(*args, **kwargs), ours(*args, **kwargs)

@@ -2,9 +2,9 @@
 
 `dataclasses` imports `inspect` (and with it ast, dis, tokenize) and compiles every generated
 method with exec() for each of the ~30 classes that parse a spec, on every container start
-(bench/README.md has the cost). `record` builds the same shape - keyword/positional __init__ with defaults
-and default factories, __repr__, __eq__ - from closures, at no import cost. Only what the
-runtime uses: no frozen, slots, ordering or __post_init__.
+(bench/README.md has the cost). `dataclass` here builds the same shape - keyword/positional
+__init__ with defaults and default factories, __repr__, __eq__ - from closures, at no import
+cost. Only what the runtime uses: no frozen, slots, ordering or __post_init__.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _MISSING: Any = object()
 
 
 class field:  # noqa: N801 - same spelling as dataclasses.field, which it replaces
-    """A default for a record field: a value, or a factory called per instance."""
+    """A default for a field: a value, or a factory called per instance."""
 
     __slots__ = ("default", "default_factory", "repr", "compare")
 
@@ -34,7 +34,7 @@ class field:  # noqa: N801 - same spelling as dataclasses.field, which it replac
         self.repr, self.compare = repr, compare
 
 
-def record(cls: type[T]) -> type[T]:
+def dataclass(cls: type[T]) -> type[T]:
     """Give `cls` an __init__, __repr__ and __eq__ from its annotated fields (base classes first)."""
     specs: dict[str, field] = {}
     for klass in reversed(cls.__mro__):
@@ -45,9 +45,9 @@ def record(cls: type[T]) -> type[T]:
         if isinstance(cls.__dict__.get(name), field):
             delattr(cls, name)  # instances carry the value; the class keeps no shared default
     names = tuple(specs)
-    cls.__record_fields__ = names  # type: ignore[attr-defined]
-    cls.__record_repr__ = tuple(n for n in names if specs[n].repr)  # type: ignore[attr-defined]
-    cls.__record_compare__ = tuple(n for n in names if specs[n].compare)  # type: ignore[attr-defined]
+    cls.__lite_fields__ = names  # type: ignore[attr-defined]
+    cls.__lite_repr__ = tuple(n for n in names if specs[n].repr)  # type: ignore[attr-defined]
+    cls.__lite_compare__ = tuple(n for n in names if specs[n].compare)  # type: ignore[attr-defined]
     cls.__init__ = _make_init(cls.__name__, names, specs)  # type: ignore[misc]
     cls.__repr__ = _repr  # type: ignore[assignment]
     cls.__eq__ = _eq  # type: ignore[assignment]
@@ -81,20 +81,20 @@ def _make_init(class_name: str, names: tuple[str, ...], specs: dict[str, field])
 
 
 def _repr(self: Any) -> str:
-    body = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__record_repr__)
+    body = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__lite_repr__)
     return f"{type(self).__name__}({body})"
 
 
 def _eq(self: Any, other: Any) -> bool:
     if type(other) is not type(self):
         return NotImplemented
-    return all(getattr(self, n) == getattr(other, n) for n in self.__record_compare__)
+    return all(getattr(self, n) == getattr(other, n) for n in self.__lite_compare__)
 
 
 def asdict(obj: Any) -> Any:
     """Records to dicts, recursively through lists, tuples and dicts (like dataclasses.asdict)."""
-    if hasattr(type(obj), "__record_fields__"):
-        return {name: asdict(getattr(obj, name)) for name in obj.__record_fields__}
+    if hasattr(type(obj), "__lite_fields__"):
+        return {name: asdict(getattr(obj, name)) for name in obj.__lite_fields__}
     if isinstance(obj, list | tuple):
         return type(obj)(asdict(v) for v in obj)
     if isinstance(obj, dict):
@@ -102,5 +102,5 @@ def asdict(obj: Any) -> Any:
     return obj
 
 
-def is_record(obj: Any) -> bool:
-    return hasattr(type(obj), "__record_fields__")
+def is_dataclass(obj: Any) -> bool:
+    return hasattr(type(obj), "__lite_fields__")
