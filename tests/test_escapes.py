@@ -454,6 +454,7 @@ def test_stockade_run_tiocsti_does_not_reach_the_callers_terminal(
         [
             str(VENV_BIN / "stockade"),
             "run",
+            "-i",  # the caller's terminal as the workload's stdin (without -i it is /dev/null)
             "--allow-degraded",
             "--profile",
             "unconfined",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from kernel import needs_root  # noqa: F401 - a fixture, used by name
 from stockade.runtime import mountinfo
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+pytestmark = pytest.mark.usefixtures("needs_root")  # mounting needs root
 
 
 def test_escaped_point_and_propagation_tags(tmp_path: Path) -> None:

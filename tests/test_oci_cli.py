@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from bundles import default_config, make_bundle, remove_bundle, userns_config, write_config
+from kernel import require
 from leftovers import new_since, snapshot
 
 OCI = str(Path(sys.executable).parent / "stockade-oci")
@@ -23,7 +24,9 @@ OCI = str(Path(sys.executable).parent / "stockade-oci")
 
 @pytest.fixture
 def root(tmp_path: Path) -> Iterator[Path]:
-    """A private runtime root; afterwards no container, cgroup, mount or process may remain."""
+    """A private runtime root (the runtime needs root); afterwards no container, cgroup, mount or
+    process may remain."""
+    require(os.geteuid() == 0, "the runtime needs root")
     state_root = tmp_path / "state"
     before = snapshot()
     yield state_root
@@ -342,10 +345,6 @@ def test_fork_bomb_stops_at_pids_limit(root: Path, bundle: Path) -> None:
     done = _oci(root, "run", "--bundle", str(bundle), "bomb", timeout=60)
     running = int(done.stdout.split("running=")[1].split()[0])
     assert running <= 20, done.stdout
-
-
-if os.geteuid() != 0:  # pragma: no cover
-    pytest.skip("the runtime needs root", allow_module_level=True)
 
 
 _CGROUP_VIEW = (
