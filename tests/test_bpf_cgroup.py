@@ -12,11 +12,7 @@ import subprocess
 import time
 
 import pytest
-from kernel import needs_root, require  # noqa: F401 (needs_root: a fixture, used by name)
-from stockade.bpf import maps
-from stockade.bpf.policy import compile_policy, parse_policy
-from stockade.runtime.resources import DeviceRule
-from test_bpf_helpers import (
+from bpf_helpers import (
     PYTHON,
     cleanup_agent,
     in_cgroup,
@@ -29,6 +25,10 @@ from test_bpf_helpers import (
     op_sysctl_read,
     op_sysctl_write,
 )
+from kernel import needs_root, require  # noqa: F401 (needs_root: a fixture, used by name)
+from stockade.bpf import maps
+from stockade.bpf.policy import compile_policy, parse_policy
+from stockade.runtime.resources import DeviceRule
 
 pytestmark = pytest.mark.usefixtures("needs_root")  # bpf(2) and cgroups
 

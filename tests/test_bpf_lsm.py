@@ -16,10 +16,10 @@ import subprocess
 import time
 
 import pytest
+from bpf_helpers import cleanup_agent, in_cgroup, make_agent, op_connect, op_socket
 from kernel import needs_root, require  # noqa: F401 (needs_root: a fixture, used by name)
 from stockade.bpf import maps
 from stockade.bpf.policy import compile_policy, parse_policy
-from test_bpf_helpers import cleanup_agent, in_cgroup, make_agent, op_connect, op_socket
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("needs_root")]
 

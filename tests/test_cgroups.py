@@ -5,7 +5,7 @@ Drivers under test:
   v2  - the cgroup2 driver. Core features (freeze, kill, destroy, ids) need no controller and run on
         this hybrid host against /sys/fs/cgroup/unified; resource limits need the v2 controllers and run
         in the QEMU lab (marked `lab`, skipped here via tests/kernel.py:require, failing in CI).
-Every cgroup and process a test makes is removed by the `lab` fixture's finalizer, even on failure.
+Every cgroup and process a test makes is removed by the `scratch` fixture's finalizer, even on failure.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _join(files: list[str]):
     return preexec
 
 
-class Lab:
+class Scratch:
     """Makes cgroups and processes; cleanup() removes all of them."""
 
     def __init__(self) -> None:
@@ -116,10 +116,10 @@ class Lab:
 
 
 @pytest.fixture
-def lab():
-    lab = Lab()
-    yield lab
-    lab.cleanup()
+def scratch():
+    scratch = Scratch()
+    yield scratch
+    scratch.cleanup()
 
 
 @pytest.fixture(params=["v1", "v2"])
@@ -274,10 +274,10 @@ def test_describe_host():
 ALLOC = "chunks = []\nwhile True:\n    chunks.append(b'x' * (1 << 20))\n"
 
 
-def test_memory_limit_oom_kills(rdriver, lab):
+def test_memory_limit_oom_kills(rdriver, scratch):
     _need(rdriver, "memory")
-    cg = lab.create(rdriver, {"memory": {"limit": 48 * MiB, "swap": 48 * MiB}})
-    p = lab.spawn(cg, ALLOC)
+    cg = scratch.create(rdriver, {"memory": {"limit": 48 * MiB, "swap": 48 * MiB}})
+    p = scratch.spawn(cg, ALLOC)
     assert p.wait(timeout=30) == -signal.SIGKILL
     assert cg.oom_kills() >= 1
     stats = cg.stats()
@@ -300,10 +300,10 @@ time.sleep(60)
 """
 
 
-def test_pids_limit_stops_fork(rdriver, lab):
+def test_pids_limit_stops_fork(rdriver, scratch):
     _need(rdriver, "pids")
-    cg = lab.create(rdriver, {"pids": {"limit": 8}})
-    p = lab.spawn(cg, FORK_LOOP)
+    cg = scratch.create(rdriver, {"pids": {"limit": 8}})
+    p = scratch.spawn(cg, FORK_LOOP)
     err, forked = map(int, p.stdout.readline().split())
     assert err == errno.EAGAIN
     assert forked == 7  # the parent counts as one of the 8
@@ -313,9 +313,9 @@ def test_pids_limit_stops_fork(rdriver, lab):
     assert cg.stats()["pids_limit"] == 20
 
 
-def test_cpu_quota_shares_cpuset_written(rdriver, lab):
+def test_cpu_quota_shares_cpuset_written(rdriver, scratch):
     _need(rdriver, "cpu", "cpuset")
-    cg = lab.create(
+    cg = scratch.create(
         rdriver, {"cpu": {"shares": 512, "quota": 50000, "period": 100000, "cpus": "0", "mems": "0"}}
     )
     if rdriver.name == "v1":
@@ -328,7 +328,7 @@ def test_cpu_quota_shares_cpuset_written(rdriver, lab):
     assert _file(cg, "cpuset", "cpuset.cpus", "cpuset.cpus") == "0"
     assert _file(cg, "cpuset", "cpuset.mems", "cpuset.mems") == "0"
     # a process in it runs on CPU 0 only
-    p = lab.spawn(cg, "import os; print(sorted(os.sched_getaffinity(0)), flush=True)")
+    p = scratch.spawn(cg, "import os; print(sorted(os.sched_getaffinity(0)), flush=True)")
     assert p.stdout.readline().strip() == "[0]"
     cg.update(Resources.from_oci({"cpu": {"quota": -1}}))
     if rdriver.name == "v1":
@@ -346,9 +346,9 @@ def test_shares_and_weight_conversions():
     assert v2mod.swap_to_v2(None, 64 * MiB) is None
 
 
-def test_v1_devices_enforced(lab):
+def test_v1_devices_enforced(scratch):
     driver = _open("v1")
-    cg = lab.create(driver, {"devices": [{"allow": False, "access": "rwm"}]})
+    cg = scratch.create(driver, {"devices": [{"allow": False, "access": "rwm"}]})
     if driver.unified_root is None:  # pure v1: the devices hierarchy enforces the rules
         assert cg.devices_enforced
         listed = _read(os.path.join(cg.dirs["devices"], "devices.list")).splitlines()
@@ -369,15 +369,15 @@ try:
 except OSError as e:
     print(errno.errorcode[e.errno])
 """
-    p = lab.spawn(cg, code)
+    p = scratch.spawn(cg, code)
     assert p.stdout.read().strip() == "EPERM"
     assert p.wait() == 0
 
 
-def test_v2_exposes_device_rules(lab):
+def test_v2_exposes_device_rules(scratch):
     driver = _open("v2")
     rules = [{"allow": True, "type": "c", "major": 10, "minor": 200, "access": "rw"}]
-    cg = lab.create(driver, {"devices": rules})
+    cg = scratch.create(driver, {"devices": rules})
     assert not cg.devices_enforced
     assert cg.device_rules[0] == DeviceRule(False, "a")
     assert cg.device_rules[1] == DeviceRule(True, "c", 10, 200, "rw")
@@ -386,18 +386,18 @@ def test_v2_exposes_device_rules(lab):
     assert cg.device_rules[1].to_oci() == rules[0]
 
 
-def test_v2_refuses_v1_only_knobs(lab):
+def test_v2_refuses_v1_only_knobs(scratch):
     driver = _open("v2")
-    path = lab.path()
+    path = scratch.path()
     with pytest.raises(NotSupported) as e:
         driver.create(path, Resources.from_oci({"memory": {"disableOOMKiller": True}}))
     assert "disableOOMKiller" in e.value.where
     assert _find(path.split("/")[-1]) == []
 
 
-def test_v1_refuses_network_and_rdma(lab):
+def test_v1_refuses_network_and_rdma(scratch):
     driver = _open("v1")
-    path = lab.path()
+    path = scratch.path()
     with pytest.raises(NotSupported, match="net_cls"):
         driver.create(path, Resources.from_oci({"network": {"classID": 1}}))
     with pytest.raises(NotSupported, match="rdma"):
@@ -409,7 +409,7 @@ def test_v1_refuses_network_and_rdma(lab):
     assert _find(path.split("/")[-1]) == []
 
 
-def test_v1_hugetlb_through_unified_tree(lab):
+def test_v1_hugetlb_through_unified_tree(scratch):
     driver = _open("v1")
     if "hugetlb" in driver.mounts:  # host shape: then the v1 hierarchy serves it, as tested above
         pytest.skip("hugetlb is a v1 hierarchy here")
@@ -418,9 +418,9 @@ def test_v1_hugetlb_through_unified_tree(lab):
     enabled_before = "hugetlb" in _read(root_ctl).split()
     # a private parent, so enabling hugetlb never lands in the shared "stockade" dir other tests use
     parent = f"stockade-hugetlb-{uuid.uuid4().hex[:8]}"
-    lab.names.append(parent)
+    scratch.names.append(parent)
     try:
-        cg = lab.create(
+        cg = scratch.create(
             driver, {"hugepageLimits": [{"pageSize": "2MB", "limit": 4 * MiB}]}, path=f"{parent}/c"
         )
         assert _read(os.path.join(cg.unified_path(), "hugetlb.2MB.max")) == str(4 * MiB)
@@ -429,8 +429,8 @@ def test_v1_hugetlb_through_unified_tree(lab):
         cg.destroy()
         assert _find(parent) == []  # the parent it created went with it
     finally:
-        lab.cleanup()
-        lab.cgroups.clear()
+        scratch.cleanup()
+        scratch.cgroups.clear()
         if not enabled_before:  # leave the host's unified root as we found it (best effort: EBUSY if
             try:  # someone else enabled hugetlb below the root meanwhile)
                 with open(root_ctl, "w") as f:
@@ -442,9 +442,9 @@ def test_v1_hugetlb_through_unified_tree(lab):
 # -- lifecycle (real kernel, both drivers) -------------------------------------------------------
 
 
-def test_freeze_thaw_stops_busy_process(driver, lab):
-    cg = lab.create(driver)
-    p = lab.spawn(cg, "while True: pass")
+def test_freeze_thaw_stops_busy_process(driver, scratch):
+    cg = scratch.create(driver)
+    p = scratch.spawn(cg, "while True: pass")
     time.sleep(0.2)
     assert p.pid in cg.pids()
     cg.freeze()
@@ -457,9 +457,9 @@ def test_freeze_thaw_stops_busy_process(driver, lab):
     _eventually(lambda: _cpu_ticks(p.pid) > t1 + 5)  # it runs again (slowly on a loaded 2-core host)
 
 
-def test_kill_empties_cgroup(driver, lab):
-    cg = lab.create(driver)
-    procs = [lab.spawn(cg, "import os, time\nos.fork()\ntime.sleep(60)") for _ in range(3)]
+def test_kill_empties_cgroup(driver, scratch):
+    cg = scratch.create(driver)
+    procs = [scratch.spawn(cg, "import os, time\nos.fork()\ntime.sleep(60)") for _ in range(3)]
     deadline = time.monotonic() + 5
     while len(cg.pids()) < 6 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -473,19 +473,19 @@ def test_kill_empties_cgroup(driver, lab):
     assert cg.pids() == []
 
 
-def test_kill_with_other_signal(driver, lab):
-    cg = lab.create(driver)
-    p = lab.spawn(cg, "import time; print('up', flush=True); time.sleep(60)")
+def test_kill_with_other_signal(driver, scratch):
+    cg = scratch.create(driver)
+    p = scratch.spawn(cg, "import time; print('up', flush=True); time.sleep(60)")
     assert p.stdout.readline().strip() == "up"
     cg.kill(signal.SIGTERM)
     assert p.wait(timeout=5) == -signal.SIGTERM
     assert not cg.frozen()
 
 
-def test_destroy_leaves_nothing(driver, lab):
-    cg = lab.create(driver)
+def test_destroy_leaves_nothing(driver, scratch):
+    cg = scratch.create(driver)
     name = cg.path.split("/")[-1]
-    p = lab.spawn(cg, "import time; time.sleep(60)")
+    p = scratch.spawn(cg, "import time; time.sleep(60)")
     assert _find(name)
     cg.freeze()
     cg.destroy()  # kills a frozen process, removes every hierarchy's dir
@@ -496,29 +496,29 @@ def test_destroy_leaves_nothing(driver, lab):
         driver.open(cg.path)
 
 
-def test_destroy_keeps_shared_parent_in_use(driver, lab):
-    a, b = lab.create(driver), lab.create(driver)
+def test_destroy_keeps_shared_parent_in_use(driver, scratch):
+    a, b = scratch.create(driver), scratch.create(driver)
     a.destroy()
     assert _find(b.path.split("/")[-1])  # "stockade" parent still holds b
     b.destroy()
     assert _find(a.path.split("/")[-1]) == [] and _find(b.path.split("/")[-1]) == []
 
 
-def test_unified_id_is_inode(driver, lab):
-    cg = lab.create(driver)
+def test_unified_id_is_inode(driver, scratch):
+    cg = scratch.create(driver)
     assert cg.unified_id() == os.stat(cg.unified_path()).st_ino
     assert cg.unified_path().startswith(_v2_root() + "/")
     # the process really is in that cgroup2 dir
-    p = lab.spawn(cg, "print(open('/proc/self/cgroup').read(), flush=True)")
+    p = scratch.spawn(cg, "print(open('/proc/self/cgroup').read(), flush=True)")
     lines = p.stdout.read().splitlines()
     rel = cg.unified_path()[len(_v2_root()) :]
     assert f"0::{rel}" in lines
 
 
-def test_open_existing_and_stats(driver, lab):
+def test_open_existing_and_stats(driver, scratch):
     # A memory limit: on a hybrid host that is what puts the container in the v1 memory hierarchy.
-    cg = lab.create(driver, {"memory": {"limit": 512 * MiB}} if driver.name == "v1" else None)
-    p = lab.spawn(cg, "x = b'y' * (8 << 20)\nprint('up', flush=True)\nwhile True: pass")
+    cg = scratch.create(driver, {"memory": {"limit": 512 * MiB}} if driver.name == "v1" else None)
+    p = scratch.spawn(cg, "x = b'y' * (8 << 20)\nprint('up', flush=True)\nwhile True: pass")
     assert p.stdout.readline().strip() == "up"
     again = driver.open(cg.path)
     assert again.pids() == [p.pid]
@@ -531,15 +531,15 @@ def test_open_existing_and_stats(driver, lab):
         assert stats["pids_current"] == 1 and stats["memory_limit"] == 512 * MiB
 
 
-def test_hybrid_joins_only_the_hierarchies_its_limits_need(lab):
+def test_hybrid_joins_only_the_hierarchies_its_limits_need(scratch):
     """Hybrid host: a limit-free container is in its unified cgroup only (born there: no
     migration); `update` with a first limit joins that hierarchy with every process."""
     driver = _open("v1")
     if driver.unified_root is None:  # host shape: without a cgroup2 tree there is nothing to skip
         pytest.skip("pure v1 host: every hierarchy is joined")
-    cg = lab.create(driver)
+    cg = scratch.create(driver)
     assert cg.dirs == {} and not cg.devices_enforced
-    p = lab.spawn(cg, "print('up', flush=True)\nwhile True: pass")
+    p = scratch.spawn(cg, "print('up', flush=True)\nwhile True: pass")
     assert p.stdout.readline().strip() == "up"
     cg.freeze()
     assert cg.frozen()
@@ -553,36 +553,36 @@ def test_hybrid_joins_only_the_hierarchies_its_limits_need(lab):
     assert not cg.frozen()
 
 
-def test_open_missing_refused(driver, lab):
+def test_open_missing_refused(driver, scratch):
     with pytest.raises(StockadeError):
-        driver.open(lab.path())
+        driver.open(scratch.path())
 
 
-def test_create_failing_halfway_leaves_nothing(driver, lab):
-    path = lab.path()
+def test_create_failing_halfway_leaves_nothing(driver, scratch):
+    path = scratch.path()
     name = path.split("/")[-1]
     if driver.name == "v1":
         bad = {"pids": {"limit": 5}, "cpu": {"cpus": "63"}}  # dirs made, pids written, cpuset refused
     else:
         bad = {"unified": {"cgroup.max.descendants": "bogus"}}  # dir made, then the write fails
     with pytest.raises(StockadeError):
-        lab.create(driver, bad, path=path)
+        scratch.create(driver, bad, path=path)
     assert _find(name) == []
 
 
-def test_create_refuses_existing_leaf(driver, lab):
-    cg = lab.create(driver)
-    p = lab.spawn(cg, "import time; time.sleep(60)")
+def test_create_refuses_existing_leaf(driver, scratch):
+    cg = scratch.create(driver)
+    p = scratch.spawn(cg, "import time; time.sleep(60)")
     with pytest.raises(StockadeError, match="already exists"):
         driver.create(cg.path, None)
     assert p.poll() is None and cg.pids() == [p.pid]  # the other container is untouched
     assert os.path.isdir(cg.unified_path())
 
 
-def test_v1_memory_update_keeps_memsw_order(lab):
+def test_v1_memory_update_keeps_memsw_order(scratch):
     driver = _open("v1")
     _need(driver, "memory")
-    cg = lab.create(driver, {"memory": {"limit": 64 * MiB, "swap": 64 * MiB, "reservation": 32 * MiB}})
+    cg = scratch.create(driver, {"memory": {"limit": 64 * MiB, "swap": 64 * MiB, "reservation": 32 * MiB}})
     mem = cg.dirs["memory"]
     require(os.path.exists(os.path.join(mem, "memory.memsw.limit_in_bytes")),
             "no swap accounting (memory.memsw.*: the kernel's swapaccount)")
@@ -593,18 +593,18 @@ def test_v1_memory_update_keeps_memsw_order(lab):
     assert _read(os.path.join(mem, "memory.soft_limit_in_bytes")) == str(32 * MiB)
     cg.update(Resources.from_oci({"memory": {"limit": -1}}))
     assert cg.stats()["memory_limit"] == -1 and cg.stats()["memory_swap_limit"] == -1
-    p = lab.spawn(cg, "x = b'y' * (16 << 20)\nprint('ok', flush=True)\nimport time; time.sleep(60)")
+    p = scratch.spawn(cg, "x = b'y' * (16 << 20)\nprint('ok', flush=True)\nimport time; time.sleep(60)")
     assert p.stdout.readline().strip() == "ok"
     with pytest.raises(SpecError, match="below current usage"):
         cg.update(Resources.from_oci({"memory": {"limit": 4 * MiB, "checkBeforeUpdate": True}}))
 
 
 @pytest.mark.lab
-def test_v2_full_lifecycle_with_controllers(lab):
+def test_v2_full_lifecycle_with_controllers(scratch):
     """Pure cgroup v2: every controller-backed file, then freeze/kill/destroy with controllers enabled."""
     driver = _open("v2")
     _need(driver, "memory", "pids", "cpu", "cpuset")
-    cg = lab.create(
+    cg = scratch.create(
         driver,
         {
             "memory": {"limit": 96 * MiB, "reservation": 16 * MiB, "swap": 128 * MiB},
@@ -619,7 +619,7 @@ def test_v2_full_lifecycle_with_controllers(lab):
         assert f("memory.swap.max") == str(32 * MiB)  # OCI memory+swap minus memory
     assert f("memory.high") == str(80 * MiB) and f("pids.max") == "16"
     assert f("cpu.weight") == str(v2mod.shares_to_weight(1024)) and f("cpu.max") == "20000 100000"
-    p = lab.spawn(cg, "while True: pass")
+    p = scratch.spawn(cg, "while True: pass")
     time.sleep(0.3)
     usage0, t0 = cg.stats()["cpu_usage_usec"], time.monotonic()
     time.sleep(1.0)
@@ -645,7 +645,7 @@ def loopdev(tmp_path):
     image.write_bytes(b"\0" * (16 << 20))
     attach = ["losetup", "--find", "--show", str(image)]
     out = subprocess.run(attach, capture_output=True, text=True)
-    if out.returncode != 0 and not os.path.exists("/dev/loop-control"):  # e.g. the lab: load the driver
+    if out.returncode != 0 and not os.path.exists("/dev/loop-control"):  # e.g. the scratch: load the driver
         subprocess.run(["modprobe", "loop"], capture_output=True)
         out = subprocess.run(attach, capture_output=True, text=True)
     require(out.returncode == 0, f"cannot attach a loop device: {out.stderr.strip()}")
@@ -668,11 +668,11 @@ print(time.monotonic() - start, flush=True)
 """
 
 
-def test_v1_blkio_throttle_slows_reads(lab, loopdev):
+def test_v1_blkio_throttle_slows_reads(scratch, loopdev):
     driver = _open("v1")
     _need(driver, "blkio")
     path, major, minor = loopdev
-    cg = lab.create(
+    cg = scratch.create(
         driver,
         {
             "blockIO": {"throttleReadBpsDevice": [{"major": major, "minor": minor, "rate": 512 * 1024}]},
@@ -687,7 +687,7 @@ def test_v1_blkio_throttle_slows_reads(lab, loopdev):
         stdout=subprocess.PIPE,
         text=True,
     )
-    lab.procs.append(p)
+    scratch.procs.append(p)
     elapsed = float(p.stdout.readline())
     assert p.wait() == 0
     assert elapsed > 1.2  # 1 MiB at 512 KiB/s: about 2 s (unthrottled: milliseconds)
@@ -700,11 +700,11 @@ def test_v1_blkio_throttle_slows_reads(lab, loopdev):
 
 
 @pytest.mark.lab
-def test_v2_io_max_written(lab, loopdev):
+def test_v2_io_max_written(scratch, loopdev):
     driver = _open("v2")
     _need(driver, "io")
     _, major, minor = loopdev
-    cg = lab.create(
+    cg = scratch.create(
         driver,
         {
             "blockIO": {
@@ -717,12 +717,12 @@ def test_v2_io_max_written(lab, loopdev):
     assert line == f"{major}:{minor} rbps={1 << 20} wbps=max riops=max wiops=100"
 
 
-def test_v2_missing_controller_refused_not_skipped(lab):
+def test_v2_missing_controller_refused_not_skipped(scratch):
     """A limit whose controller the cgroup2 tree lacks is refused, never silently dropped."""
     driver = _open("v2")
     if "memory" in driver.controllers():  # host shape: only a hybrid host's cgroup2 tree lacks it
         pytest.skip("this cgroup2 tree has the memory controller (nothing to refuse)")
-    path = lab.path()
+    path = scratch.path()
     with pytest.raises(NotSupported, match="memory"):
         driver.create(path, Resources.from_oci({"memory": {"limit": 64 * MiB}}))
     assert _find(path.split("/")[-1]) == []

@@ -132,7 +132,7 @@ def qemu_processes(marker: str) -> list[str]:
 def lab_ready() -> str:
     """The host can boot the lab (skip, or fail under STOCKADE_REQUIRE_KERNEL_TESTS=1); returns the
     release of the kernel the lab was asked for: --lab-kernel / STOCKADE_LAB_KERNEL (which the
-    conftest exports for vagrant/lab), else the default, `vagrant/lab default-kernel`."""
+    lab plugin exports for vagrant/lab), else the default, `vagrant/lab default-kernel`."""
     require(not in_lab(), "the lab is not nested inside itself")
     require(shutil.which("qemu-system-x86_64"), "QEMU is not installed (qemu-system-x86)")
     proc = lab("prepare", timeout=900)
@@ -285,7 +285,7 @@ def test_guest_crash_is_reported_with_console_tail(lab_ready: str) -> None:
     assert not qemu_processes(f"{cache() / 'runs'}/{proc.pid}-")
 
 
-# --- the pytest integration (tests/conftest.py), end to end on copies of it ------------------
+# --- the pytest integration (tests/lab_plugin.py), end to end on copies of it ----------------
 
 GUEST_TESTS = """
 import os, platform, pytest
@@ -311,8 +311,8 @@ def test_on_host():
 def run_session(
     tmp_path: Path, tests: str, *args: str, **env: str
 ) -> tuple[subprocess.CompletedProcess, dict]:
-    """A pytest session in TMP_PATH using this checkout's conftest, lab and kernel cache."""
-    for name in ("conftest.py", "kernel.py"):
+    """A pytest session in TMP_PATH using this checkout's lab plugin, lab and kernel cache."""
+    for name in ("conftest.py", "lab_plugin.py", "kernel.py"):
         shutil.copy(CHECKOUT / "tests" / name, tmp_path / name)
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    lab: kernel lab\n")
     (tmp_path / "test_guest.py").write_text(tests)

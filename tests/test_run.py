@@ -217,7 +217,7 @@ def test_default_bpf_policy_enforced_through_the_agent(tmp_path: Path) -> None:
     """A private agent (own pins, own parent cgroup): the cloud-metadata address is refused with
     EPERM by the cgroup connect4 program (without it: ENETUNREACH), and the policy's map entries
     are gone after the run."""
-    from test_bpf_helpers import cleanup_agent, make_agent
+    from bpf_helpers import cleanup_agent, make_agent
 
     agent = make_agent(tmp_path, "run")
     try:
