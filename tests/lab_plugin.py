@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from _pytest.reports import TestReport
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 # STOCKADE_LAB_BIN: the lab of another checkout (the plugin's own tests run copies of it).
@@ -236,12 +235,12 @@ def replay(item: pytest.Item, lab: LabSession) -> None:
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
 
 
-def report_from(item: pytest.Item, keywords: dict, rec: dict) -> TestReport:
+def report_from(item: pytest.Item, keywords: dict, rec: dict) -> pytest.TestReport:
     longrepr = rec["longrepr"]
     if isinstance(longrepr, list):  # a skip: (path, lineno, message)
         longrepr = tuple(longrepr)
     extra = {"wasxfail": rec["wasxfail"]} if "wasxfail" in rec else {}
-    return TestReport(
+    return pytest.TestReport(
         item.nodeid,
         item.location,
         keywords,
@@ -255,12 +254,12 @@ def report_from(item: pytest.Item, keywords: dict, rec: dict) -> TestReport:
     )
 
 
-def synthetic(item: pytest.Item, keywords: dict, lab: LabSession) -> list[TestReport]:
+def synthetic(item: pytest.Item, keywords: dict, lab: LabSession) -> list[pytest.TestReport]:
     """Reports for an item the guest gave no result for: a skip or a failure of its call phase."""
     path, lineno, _ = item.location
 
-    def rep(outcome: str, longrepr: object, when: str) -> TestReport:
-        return TestReport(item.nodeid, item.location, keywords, outcome, longrepr, when)
+    def rep(outcome: str, longrepr: object, when: str) -> pytest.TestReport:
+        return pytest.TestReport(item.nodeid, item.location, keywords, outcome, longrepr, when)
 
     if lab.cannot_run and not strict():
         return [
@@ -277,7 +276,7 @@ def synthetic(item: pytest.Item, keywords: dict, lab: LabSession) -> list[TestRe
 # --- inside the guest -----------------------------------------------------------------------
 
 
-def pytest_runtest_logreport(report: TestReport) -> None:
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     out = os.environ.get("STOCKADE_LAB_RESULTS")
     if not (in_lab() and out):
         return
