@@ -7,7 +7,9 @@ and before execve.
 
 from __future__ import annotations
 
-import prctl
+# python-prctl's C module: its Python face (prctl.py) builds properties for every capability and
+# prctl option when imported, a cost on every container start (bench/README.md) for three calls.
+import _prctl
 
 from . import syscalls as sc
 from .errors import NotSupported, StockadeError
@@ -17,12 +19,12 @@ from .spec import Capabilities
 
 def held_bounding() -> set[int]:
     """Capabilities in our own bounding set: what we could possibly give a container."""
-    return {n for n in _known() if prctl.capbset_read(n)}
+    return {n for n in _known() if _prctl.prctl(_prctl.PR_CAPBSET_READ, n)}
 
 
 def _known() -> list[int]:
     """Capability numbers both this module and the running kernel know."""
-    return [n for n in CAPABILITIES.values() if n <= prctl.CAP_LAST_CAP]
+    return [n for n in CAPABILITIES.values() if n <= _prctl.CAP_LAST_CAP]
 
 
 def check_grantable(caps: Capabilities, where: str = "process.capabilities") -> None:
@@ -43,7 +45,7 @@ def drop_bounding(caps: Capabilities) -> None:
     keep = {CAPABILITIES[c] for c in caps.bounding}
     try:
         for n in sorted(held_bounding() - keep):
-            prctl.capbset_drop(n)
+            _prctl.prctl(_prctl.PR_CAPBSET_DROP, n)
     except OSError as exc:
         raise StockadeError(
             f"cannot drop bounding capabilities: {exc.strerror}", where="process.capabilities.bounding"
@@ -53,17 +55,11 @@ def drop_bounding(caps: Capabilities) -> None:
 def apply(caps: Capabilities) -> None:
     """Set effective/permitted/inheritable exactly, then raise the ambient ones (after setuid)."""
     try:
-        want = {
-            prctl.CAP_EFFECTIVE: {CAPABILITIES[c] for c in caps.effective},
-            prctl.CAP_PERMITTED: {CAPABILITIES[c] for c in caps.permitted},
-            prctl.CAP_INHERITABLE: {CAPABILITIES[c] for c in caps.inheritable},
-        }
+        sets = (caps.effective, caps.permitted, caps.inheritable)
+        on = [{CAPABILITIES[c] for c in names} for names in sets]
         every = set(_known())
-        args = []
-        for flag, on in want.items():
-            args.append((sorted(on), flag, True))
-            args.append((sorted(every - on), flag, False))
-        prctl.set_caps(*args)  # one capset(2) for the three sets
+        # one capset(2) for the three sets: (effective, permitted, inheritable) to raise, then to clear
+        _prctl.set_caps(*(sorted(s) for s in on), *(sorted(every - s) for s in on))
         sc.cap_ambient_clear_all()
         raisable = set(caps.permitted) & set(caps.inheritable)  # spec.py refused the rest unless uid 0
         for c in caps.ambient:
