@@ -10,6 +10,7 @@ other end is gone.
 
 from __future__ import annotations
 
+import _signal as signal
 import fcntl
 import os
 import select
@@ -79,6 +80,9 @@ class Terminal:
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
 
     def _pump(self) -> None:
+        # Every signal goes to the main thread, whose handlers resize the pty and forward the rest:
+        # one delivered here would wait there until the container exits.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         readers = [self.master, self.stop_r] + ([0] if self.stdin else [])
         while True:
             ready, _, _ = select.select(readers, [], [])

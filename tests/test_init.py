@@ -50,16 +50,18 @@ def no_leftovers() -> Iterator[None]:
     before = _mounts()
     yield
     leftover_children = []
+    deadline = time.monotonic() + 2  # processes a pid namespace's end killed may still be exiting
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
-        if pid == 0:  # a live child: kill it so later tests are not affected, then fail
+        if pid == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        elif pid == 0:  # a live child: kill it so later tests are not affected, then fail
             leftover_children.append(_children())
             for child in _children():
                 os.kill(child, signal.SIGKILL)
-            continue
     assert _mounts() == before, "host mount table changed"
     assert not leftover_children, f"processes left behind: {leftover_children}"
 

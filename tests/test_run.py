@@ -285,7 +285,8 @@ def test_interactive_shell_with_pty_resize_and_job_control(console_dirs: None) -
         time.sleep(0.5)
         term.type("\x1a")  # Ctrl-Z stops it: job control inside
         assert "Stopped" in term.expect("Stopped")
-        term.type("kill -9 %1; wait %1; exit 5\r")  # wait: no "There are stopped jobs"
+        # bash learns of the killed job from SIGCHLD: until then `exit` refuses ("There are stopped jobs")
+        term.type("kill -9 %1; sleep 1; jobs; exit 5\r")
         assert term.proc.wait(timeout=30) == 5
     finally:
         term.close()
