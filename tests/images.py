@@ -25,20 +25,41 @@ def busybox_image(archive: Path, name: str) -> Path:
         rootfs = make_rootfs(Path(tmp) / "rootfs")
         shutil.copy2(CATATONIT, rootfs / "pause")
         layer = _tar_of(rootfs)
-    config = {
+    return oci_archive(archive, name, [(layer, "")], {"Env": [PATH_ENV], "Entrypoint": ["/pause", "-P"],
+                                                      "WorkingDir": "/"})
+
+
+LAYER = "application/vnd.oci.image.layer.v1.tar"
+
+
+def oci_archive(archive: Path, name: str, layers: list[tuple[bytes, str]], config: dict,
+                index_platforms: tuple[str, ...] = ()) -> Path:
+    """ARCHIVE: an OCI image layout tar holding image NAME: LAYERS as (uncompressed tar,
+    compression "", "gzip" or "zstd"), CONFIG the image config's `config`. With INDEX_PLATFORMS
+    the name points at a nested index listing the image for each "os/arch" given (the same
+    image for each: enough to test platform selection)."""
+    blobs: dict[str, bytes] = {}
+    image_config = {
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": [PATH_ENV], "Entrypoint": ["/pause", "-P"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [_digest(layer)]},
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": [_digest(raw) for raw, _ in layers]},
     }
-    blobs: dict[str, bytes] = {}
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": _add(blobs, _json(config), "application/vnd.oci.image.config.v1+json"),
-        "layers": [_add(blobs, layer, "application/vnd.oci.image.layer.v1.tar")],
+        "config": _add(blobs, _json(image_config), "application/vnd.oci.image.config.v1+json"),
+        "layers": [_add(blobs, _compress(raw, how), LAYER + f"+{how}" * bool(how)) for raw, how in layers],
     }
     entry = _add(blobs, _json(manifest), manifest["mediaType"])
+    if index_platforms:
+        entries = []
+        for platform in index_platforms:
+            os_name, arch = platform.split("/")
+            entries.append({**entry, "platform": {"os": os_name, "architecture": arch}})
+        index_type = "application/vnd.oci.image.index.v1+json"
+        nested = {"schemaVersion": 2, "mediaType": index_type, "manifests": entries}
+        entry = _add(blobs, _json(nested), nested["mediaType"])
     entry["annotations"] = {"io.containerd.image.name": name}
     index = {"schemaVersion": 2, "manifests": [entry]}
     files = {"oci-layout": _json({"imageLayoutVersion": "1.0.0"}), "index.json": _json(index)}
@@ -49,6 +70,18 @@ def busybox_image(archive: Path, name: str) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return archive
+
+
+def _compress(raw: bytes, how: str) -> bytes:
+    if how == "gzip":
+        import gzip
+
+        return gzip.compress(raw)
+    if how == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor().compress(raw)
+    return raw
 
 
 def _tar_of(rootfs: Path) -> bytes:

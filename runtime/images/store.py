@@ -1,0 +1,327 @@
+"""The image store: content-addressed blobs, one unpacked directory per layer (shared by every
+image that has it), image metadata and tags, under one root (default /var/lib/stockade/images,
+STOCKADE_IMAGE_STORE moves it).
+
+    blobs/sha256/<hex>      compressed layers, manifests, configs: written beside, verified, renamed
+    layers/<diff-id hex>/   a layer unpacked by layers.apply (an overlayfs lower directory)
+    images/<config hex>.json  one image: its id, names, manifest, config and layers
+    lock                    flock for metadata changes; layers/<hex>.lock per layer while unpacking
+
+Everything is written to a temporary name and renamed, and a blob is checked against its digest
+before the rename, so a crash mid-pull leaves only temporaries (removed by the next `prune`),
+never a half-written blob, layer or image that would be served.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+
+from .._lite.dataclasses import asdict, dataclass, field
+from ..errors import SpecError
+from ..files import write_atomic
+from . import layers, manifest
+from .reference import parse
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import BinaryIO
+
+DEFAULT_ROOT = "/var/lib/stockade/images"
+NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
+
+
+@dataclass
+class Image:
+    id: str  # the config digest
+    repo_tags: list[str] = field(default_factory=list)
+    repo_digests: list[str] = field(default_factory=list)
+    manifest_digest: str = ""
+    layers: list[str] = field(default_factory=list)  # diff ids, bottom first
+    size: int = 0  # compressed bytes of the layers
+    config: dict = field(default_factory=dict)  # manifest.Config as a dict
+
+    def image_config(self) -> manifest.Config:
+        return manifest.Config(**self.config)
+
+
+class Store:
+    def __init__(self, root: str | None = None, policy: layers.Policy | None = None) -> None:
+        self.root = root or os.environ.get("STOCKADE_IMAGE_STORE") or DEFAULT_ROOT
+        self.policy = policy or layers.Policy()
+        for sub in ("blobs/sha256", "layers", "images"):
+            os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
+
+    # -- blobs
+
+    def blob_path(self, digest: str) -> str:
+        return os.path.join(self.root, "blobs", "sha256", manifest.check_digest(digest, "blob")[7:])
+
+    def has_blob(self, digest: str) -> bool:
+        return os.path.exists(self.blob_path(digest))
+
+    def put_blob(self, digest: str, source: BinaryIO, size: int | None = None) -> str:
+        """Store SOURCE as DIGEST, refusing it (and keeping nothing) when the bytes disagree."""
+        path = self.blob_path(digest)
+        if os.path.exists(path):
+            return path
+        tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        sha, count = hashlib.sha256(), 0
+        try:
+            with open(tmp, "xb") as out:
+                while chunk := source.read(1 << 20):
+                    count += len(chunk)
+                    if size is not None and count > size:
+                        break
+                    sha.update(chunk)
+                    out.write(chunk)
+            if size is not None and count != size:
+                raise SpecError(f"blob {digest} has {count if count <= size else 'more than ' + str(size)} "
+                                f"bytes, its descriptor says {size}", where="image")
+            if "sha256:" + sha.hexdigest() != digest:
+                raise SpecError(f"blob {digest} has content sha256:{sha.hexdigest()}", where="image",
+                                hint="corrupt or tampered: nothing of it was kept")
+            os.rename(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    def read_blob(self, digest: str) -> bytes:
+        with open(self.blob_path(digest), "rb") as f:
+            return f.read(manifest.MAX_DOCUMENT + 1)
+
+    def _document(self, digest: str) -> dict:
+        return manifest.load(self.read_blob(digest), digest)
+
+    # -- layers
+
+    def layer_dir(self, diff_id: str) -> str:
+        return os.path.join(self.root, "layers", manifest.check_digest(diff_id, "layer")[7:])
+
+    def unpack(self, layer: manifest.Descriptor, diff_id: str) -> list[str]:
+        """The layer's directory, unpacked once however many pulls ask at the same time."""
+        dest = self.layer_dir(diff_id)
+        with _flock(dest + ".lock"):
+            if os.path.isdir(dest):
+                return []
+            with open(self.blob_path(layer.digest), "rb") as blob:
+                return layers.apply(blob, layer.media_type, dest, diff_id, self.policy).notes
+
+    # -- images
+
+    def add(self, manifest_bytes: bytes, names: list[str], media_type: str = "") -> tuple[Image, list[str]]:
+        """An image whose manifest and blobs are in the store: configs checked, layers unpacked,
+        metadata written, NAMES tagged. Returns the image and the notes of the layer policy."""
+        digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+        doc = manifest.load(manifest_bytes, digest)
+        if manifest.kind(doc, media_type, digest) not in manifest.MANIFESTS:
+            raise SpecError("an index, not an image manifest", where=digest)
+        m = manifest.manifest(doc, digest)
+        config = manifest.config(self._document(m.config.digest), m.config.digest)
+        if len(config.diff_ids) != len(m.layers):
+            raise SpecError(f"{len(m.layers)} layers but {len(config.diff_ids)} diff ids", where=digest)
+        notes = []
+        for layer, diff_id in zip(m.layers, config.diff_ids, strict=True):
+            notes += self.unpack(layer, diff_id)
+        image = Image(
+            id=m.config.digest,
+            manifest_digest=digest,
+            layers=config.diff_ids,
+            size=sum(x.size for x in m.layers),
+            config=asdict(config),
+        )
+        with _flock(os.path.join(self.root, "lock")):
+            for other in self.images():  # a name moves to the newest image that claims it
+                kept = [t for t in other.repo_tags if t not in names]
+                if kept != other.repo_tags and other.id != image.id:
+                    other.repo_tags = kept
+                    self._save(other)
+            old = self._load(image.id)
+            image.repo_tags = sorted({*(old.repo_tags if old else []), *names})
+            digests = {f"{parse(n).name}@{digest}" for n in names}
+            image.repo_digests = sorted({*(old.repo_digests if old else []), *digests})
+            self._save(image)
+        return image, notes
+
+    def images(self) -> list[Image]:
+        out = []
+        for name in sorted(os.listdir(os.path.join(self.root, "images"))):
+            if name.endswith(".json"):
+                image = self._load("sha256:" + name[:-5])
+                if image is not None:
+                    out.append(image)
+        return out
+
+    def get(self, ref: str) -> Image:
+        """An image by name (normalised), name@digest, or id (full or a unique prefix of 12+)."""
+        images = self.images()
+        wanted = ref.removeprefix("sha256:")
+        if len(wanted) >= 12 and not wanted.strip("0123456789abcdef"):
+            found = [i for i in images if i.id[7:].startswith(wanted)]
+            if len(found) == 1:
+                return found[0]
+        r = parse(ref)
+        for image in images:
+            if (r.digest and f"{r.name}@{r.digest}" in image.repo_digests) or (
+                not r.digest and f"{r.name}:{r.tag}" in image.repo_tags
+            ):
+                return image
+        raise SpecError(f"no image {ref!r} in the store", where=self.root,
+                        hint="`stockade image ls` lists them; import or pull it first")
+
+    def remove(self, ref: str) -> Image:
+        """Untag REF; the image goes when no name is left, its layers with `prune`."""
+        image = self.get(ref)
+        with _flock(os.path.join(self.root, "lock")):
+            r = parse(ref) if not ref.removeprefix("sha256:").startswith(image.id[7:19]) else None
+            if r is not None and not r.digest:
+                image.repo_tags = [t for t in image.repo_tags if t != f"{r.name}:{r.tag}"]
+            else:
+                image.repo_tags = []
+            if image.repo_tags:
+                self._save(image)
+            else:
+                os.unlink(self._meta(image.id))
+        return image
+
+    def prune(self, in_use: set[str] | None = None) -> list[str]:
+        """Remove layers and blobs no image references (and temporaries of interrupted work);
+        IN_USE: diff ids a running container still mounts. Returns what was removed."""
+        in_use = set(in_use or ())
+        with _flock(os.path.join(self.root, "lock")):
+            keep_layers, keep_blobs = set(in_use), set()
+            for image in self.images():
+                keep_layers |= set(image.layers)
+                keep_blobs |= {image.id, image.manifest_digest}
+                m = manifest.manifest(self._document(image.manifest_digest), image.id)
+                keep_blobs |= {x.digest for x in m.layers}
+            removed = []
+            for entry in os.listdir(os.path.join(self.root, "layers")):
+                path = os.path.join(self.root, "layers", entry)
+                if entry.endswith(".tmp") or f"sha256:{entry.removesuffix('.lock')}" not in keep_layers:
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+                    removed.append(path)
+            blobs = os.path.join(self.root, "blobs", "sha256")
+            for entry in os.listdir(blobs):
+                if entry.endswith(".tmp") or f"sha256:{entry}" not in keep_blobs:
+                    os.unlink(os.path.join(blobs, entry))
+                    removed.append(os.path.join(blobs, entry))
+        return removed
+
+    # -- offline import
+
+    def import_oci(self, path: str, name: str | None = None) -> list[tuple[Image, list[str]]]:
+        """An OCI image layout (a directory, or a tar of one) into the store."""
+        with _Layout(path) as layout:
+            index = manifest.load(layout.read("index.json"), f"{path}: index.json")
+            out = []
+            for i, entry in enumerate(index.get("manifests") or []):
+                d = manifest.descriptor(entry, f"{path}: index.json manifests[{i}]")
+                names = [name] if name else [a for k in NAME_ANNOTATIONS if (a := d.annotations.get(k))][:1]
+                if d.media_type in manifest.INDEXES:
+                    d = manifest.pick(manifest.load(layout.blob(d.digest), d.digest), d.digest)
+                names = [str(parse(n)) for n in names if ":" in n or "/" in n or name]
+                body = layout.blob(d.digest)
+                m = manifest.manifest(manifest.load(body, d.digest), d.digest)
+                for blob in (m.config, *m.layers):
+                    layout.copy_blob(self, blob)
+                self.put_blob(d.digest, _Bytes(body), d.size)
+                out.append(self.add(body, names, d.media_type))
+            if not out:
+                raise SpecError("the layout's index.json lists no image", where=path)
+            return out
+
+    # -- metadata files
+
+    def _meta(self, image_id: str) -> str:
+        return os.path.join(self.root, "images", manifest.check_digest(image_id, "image")[7:] + ".json")
+
+    def _load(self, image_id: str) -> Image | None:
+        try:
+            with open(self._meta(image_id)) as f:
+                return Image(**json.load(f))
+        except FileNotFoundError:
+            return None
+
+    def _save(self, image: Image) -> None:
+        write_atomic(self._meta(image.id), json.dumps(asdict(image), indent=1, sort_keys=True))
+
+
+class _Layout:
+    """Read access to an OCI layout in a directory or a tar, verifying what it hands out."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tar = None if os.path.isdir(path) else tarfile.open(path, "r:*")
+
+    def __enter__(self) -> _Layout:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.tar is not None:
+            self.tar.close()
+
+    def open(self, name: str) -> BinaryIO:
+        if self.tar is None:
+            return open(os.path.join(self.path, name), "rb")  # noqa: SIM115 - the caller closes it
+        member = self.tar.getmember(name)
+        f = self.tar.extractfile(member) if member.isreg() else None
+        if f is None:
+            raise SpecError(f"{name} is not a file in the layout", where=self.path)
+        return f  # type: ignore[return-value]
+
+    def read(self, name: str) -> bytes:
+        try:
+            with self.open(name) as f:
+                return f.read(manifest.MAX_DOCUMENT + 1)
+        except (KeyError, FileNotFoundError):
+            raise SpecError(f"no {name} in the layout", where=self.path, hint="an OCI image layout") from None
+
+    def blob(self, digest: str) -> bytes:
+        data = self.read("blobs/sha256/" + manifest.check_digest(digest, self.path)[7:])
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise SpecError(f"blob {digest} of the layout does not match its digest", where=self.path)
+        return data
+
+    def copy_blob(self, store: Store, d: manifest.Descriptor) -> None:
+        if store.has_blob(d.digest):
+            return
+        try:
+            with self.open("blobs/sha256/" + d.digest[7:]) as f:
+                store.put_blob(d.digest, f, d.size)
+        except (KeyError, FileNotFoundError):
+            raise SpecError(f"blob {d.digest} is missing from the layout", where=self.path) from None
+
+
+class _Bytes:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.data[self.pos : None if n < 0 else self.pos + n]
+        self.pos += len(chunk)
+        return chunk
+
+
+class _flock:  # noqa: N801 - used like a function
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *_: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def iter_names(image: Image) -> Iterator[str]:
+    yield from image.repo_tags or [f"<none>@{image.id}"]

@@ -1,0 +1,139 @@
+"""The image store with offline imports: multi-layer images (plain, gzip, zstd, whiteouts),
+names, lookups, removal, garbage collection, and layouts that lie."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+from images import PATH_ENV, oci_archive
+from kernel import needs_root  # noqa: F401 - a fixture, used by name
+from stockade.runtime.errors import SpecError
+from stockade.runtime.images.store import Store
+
+pytestmark = pytest.mark.usefixtures("needs_root")
+
+
+def _layer(*files: tuple[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+BASE = _layer(("etc/os-release", b"ID=stockade-test\n"), ("app/old", b"old"), ("app/keep", b"keep"))
+TOP = _layer(("app/.wh.old", b""), ("app/new", b"new"))
+CONFIG = {"Env": [PATH_ENV, "GREETING=hi"], "Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo $GREETING"],
+          "User": "1000:1000", "WorkingDir": "/app", "ExposedPorts": {"8080/tcp": {}}, "Labels": {"a": "b"}}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(str(tmp_path / "store"))
+
+
+def test_import_unpacks_each_layer_once_and_keeps_the_config(store: Store, tmp_path: Path) -> None:
+    layers = [(BASE, "gzip"), (TOP, "zstd")]
+    archive = oci_archive(tmp_path / "a.tar", "localhost/test/app:v1", layers, CONFIG)
+    ((image, notes),) = store.import_oci(str(archive))
+    assert notes == []
+    assert image.repo_tags == ["localhost/test/app:v1"]
+    assert image.repo_digests == [f"localhost/test/app@{image.manifest_digest}"]
+    config = image.image_config()
+    assert (config.entrypoint, config.cmd, config.user, config.workdir) == (
+        ["/bin/sh", "-c"], ["echo $GREETING"], "1000:1000", "/app")
+    assert config.exposed_ports == ["8080/tcp"] and config.labels == {"a": "b"}
+    base, top = (Path(store.layer_dir(d)) for d in image.layers)
+    assert (base / "etc/os-release").read_bytes() == b"ID=stockade-test\n"
+    assert (top / "app/new").read_bytes() == b"new" and (top / "app/old").lstat().st_rdev == 0
+    # a second image sharing the base layer: the layer is not unpacked again
+    before = os.stat(base).st_ino
+    other = oci_archive(tmp_path / "b.tar", "localhost/test/other", [(BASE, "gzip")], {"Cmd": ["true"]})
+    store.import_oci(str(other))
+    assert os.stat(store.layer_dir(image.layers[0])).st_ino == before
+    names = {i.repo_tags[0] for i in store.images()}
+    assert names == {"localhost/test/app:v1", "localhost/test/other:latest"}
+
+
+def test_lookup_by_name_digest_and_id(store: Store, tmp_path: Path) -> None:
+    archive = oci_archive(tmp_path / "a.tar", "docker.io/library/app:1", [(BASE, "")], CONFIG)
+    ((image, _),) = store.import_oci(str(archive))
+    for ref in ("app:1", "docker.io/library/app:1", f"app@{image.manifest_digest}", image.id, image.id[7:19]):
+        assert store.get(ref).id == image.id, ref
+    with pytest.raises(SpecError, match="no image 'app:2'"):
+        store.get("app:2")
+
+
+def test_index_platform_is_picked_and_a_missing_one_is_named(store: Store, tmp_path: Path) -> None:
+    platforms = ("linux/arm64", "linux/amd64")
+    ok = oci_archive(tmp_path / "i.tar", "localhost/multi", [(BASE, "")], CONFIG, platforms)
+    ((image, _),) = store.import_oci(str(ok))
+    assert image.repo_tags == ["localhost/multi:latest"]
+    arm = oci_archive(tmp_path / "arm.tar", "localhost/arm", [(BASE, "")], CONFIG, ("linux/arm64",))
+    with pytest.raises(SpecError, match="no image for linux/amd64") as err:
+        store.import_oci(str(arm))
+    assert "linux/arm64" in err.value.hint
+
+
+def test_remove_untags_and_prune_collects_unreferenced_layers(store: Store, tmp_path: Path) -> None:
+    archive = oci_archive(tmp_path / "a.tar", "localhost/a", [(BASE, ""), (TOP, "")], CONFIG)
+    ((a, _),) = store.import_oci(str(archive))
+    ((b, _),) = store.import_oci(str(oci_archive(tmp_path / "b.tar", "localhost/b", [(BASE, "")], CONFIG)))
+    store.remove("localhost/a")
+    assert [i.id for i in store.images()] == [b.id]
+    store.prune(in_use={a.layers[1]})  # a container still mounts the top layer
+    assert os.path.isdir(store.layer_dir(a.layers[0])) and os.path.isdir(store.layer_dir(a.layers[1]))
+    removed = store.prune()
+    assert store.layer_dir(a.layers[1]) in removed and os.path.isdir(store.layer_dir(b.layers[0]))
+    assert not os.path.exists(store.blob_path(a.manifest_digest))
+
+
+def test_a_layout_that_lies_leaves_nothing(store: Store, tmp_path: Path) -> None:
+    archive = oci_archive(tmp_path / "a.tar", "localhost/liar", [(BASE, "gzip")], CONFIG)
+    with tarfile.open(archive) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    index = json.loads(members["index.json"])
+    manifest = json.loads(members["blobs/sha256/" + index["manifests"][0]["digest"][7:]])
+    layer = manifest["layers"][0]["digest"][7:]
+    members["blobs/sha256/" + layer] = members["blobs/sha256/" + layer][:-40] + b"\0" * 40  # corrupt
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(SpecError, match=f"blob sha256:{layer}"):
+        store.import_oci(str(bad))
+    assert store.images() == [] and os.listdir(Path(store.root) / "layers") == []
+    blobs = os.listdir(Path(store.root) / "blobs/sha256")
+    assert layer not in blobs and not [b for b in blobs if b.endswith(".tmp")]
+
+
+def test_concurrent_imports_unpack_a_layer_once(store: Store, tmp_path: Path) -> None:
+    archive = oci_archive(tmp_path / "a.tar", "localhost/race", [(BASE, "gzip"), (TOP, "")], CONFIG)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            Store(store.root).import_oci(str(archive))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(store.images()) == 1
+    layers = [e for e in os.listdir(Path(store.root) / "layers") if not e.endswith(".lock")]
+    assert len(layers) == 2  # no temporaries, no second copy
