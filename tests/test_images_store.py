@@ -137,3 +137,26 @@ def test_concurrent_imports_unpack_a_layer_once(store: Store, tmp_path: Path) ->
     assert len(store.images()) == 1
     layers = [e for e in os.listdir(Path(store.root) / "layers") if not e.endswith(".lock")]
     assert len(layers) == 2  # no temporaries, no second copy
+
+
+def test_the_image_command_line(tmp_path: Path) -> None:
+    """`stockade image import/ls/inspect/rm/prune` over a store of the test's own."""
+    import subprocess
+    import sys
+
+    stockade = [str(Path(sys.executable).parent / "stockade"), "image", "--store", str(tmp_path / "s")]
+    archive = oci_archive(tmp_path / "a.tar", "localhost/cli/app:v1", [(BASE, "gzip")], CONFIG)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*stockade, *args], capture_output=True, text=True, timeout=60)
+
+    done = run("import", str(archive))
+    assert done.returncode == 0 and done.stdout.startswith("localhost/cli/app:v1 sha256:"), done.stderr
+    assert "localhost/cli/app:v1" in run("ls").stdout
+    assert json.loads(run("ls", "--json").stdout)[0]["repo_tags"] == ["localhost/cli/app:v1"]
+    assert json.loads(run("inspect", "localhost/cli/app:v1").stdout)["config"]["user"] == "1000:1000"
+    missing = run("inspect", "localhost/cli/app:v2")
+    assert missing.returncode == 1 and "no image 'localhost/cli/app:v2'" in missing.stderr
+    assert "deleted sha256:" in run("rm", "localhost/cli/app:v1").stdout
+    assert run("prune").stdout.startswith("removed ")
+    assert os.listdir(tmp_path / "s" / "layers") == []

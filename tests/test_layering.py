@@ -16,6 +16,7 @@ CLIS = (
     "stockade.runtime.oci_cli",
     "stockade.runtime.run",
     "stockade.runtime.doctor",
+    "stockade.runtime.images.cli",
     "stockade.bpf.cli",
     "stockade.bpf.agent",
     "stockade.profiles.cli",

@@ -1,0 +1,83 @@
+"""`stockade image`: the command line over the image store (pull, ls, inspect, rm, prune, import)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .._lite.argparse import formatter, lean_argparse
+from .._lite.dataclasses import asdict
+from .store import Store, iter_names
+
+
+def main(argv: list[str]) -> int:
+    with lean_argparse():
+        args = _parser().parse_args(argv)
+    store = Store(args.store)
+    return args.func(store, args) or 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stockade image", description="images in the store",
+                                formatter_class=formatter)
+    p.add_argument("--store", help="store directory ($STOCKADE_IMAGE_STORE, else /var/lib/stockade/images)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ls = sub.add_parser("ls", help="list images", formatter_class=formatter)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_ls)
+    inspect = sub.add_parser("inspect", help="an image's metadata as JSON", formatter_class=formatter)
+    inspect.add_argument("ref")
+    inspect.set_defaults(func=_inspect)
+    rm = sub.add_parser("rm", help="remove names (an image goes with its last)", formatter_class=formatter)
+    rm.add_argument("refs", nargs="+", metavar="REF")
+    rm.set_defaults(func=_rm)
+    prune = sub.add_parser("prune", help="remove layers and blobs no image uses", formatter_class=formatter)
+    prune.set_defaults(func=_prune)
+    imp = sub.add_parser("import", help="an OCI image layout (directory or tar) into the store",
+                         formatter_class=formatter)
+    imp.add_argument("path", metavar="FILE|DIR")
+    imp.add_argument("--name", help="the name to give it (default: the layout's own)")
+    imp.set_defaults(func=_import)
+    return p
+
+
+def _ls(store: Store, args: argparse.Namespace) -> None:
+    images = store.images()
+    if args.json:
+        print(json.dumps([asdict(i) for i in images], indent=2))
+        return
+    print(f"{'NAME':60s} {'ID':14s} {'SIZE':>10s}")
+    for image in images:
+        for name in iter_names(image):
+            print(f"{name:60s} {image.id[7:19]:14s} {_size(image.size):>10s}")
+
+
+def _inspect(store: Store, args: argparse.Namespace) -> None:
+    print(json.dumps(asdict(store.get(args.ref)), indent=2))
+
+
+def _rm(store: Store, args: argparse.Namespace) -> None:
+    for ref in args.refs:
+        image = store.remove(ref)
+        print(f"untagged {ref}" + ("" if image.repo_tags else f"; deleted {image.id}"))
+
+
+def _prune(store: Store, args: argparse.Namespace) -> None:
+    removed = store.prune()
+    print(f"removed {len(removed)} layers and blobs")
+
+
+def _import(store: Store, args: argparse.Namespace) -> None:
+    for image, notes in store.import_oci(args.path, args.name):
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"{', '.join(iter_names(image))} {image.id}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
