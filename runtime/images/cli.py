@@ -23,6 +23,13 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=formatter)
     p.add_argument("--store", help="store directory ($STOCKADE_IMAGE_STORE, else /var/lib/stockade/images)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pull = sub.add_parser("pull", help="fetch an image from its registry", formatter_class=formatter)
+    pull.add_argument("ref")
+    pull.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                      help="plain HTTP for this registry (repeatable)")
+    pull.add_argument("--platform", default="linux/amd64", help="os/arch from an index (default %(default)s)")
+    pull.add_argument("--auth-file", help="docker-style auth.json (default: $REGISTRY_AUTH_FILE, ...)")
+    pull.set_defaults(func=_pull)
     ls = sub.add_parser("ls", help="list images", formatter_class=formatter)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_ls)
@@ -40,6 +47,23 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--name", help="the name to give it (default: the layout's own)")
     imp.set_defaults(func=_import)
     return p
+
+
+def _pull(store: Store, args: argparse.Namespace) -> None:
+    from ..errors import SpecError
+    from .registry import Client, pull
+
+    os_name, _, arch = args.platform.partition("/")
+    if os_name != "linux" or not arch:
+        raise SpecError(f"--platform {args.platform!r}: only linux/<arch>", where="--platform")
+    client = Client(insecure=set(args.insecure_registry), auth_file=args.auth_file)
+    try:
+        image, notes = pull(store, args.ref, client, arch=arch)
+    finally:
+        client.close()
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{', '.join(iter_names(image))} {image.id}")
 
 
 def _ls(store: Store, args: argparse.Namespace) -> None:

@@ -62,6 +62,10 @@ class Store:
     def blob_path(self, digest: str) -> str:
         return os.path.join(self.root, "blobs", "sha256", manifest.check_digest(digest, "blob")[7:])
 
+    def blob_lock(self, digest: str) -> _flock:
+        """Held while one pull fetches the blob, so concurrent pulls of it wait instead."""
+        return _flock(self.blob_path(digest) + ".lock")
+
     def has_blob(self, digest: str) -> bool:
         return os.path.exists(self.blob_path(digest))
 
@@ -210,7 +214,7 @@ class Store:
                     removed.append(path)
             blobs = os.path.join(self.root, "blobs", "sha256")
             for entry in os.listdir(blobs):
-                if entry.endswith(".tmp") or f"sha256:{entry}" not in keep_blobs:
+                if entry.endswith(".tmp") or f"sha256:{entry.removesuffix('.lock')}" not in keep_blobs:
                     os.unlink(os.path.join(blobs, entry))
                     removed.append(os.path.join(blobs, entry))
         return removed

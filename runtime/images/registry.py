@@ -1,0 +1,275 @@
+"""A registry client (OCI distribution spec) over httpx, and `pull` into the store.
+
+HTTPS by default, plain HTTP only for registries the operator marks insecure. Authentication
+answers the registry's `WWW-Authenticate` challenge: a bearer token fetched from its realm
+(anonymously, or with the registry's credentials from a docker-style auth.json) and cached per
+scope, or basic auth. Redirects (blob storage) are followed by hand, so `Authorization` never
+goes to another host. 429 and 5xx are retried with backoff; a deadline bounds the whole pull.
+Every byte is verified: the manifest against its digest, each blob as the store keeps it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from urllib.parse import urlencode, urljoin, urlsplit
+
+from ..errors import SpecError
+from . import manifest
+from .reference import DEFAULT_DOMAIN, Reference, parse
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import httpx
+
+    from .store import Image, Store
+
+DOCKER_HUB = "registry-1.docker.io"
+RETRIES = 4
+AUTH_FILES = ("${REGISTRY_AUTH_FILE}", "/run/containers/0/auth.json", "~/.docker/config.json")
+
+
+class RegistryError(SpecError):
+    """The registry could not give what was asked (down, refused, garbage, not found)."""
+
+
+class Client:
+    def __init__(self, insecure: set[str] | None = None, auth_file: str | None = None,
+                 timeout: float = 30.0, deadline: float = 3600.0) -> None:
+        import httpx
+
+        self.insecure = set(insecure or ())
+        self.credentials = _credentials(auth_file)
+        self.tokens: dict[tuple[str, str], str] = {}
+        self.deadline = time.monotonic() + deadline
+        self.http = httpx.Client(timeout=timeout, follow_redirects=False,
+                                 headers={"User-Agent": "stockade/0.1"})
+
+    def close(self) -> None:
+        self.http.close()
+
+    # -- what pull needs
+
+    def manifest(self, ref: Reference, reference: str | None = None) -> tuple[bytes, str, str]:
+        """(bytes, media type, digest) of REF's manifest (or of REFERENCE: a digest)."""
+        wanted = reference or ref.digest or ref.tag
+        r = self._get(ref, f"/v2/{ref.path}/manifests/{wanted}", {"Accept": manifest.ACCEPT})
+        try:
+            data = _read_limited(r, manifest.MAX_DOCUMENT, f"{ref} manifest")
+        finally:
+            r.close()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if wanted.startswith("sha256:") and digest != wanted:
+            raise RegistryError(f"manifest {wanted} of {ref.name} has content {digest}", where=str(ref))
+        return data, r.headers.get("content-type", "").split(";")[0].strip(), digest
+
+    def blob(self, ref: Reference, desc: manifest.Descriptor, store: Store) -> None:
+        """Fetch a blob into the store, once however many pulls want it at the same time."""
+        with store.blob_lock(desc.digest):
+            if store.has_blob(desc.digest):
+                return
+            r = self._get(ref, f"/v2/{ref.path}/blobs/{desc.digest}", {})
+            try:
+                store.put_blob(desc.digest, _Reader(r), desc.size)
+            finally:
+                r.close()
+
+    # -- HTTP with auth, redirects and retries
+
+    def _get(self, ref: Reference, path: str, headers: dict[str, str]) -> httpx.Response:
+        host = DOCKER_HUB if ref.domain == DEFAULT_DOMAIN else ref.domain
+        scheme = "http" if ref.domain in self.insecure else "https"
+        url = f"{scheme}://{host}{path}"
+        scope = f"repository:{ref.path}:pull"
+        for attempt in range(RETRIES):
+            r = self._send(url, host, headers, scope)
+            if r.status_code == 401 and self._authenticate(r, host, scope):
+                r.close()
+                r = self._send(url, host, headers, scope)
+            if r.status_code in (429, 500, 502, 503, 504) and attempt < RETRIES - 1:
+                r.close()
+                time.sleep(min(0.25 * 2**attempt, max(0.0, self.deadline - time.monotonic())))
+                continue
+            if r.status_code == 200:
+                return r
+            body = r.read()[:300].decode(errors="replace")
+            r.close()
+            raise RegistryError(f"{ref.name}: GET {path} answered {r.status_code}: {_message(body)}",
+                                where=str(ref), hint=_hint(r.status_code))
+        raise AssertionError("unreachable")
+
+    def _send(self, url: str, host: str, headers: dict[str, str], scope: str) -> httpx.Response:
+        import httpx
+
+        for _ in range(5):  # redirects, by hand: credentials only for the registry itself
+            if time.monotonic() > self.deadline:
+                raise RegistryError("the pull's deadline passed", where=url)
+            same = urlsplit(url).netloc == host
+            auth = self._authorization(host, scope) if same else {}
+            try:
+                request = self.http.build_request("GET", url, headers={**headers, **auth})
+                r = self.http.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise RegistryError(f"cannot reach {urlsplit(url).netloc}: {exc}", where=url,
+                                    hint="is the registry up? plain HTTP needs --insecure-registry") from None
+            if r.status_code in (301, 302, 303, 307, 308) and "location" in r.headers:
+                url = urljoin(url, r.headers["location"])
+                r.close()
+                continue
+            return r
+        raise RegistryError("too many redirects", where=url)
+
+    def _authorization(self, host: str, scope: str) -> dict[str, str]:
+        token = self.tokens.get((host, scope)) or self.tokens.get((host, ""))
+        if token:
+            return {"Authorization": token}
+        return {}
+
+    def _authenticate(self, r: httpx.Response, host: str, scope: str) -> bool:
+        """Answer a 401's challenge once; False when there is nothing to answer with."""
+        if (host, scope) in self.tokens:
+            return False  # the token we sent was refused
+        kind, params = _challenge(r.headers.get("www-authenticate", ""))
+        user = self.credentials.get(host)
+        if kind == "basic" and user:
+            self.tokens[(host, "")] = "Basic " + base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()
+            return True
+        if kind != "bearer" or "realm" not in params:
+            return False
+        query = {"service": params.get("service", host), "scope": params.get("scope", scope)}
+        realm = params["realm"] + ("&" if "?" in params["realm"] else "?") + urlencode(query)
+        headers = {}
+        if user:
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()
+        token_reply = self.http.get(realm, headers=headers)
+        if token_reply.status_code != 200:
+            raise RegistryError(f"{host}: the token service answered {token_reply.status_code}", where=realm,
+                                hint="check the credentials in the auth file")
+        try:
+            body = token_reply.json()
+            token = body.get("token") or body.get("access_token")
+        except ValueError:
+            token = None
+        if not isinstance(token, str) or not token:
+            raise RegistryError(f"{host}: the token service gave no token", where=realm)
+        self.tokens[(host, scope)] = f"Bearer {token}"
+        return True
+
+
+def pull(
+    store: Store, text: str, client: Client | None = None, arch: str = "amd64"
+) -> tuple[Image, list[str]]:
+    """Fetch REF's image for linux/ARCH into STORE (what is there already is not fetched again)."""
+    ref = parse(text)
+    own = client is None
+    client = client or Client()
+    try:
+        data, media_type, digest = client.manifest(ref)
+        doc = manifest.load(data, str(ref))
+        if manifest.kind(doc, media_type, str(ref)) in manifest.INDEXES:
+            picked = manifest.pick(doc, str(ref), arch=arch)
+            data, media_type, digest = client.manifest(ref, picked.digest)
+            doc = manifest.load(data, str(ref))
+        m = manifest.manifest(doc, digest)
+        for desc in (m.config, *m.layers):
+            client.blob(ref, desc, store)
+        store.put_blob(digest, _BytesReader(data), len(data))
+        names = [str(Reference(ref.domain, ref.path, ref.tag))] if ref.tag else []
+        return store.add(data, names, media_type)
+    finally:
+        if own:
+            client.close()
+
+
+class _Reader:
+    """A streamed response body as a file for store.put_blob."""
+
+    def __init__(self, r: httpx.Response) -> None:
+        self.chunks = r.iter_bytes(1 << 20)
+        self.pending = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while len(self.pending) < max(n, 1):
+            chunk = next(self.chunks, b"")
+            if not chunk:
+                break
+            self.pending += chunk
+        out, self.pending = (self.pending, b"") if n < 0 else (self.pending[:n], self.pending[n:])
+        return out
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, n: int = -1) -> bytes:
+        out, self.data = (self.data, b"") if n < 0 else (self.data[:n], self.data[n:])
+        return out
+
+
+def _read_limited(r: httpx.Response, limit: int, what: str) -> bytes:
+    data = b""
+    for chunk in r.iter_bytes():
+        data += chunk
+        if len(data) > limit:
+            raise RegistryError(f"{what} is larger than {limit} bytes", where=what)
+    return data
+
+
+def _challenge(header: str) -> tuple[str, dict[str, str]]:
+    kind, _, rest = header.strip().partition(" ")
+    params: dict[str, str] = {}
+    key, value, in_quotes, current = "", "", False, ""
+    for ch in rest + ",":
+        if ch == '"':
+            in_quotes = not in_quotes
+        elif ch == "=" and not in_quotes and not key:
+            key, current = current.strip(), ""
+        elif ch == "," and not in_quotes:
+            value, current = current.strip(), ""
+            if key:
+                params[key.lower()] = value
+            key = ""
+        else:
+            current += ch
+    return kind.lower(), params
+
+
+def _credentials(path: str | None) -> dict[str, tuple[str, str]]:
+    """host -> (user, password) from a docker-style auth file (the first that exists)."""
+    candidates = [path] if path else [os.path.expanduser(os.path.expandvars(p)) for p in AUTH_FILES]
+    for candidate in candidates:
+        if not candidate or candidate.startswith("$") or not os.path.isfile(candidate):
+            continue
+        try:
+            with open(candidate) as f:
+                auths = json.load(f).get("auths") or {}
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"cannot read the auth file: {exc}", where=candidate) from None
+        out = {}
+        for host, entry in auths.items():
+            encoded = (entry or {}).get("auth")
+            if encoded:
+                user, _, password = base64.b64decode(encoded).decode().partition(":")
+                out[urlsplit("//" + host).netloc or host] = (user, password)
+        return out
+    return {}
+
+
+def _message(body: str) -> str:
+    try:
+        errors = json.loads(body).get("errors") or []
+        return "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or body
+    except (ValueError, AttributeError):
+        return body.strip() or "(no body)"
+
+
+def _hint(status: int) -> str:
+    return {
+        401: "the registry wants credentials: log in (auth.json) or check the name",
+        403: "the registry refused: check the credentials' rights",
+        404: "no such image or tag in that registry",
+    }.get(status, "")
