@@ -103,3 +103,34 @@ def _digest(data: bytes) -> str:
 def _add(blobs: dict[str, bytes], data: bytes, media_type: str) -> dict:
     blobs[_digest(data)] = data
     return {"mediaType": media_type, "digest": _digest(data), "size": len(data)}
+
+
+def layer_tar(*files: tuple[str, bytes]) -> bytes:
+    """An uncompressed layer tar of regular files (name, content), mode 0644."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def concurrently(fn, times: int) -> list[BaseException]:  # noqa: ANN001 - any callable
+    """Run FN in TIMES threads at once; the exceptions they raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(times)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

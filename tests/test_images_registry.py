@@ -11,13 +11,12 @@ import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from images import PATH_ENV, oci_archive
+from images import PATH_ENV, concurrently, layer_tar, oci_archive
 from kernel import needs_root, require  # noqa: F401 - needs_root: a fixture, used by name
 from stockade.runtime.images.registry import Client, RegistryError, pull
 from stockade.runtime.images.store import Store
@@ -25,18 +24,8 @@ from stockade.runtime.images.store import Store
 pytestmark = pytest.mark.usefixtures("needs_root")
 
 
-def _layer(*files: tuple[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-BASE = _layer(("etc/motd", b"base\n"), ("data/blob", os.urandom(200_000)))
-TOP = _layer(("etc/.wh.motd", b""), ("etc/issue", b"top\n"))
+BASE = layer_tar(("etc/motd", b"base\n"), ("data/blob", os.urandom(200_000)))
+TOP = layer_tar(("etc/.wh.motd", b""), ("etc/issue", b"top\n"))
 
 
 class Registry:
@@ -117,19 +106,8 @@ def test_pull_unpacks_what_the_layers_say(registry: Registry, store: Store) -> N
 
 def test_concurrent_pulls_fetch_each_blob_once(registry: Registry, store: Store) -> None:
     before = registry.blob_gets()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            pull(Store(store.root), f"{registry.host}/test/app:v1", _client(registry))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    ref = f"{registry.host}/test/app:v1"
+    errors = concurrently(lambda: pull(Store(store.root), ref, _client(registry)), 3)
     assert errors == []
     fetched = registry.blob_gets()[len(before):]
     assert len(fetched) == len(set(fetched)) == 3  # config and two layers, once each
@@ -161,7 +139,7 @@ def test_a_registry_that_is_down_or_not_plain_http(registry: Registry, store: St
 
 
 def test_a_corrupt_blob_is_refused_and_nothing_kept(registry: Registry, store: Store, tmp_path: Path) -> None:
-    archive = oci_archive(tmp_path / "c.tar", "localhost/corrupt", [(_layer(("f", b"x" * 5000)), "gzip")],
+    archive = oci_archive(tmp_path / "c.tar", "localhost/corrupt", [(layer_tar(("f", b"x" * 5000)), "gzip")],
                           {"Cmd": ["true"]})
     registry.push(archive, "test/corrupt:v1")
     blobs = list((registry.data / "docker/registry/v2/blobs/sha256").rglob("data"))

@@ -7,11 +7,10 @@ import io
 import json
 import os
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
-from images import PATH_ENV, oci_archive
+from images import PATH_ENV, concurrently, layer_tar, oci_archive
 from kernel import needs_root  # noqa: F401 - a fixture, used by name
 from stockade.runtime.errors import SpecError
 from stockade.runtime.images.store import Store
@@ -19,19 +18,8 @@ from stockade.runtime.images.store import Store
 pytestmark = pytest.mark.usefixtures("needs_root")
 
 
-def _layer(*files: tuple[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-BASE = _layer(("etc/os-release", b"ID=stockade-test\n"), ("app/old", b"old"), ("app/keep", b"keep"))
-TOP = _layer(("app/.wh.old", b""), ("app/new", b"new"))
+BASE = layer_tar(("etc/os-release", b"ID=stockade-test\n"), ("app/old", b"old"), ("app/keep", b"keep"))
+TOP = layer_tar(("app/.wh.old", b""), ("app/new", b"new"))
 CONFIG = {"Env": [PATH_ENV, "GREETING=hi"], "Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo $GREETING"],
           "User": "1000:1000", "WorkingDir": "/app", "ExposedPorts": {"8080/tcp": {}}, "Labels": {"a": "b"}}
 
@@ -120,19 +108,7 @@ def test_a_layout_that_lies_leaves_nothing(store: Store, tmp_path: Path) -> None
 
 def test_concurrent_imports_unpack_a_layer_once(store: Store, tmp_path: Path) -> None:
     archive = oci_archive(tmp_path / "a.tar", "localhost/race", [(BASE, "gzip"), (TOP, "")], CONFIG)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            Store(store.root).import_oci(str(archive))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = concurrently(lambda: Store(store.root).import_oci(str(archive)), 4)
     assert errors == []
     assert len(store.images()) == 1
     layers = [e for e in os.listdir(Path(store.root) / "layers") if not e.endswith(".lock")]
