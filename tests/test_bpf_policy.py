@@ -154,11 +154,14 @@ def test_load_compiled_caches_by_content(tmp_path, monkeypatch):
     assert pol.load_compiled(str(src)) == first  # from the cache
     src.write_text("name: p\nmode: audit\n")
     assert pol.load_compiled(str(src))[0].mode == 1  # content changed: recompiled
-    # a warm start imports neither yaml nor bcc
-    code = (f"import sys; from stockade.bpf import policy, maps\n"
+    # a warm start imports neither yaml nor bcc; -S as the launchers start Python (site's .pth
+    # hooks of other packages, such as a CA bundle's, would import pathlib on their own)
+    paths = [p for p in sys.path if p]
+    code = (f"import sys; sys.path[:0] = {paths!r}; from stockade.bpf import policy, maps\n"
             f"policy.load_compiled({str(src)!r})\n"
             "print(*(m in sys.modules for m in ('yaml', 'bcc', 'dataclasses', 'pathlib')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True)
+    out = done.stdout
     assert out.split() == ["False", "False", "False", "False"]
 
 
