@@ -240,19 +240,12 @@ def _rootfs_of(spec: Any, bundle: str) -> str:
 
 
 def _resources(spec: Any) -> Any:
-    from .resources import DeviceRule, Resources
+    from .resources import Resources, allowing_mknod
 
     res = spec.linux.resources
     if res is not None and not isinstance(res, Resources):
         res = Resources.from_oci(res)
-    # The device filter is in place before the init runs, and the init creates linux.devices:
-    # allow mknod (and only mknod) of exactly those, which runc's later filter never has to.
-    made = [DeviceRule(True, "b" if d.type == "b" else "c", d.major, d.minor, "m")
-            for d in spec.linux.devices if d.type != "p"]
-    if made:
-        res = res or Resources()
-        res = Resources(**{**vars(res), "devices": [*res.devices, *made]})
-    return res
+    return allowing_mknod(res, spec.linux.devices)
 
 
 def _compile_seccomp(spec: Any) -> bytes | None:

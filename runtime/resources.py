@@ -524,6 +524,17 @@ DEFAULT_DEVICE_RULES = [
 ]
 
 
+def allowing_mknod(res: Resources | None, devices: list) -> Resources | None:
+    """RES plus mknod (and only mknod) of exactly the DEVICES (spec.Device) the init creates: the
+    device filter is in place before the init runs, which runc's later filter never has to be."""
+    made = [DeviceRule(True, "b" if d.type == "b" else "c", d.major, d.minor, "m")
+            for d in devices if d.type != "p"]
+    if not made:
+        return res
+    res = res or Resources()
+    return Resources(**{**vars(res), "devices": [*res.devices, *made]})
+
+
 def effective_device_rules(rules: list[DeviceRule]) -> list[DeviceRule]:
     """What the kernel enforces: deny everything, then the spec's rules in order, then the defaults."""
     return [DeviceRule(False, "a"), *rules, *DEFAULT_DEVICE_RULES]

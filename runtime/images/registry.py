@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import time
@@ -176,7 +177,7 @@ def pull(
         m = manifest.manifest(doc, digest)
         for desc in (m.config, *m.layers):
             client.blob(ref, desc, store)
-        store.put_blob(digest, _BytesReader(data), len(data))
+        store.put_blob(digest, io.BytesIO(data), len(data))
         names = [str(Reference(ref.domain, ref.path, ref.tag))] if ref.tag else []
         return store.add(data, names, media_type)
     finally:
@@ -198,15 +199,6 @@ class _Reader:
                 break
             self.pending += chunk
         out, self.pending = (self.pending, b"") if n < 0 else (self.pending[:n], self.pending[n:])
-        return out
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def read(self, n: int = -1) -> bytes:
-        out, self.data = (self.data, b"") if n < 0 else (self.data[:n], self.data[n:])
         return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -166,11 +167,9 @@ class Store:
     def get(self, ref: str) -> Image:
         """An image by name (normalised), name@digest, or id (full or a unique prefix of 12+)."""
         images = self.images()
-        wanted = ref.removeprefix("sha256:")
-        if len(wanted) >= 12 and not wanted.strip("0123456789abcdef"):
-            found = [i for i in images if i.id[7:].startswith(wanted)]
-            if len(found) == 1:
-                return found[0]
+        found = [i for i in images if _is_id_of(ref, i)]
+        if len(found) == 1:
+            return found[0]
         r = parse(ref)
         for image in images:
             if (r.digest and f"{r.name}@{r.digest}" in image.repo_digests) or (
@@ -184,7 +183,7 @@ class Store:
         """Untag REF; the image goes when no name is left, its layers with `prune`."""
         image = self.get(ref)
         with _flock(os.path.join(self.root, "lock")):
-            r = parse(ref) if not ref.removeprefix("sha256:").startswith(image.id[7:19]) else None
+            r = None if _is_id_of(ref, image) else parse(ref)
             if r is not None and not r.digest:
                 image.repo_tags = [t for t in image.repo_tags if t != f"{r.name}:{r.tag}"]
             else:
@@ -236,7 +235,7 @@ class Store:
                 m = manifest.manifest(manifest.load(body, d.digest), d.digest)
                 for blob in (m.config, *m.layers):
                     layout.copy_blob(self, blob)
-                self.put_blob(d.digest, _Bytes(body), d.size)
+                self.put_blob(d.digest, io.BytesIO(body), d.size)
                 out.append(self.add(body, names, d.media_type))
             if not out:
                 raise SpecError("the layout's index.json lists no image", where=path)
@@ -304,16 +303,6 @@ class _Layout:
             raise SpecError(f"blob {d.digest} is missing from the layout", where=self.path) from None
 
 
-class _Bytes:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        chunk = self.data[self.pos : None if n < 0 else self.pos + n]
-        self.pos += len(chunk)
-        return chunk
-
-
 class _flock:  # noqa: N801 - used like a function
     def __init__(self, path: str) -> None:
         self.path = path
@@ -325,6 +314,12 @@ class _flock:  # noqa: N801 - used like a function
     def __exit__(self, *_: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+def _is_id_of(ref: str, image: Image) -> bool:
+    """REF names IMAGE by its id: the full digest, or 12 or more of its hex digits."""
+    wanted = ref.removeprefix("sha256:")
+    return len(wanted) >= 12 and not wanted.strip("0123456789abcdef") and image.id[7:].startswith(wanted)
 
 
 def iter_names(image: Image) -> Iterator[str]:
