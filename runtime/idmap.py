@@ -31,3 +31,37 @@ def write_maps(pid: int, uid_maps: list[IDMapping], gid_maps: list[IDMapping]) -
 
 def is_mapped(ident: int, maps: list[IDMapping]) -> bool:
     return any(m.container_id <= ident < m.container_id + m.size for m in maps)
+
+
+def userns_fd(uid_maps: list[IDMapping], gid_maps: list[IDMapping]) -> int:
+    """An fd of a new, empty user namespace with these maps: what an idmapped mount is given.
+
+    A child unshares it and waits; its maps are written, the namespace opened, the child ended
+    (the fd keeps the namespace alive)."""
+    import os
+
+    from .syscalls import CLONE_NEWUSER, unshare
+
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    done_r, done_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(done_w)  # else the read below never sees the parent's close
+            unshare(CLONE_NEWUSER)
+            os.write(ready_w, b"1")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise StockadeError("cannot make a user namespace for an idmapped mount",
+                                where="user namespace", hint="is user.max_user_namespaces 0?")
+        write_maps(pid, uid_maps, gid_maps)
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(ready_r)
+        os.close(done_w)
+        os.waitpid(pid, 0)

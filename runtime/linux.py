@@ -42,6 +42,13 @@ MS_LAZYTIME = 1 << 25
 
 MNT_DETACH = 2
 
+# The new mount API (linux/mount.h): idmapped views of a directory tree
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+MOUNT_ATTR_IDMAP = 0x100000
+
 # prctl options (linux/prctl.h)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 DEFAULT_PROFILE = "restricted"
 # Flags that are SandboxOptions fields of the same name.
 SANDBOX_FLAGS = ("tenant", "memory", "cpus", "pids", "net", "rootfs", "bundle", "bind", "env", "workdir",
-                 "user", "idmap", "tty")
+                 "user", "idmap", "tty", "image", "image_store")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,10 +37,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--rootfs", help="root filesystem directory instead of the built-in one")
     src.add_argument("--bundle", help="OCI bundle (config.json + rootfs) to run with these limits")
+    src.add_argument("--image", help="an image (name, name@digest or id): its layers under an overlay are "
+                     "the root; with no command, its entrypoint and cmd run")
+    p.add_argument("--entrypoint", metavar="CMD|JSON",
+                   help="with --image: run this instead of its entrypoint (a JSON array for arguments; "
+                   "'' for none)")
+    p.add_argument("--pull", choices=("missing", "always", "never"), default="missing",
+                   help="fetch --image from its registry: when it is not in the store (default), every "
+                   "time, or never")
+    p.add_argument("--image-store", help="image store directory (default $STOCKADE_IMAGE_STORE or "
+                   "/var/lib/stockade/images)")
+    p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                   help="plain HTTP for this registry when pulling (repeatable)")
     p.add_argument("--bind", action="append", default=[], metavar="SRC:DST[:ro]")
     p.add_argument("--env", "-e", action="append", default=[], metavar="K=V")
-    p.add_argument("--workdir", "-w", default="/")
-    p.add_argument("--user", "-u", default="0:0", metavar="UID[:GID]", help="user inside (default root)")
+    p.add_argument("--workdir", "-w", default="", help="working directory (default: the image's, else /)")
+    p.add_argument("--user", "-u", default="", metavar="UID[:GID]",
+                   help="user inside (default: the image's, else root); names with --image")
     p.add_argument("--idmap", metavar="HOSTID:SIZE", help="host id range the container's ids map to")
     p.add_argument("--timeout", type=float, help="kill everything after this many seconds (exit 124)")
     p.add_argument("--name", help="container ID (default: run-<random>)")
@@ -62,6 +75,8 @@ def main(args: argparse.Namespace) -> int:
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     cid = args.name or f"run-{os.urandom(6).hex()}"
+    if args.image:
+        _have_image(args)
     with prepare(options(args), command, cid) as (spec, bundle, rootfs):
         if args.verbose:
             _report(spec.raw, cid)
@@ -93,7 +108,50 @@ def options(args: argparse.Namespace) -> SandboxOptions:
             hint='e.g. "bpf": "default"',
         )
     given = {name: getattr(args, name) for name in SANDBOX_FLAGS}
+    given["entrypoint"] = _entrypoint(args.entrypoint)
     return SandboxOptions(profile=args.profile, seccomp=seccomp, bpf_policy=policy or None, **given)
+
+
+def _entrypoint(text: str | None) -> list[str] | None:
+    """--entrypoint as podman reads it: a JSON array of strings, else one program."""
+    if text is None or not text.startswith("["):
+        return None if text is None else ([text] if text else [])
+    from ._lite import json as jsonlite
+
+    try:
+        value = jsonlite.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise StockadeError(f"--entrypoint {text!r} is not a JSON array of strings", where="--entrypoint",
+                            hint='e.g. --entrypoint \'["/bin/sh", "-c"]\' or --entrypoint /bin/sh')
+    return value
+
+
+def _have_image(args: argparse.Namespace) -> None:
+    """--image in the store, pulled first as --pull says."""
+    from .errors import SpecError
+    from .images.store import Store
+
+    store = Store(args.image_store)
+    if args.pull != "always":
+        try:
+            store.get(args.image)
+            return
+        except SpecError:
+            if args.pull == "never":
+                raise SpecError(f"image {args.image!r} is not in the store and --pull is never",
+                                where=store.root, hint="pull or import it first, or drop --pull never"
+                                ) from None
+    from .images.registry import Client, pull
+
+    client = Client(insecure=set(args.insecure_registry))
+    try:
+        image, notes = pull(store, args.image, client)
+    finally:
+        client.close()
+    for note in notes:
+        _warn(note)
 
 
 def _stdin_from_dev_null() -> None:

@@ -56,10 +56,13 @@ class SandboxOptions:
     bundle: str | None = None
     bind: list[str] = field(default_factory=list)  # SRC:DST[:ro]
     env: list[str] = field(default_factory=list)  # K=V
-    workdir: str = "/"
-    user: str = "0:0"
+    workdir: str = ""  # "": the image's, else /
+    user: str = ""  # "": the image's, else 0:0 (names only with an image: its /etc/passwd)
     idmap: str | None = None  # HOSTID:SIZE
     tty: bool = False
+    image: str | None = None  # a name, digest or id in the image store: its overlay is the root
+    image_store: str | None = None  # the store's directory (default: images.store's)
+    entrypoint: list[str] | None = None  # in place of the image's ([]: none, the command alone)
 
 
 @contextlib.contextmanager
@@ -67,15 +70,16 @@ def prepare(
     opts: SandboxOptions, command: list[str], cid: str, edit: Callable[[dict], None] | None = None
 ) -> Iterator[tuple[Spec, Path, Path]]:
     """(spec, bundle, rootfs) for COMMAND in the sandbox OPTS describe; EDIT may change the OCI
-    config first (the recorder swaps the filter). The built-in root filesystem lives until exit."""
+    config first (the recorder swaps the filter). The root filesystem (built-in, or an image's
+    overlay) lives until exit."""
     from . import spec as specmod
 
-    if not command:
+    if not command and not opts.image:
         raise StockadeError("no command to run", hint="stockade run [OPTIONS] -- CMD [ARGS...]")
-    config = build_config(opts, command, cid)
-    if edit is not None:
-        edit(config)
-    with root_filesystem(opts) as (bundle, rootfs):
+    with root_filesystem(opts, cid) as (bundle, rootfs, image):
+        config = build_config(opts, command, cid, _Workload.of(opts, command, image, rootfs))
+        if edit is not None:
+            edit(config)
         if opts.bundle:
             config = _merge_bundle(Path(opts.bundle), config)
         config["root"]["path"] = str(rootfs)
@@ -84,8 +88,45 @@ def prepare(
         yield spec, bundle, rootfs
 
 
-def build_config(opts: SandboxOptions, command: list[str], cid: str) -> dict[str, Any]:
-    uid, gid = _user(opts.user)
+@dataclass
+class _Workload:
+    """The process's command, ids, base environment and directory: from the options, filled in
+    from the image config where they say nothing (as podman does)."""
+
+    args: list[str]
+    uid: int
+    gid: int
+    additional_gids: list[int] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)  # before the defaults and --env
+    cwd: str = "/"
+    home: str = ""
+
+    @classmethod
+    def of(cls, opts: SandboxOptions, command: list[str], image: Any, rootfs: Path) -> _Workload:
+        if image is None:
+            uid, gid = _user(opts.user or "0:0")
+            return cls(args=command, uid=uid, gid=gid, cwd=opts.workdir or "/")
+        from .images.passwd import resolve
+
+        cfg = image.image_config()
+        entrypoint = cfg.entrypoint if opts.entrypoint is None else opts.entrypoint
+        # podman: a new entrypoint drops the image's cmd too; a command replaces the cmd
+        args = entrypoint + (command or (cfg.cmd if opts.entrypoint is None else []))
+        if not args:
+            raise StockadeError(f"image {opts.image} has no entrypoint or command", where="--image",
+                                hint="give one: stockade run --image REF -- CMD [ARGS...]")
+        where = "--user" if opts.user else "image User"
+        user = resolve(str(rootfs), opts.user or cfg.user or "0", where=where)
+        if not (0 <= user.uid < IDMAP_SIZE and 0 <= user.gid < IDMAP_SIZE):
+            raise StockadeError(f"user {user.uid}:{user.gid}: ids must be below {IDMAP_SIZE} (the mapped "
+                                "range)", where=where)
+        return cls(args=args, uid=user.uid, gid=user.gid, additional_gids=user.additional_gids,
+                   env=list(cfg.env), cwd=opts.workdir or cfg.workdir or "/", home=user.home)
+
+
+def build_config(opts: SandboxOptions, command: list[str], cid: str, work: _Workload | None = None
+                 ) -> dict[str, Any]:
+    work = work or _Workload.of(opts, command, None, Path("/"))
     host_base, size = _idmap(opts)
     if opts.net != "none":
         raise StockadeError(
@@ -95,8 +136,8 @@ def build_config(opts: SandboxOptions, command: list[str], cid: str) -> dict[str
         )
     config: dict[str, Any] = {
         "ociVersion": "1.2.0",
-        "process": _process(opts, command, uid, gid),
-        "root": {"path": "rootfs", "readonly": True},
+        "process": _process(opts, work),
+        "root": {"path": "rootfs", "readonly": not opts.image},  # an image's root has its own upper
         "hostname": cid[:63],
         "mounts": _mounts(opts),
         "linux": {
@@ -110,6 +151,8 @@ def build_config(opts: SandboxOptions, command: list[str], cid: str) -> dict[str
         },
         "annotations": {"io.stockade.tenant": opts.tenant, "io.stockade.profile": opts.profile},
     }
+    if opts.image:
+        config["annotations"]["io.stockade.image"] = opts.image
     if opts.seccomp is not None:
         config["linux"]["seccomp"] = opts.seccomp
     if opts.bpf_policy:
@@ -117,26 +160,28 @@ def build_config(opts: SandboxOptions, command: list[str], cid: str) -> dict[str
     return config
 
 
-def _process(opts: SandboxOptions, command: list[str], uid: int, gid: int) -> dict[str, Any]:
-    env = [
+def _process(opts: SandboxOptions, work: _Workload) -> dict[str, Any]:
+    env = _environment(work.env, [
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME=/root" if uid == 0 else "HOME=/tmp",
-        "LANG=C.UTF-8",
+        f"HOME={work.home or ('/root' if work.uid == 0 else '/tmp')}",
+        *([] if opts.image else ["LANG=C.UTF-8"]),
         f"TERM={os.environ.get('TERM', 'xterm')}",
         "container=stockade",  # as podman sets container=podman: what detection tools read
-    ]
+    ])
     for item in opts.env:
         if "=" not in item or item.startswith("="):
             raise StockadeError(f"--env {item!r} is not KEY=VALUE", where="--env")
-        env.append(item)
+    env = _environment(env, opts.env, override=True)
+    uid, gid = work.uid, work.gid
     nofile = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     caps = DEFAULT_CAPS if uid == 0 else []
     process: dict[str, Any] = {
         "terminal": bool(opts.tty),
-        "user": {"uid": uid, "gid": gid},
-        "args": command,
+        "user": {"uid": uid, "gid": gid, **({"additionalGids": work.additional_gids}
+                                            if work.additional_gids else {})},
+        "args": work.args,
         "env": env,
-        "cwd": opts.workdir,
+        "cwd": work.cwd,
         "capabilities": {"bounding": DEFAULT_CAPS, "effective": caps, "permitted": caps},
         "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
         "noNewPrivileges": True,
@@ -148,6 +193,16 @@ def _process(opts: SandboxOptions, command: list[str], uid: int, gid: int) -> di
         if size:
             process["consoleSize"] = {"height": size[0], "width": size[1]}
     return process
+
+
+def _environment(env: list[str], more: list[str], override: bool = False) -> list[str]:
+    """ENV with MORE's KEY=VALUE added: where a key is in both, MORE's wins only with OVERRIDE."""
+    out = {item.partition("=")[0]: item for item in env}
+    for item in more:
+        key = item.partition("=")[0]
+        if override or key not in out:
+            out[key] = item
+    return list(out.values())
 
 
 def _user(text: str) -> tuple[int, int]:
@@ -227,7 +282,7 @@ def _resources(opts: SandboxOptions) -> dict[str, Any]:
 
 def _mounts(opts: SandboxOptions) -> list[dict[str, Any]]:
     mounts = standard_mounts()
-    if not opts.rootfs and not opts.bundle:
+    if not opts.rootfs and not opts.bundle and not opts.image:
         mounts += _host_mounts()
     for item in opts.bind:
         mounts.append(_bind(item))
@@ -293,7 +348,12 @@ def _merge_bundle(bundle: Path, ours: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def root_filesystem(opts: SandboxOptions) -> Iterator[tuple[Path, Path]]:
+def root_filesystem(opts: SandboxOptions, cid: str) -> Iterator[tuple[Path, Path, Any]]:
+    """(bundle directory, rootfs, the image or None) for the container CID."""
+    if opts.image:
+        with _image_root(opts, cid) as (rootfs, image):
+            yield rootfs.parent, rootfs, image
+        return
     if opts.bundle:
         bundle = Path(opts.bundle).resolve()
         config = bundle / "config.json"
@@ -306,21 +366,41 @@ def root_filesystem(opts: SandboxOptions) -> Iterator[tuple[Path, Path]]:
         )
         rootfs = (bundle / root).resolve()
         _must_be_dir(rootfs, "--bundle rootfs")
-        yield bundle, rootfs
+        yield bundle, rootfs, None
         return
     if opts.rootfs:
         rootfs = Path(opts.rootfs).resolve()
         _must_be_dir(rootfs, "--rootfs")
-        yield rootfs.parent, rootfs
+        yield rootfs.parent, rootfs, None
         return
     tmp = _private_dir("/run", "stockade-rootfs-")
     try:
         _populate_default_rootfs(tmp)
         _bind_mount_points(tmp, opts.bind)
-        yield tmp, tmp
+        yield tmp, tmp, None
     finally:
         with suppress(OSError):  # like shutil.rmtree(ignore_errors=True): never mask the result
             remove_tree(str(tmp))
+
+
+@contextlib.contextmanager
+def _image_root(opts: SandboxOptions, cid: str) -> Iterator[tuple[Path, Any]]:
+    """The image's layers under an overlay of the container's own, seen with its id maps."""
+    from .images.rootfs import mount_root, unmount_root
+    from .images.store import Store
+    from .spec import IDMapping
+
+    if opts.rootfs or opts.bundle:
+        raise StockadeError("--image cannot be combined with --rootfs or --bundle", where="--image")
+    store = Store(opts.image_store)
+    image = store.get(str(opts.image))
+    host_base, size = _idmap(opts)
+    maps = [IDMapping(container_id=0, host_id=host_base, size=size)]
+    rootfs = Path(mount_root(store, image, cid, maps, maps))
+    try:
+        yield rootfs, image
+    finally:
+        unmount_root(store, cid)
 
 
 def _private_dir(parent: str, prefix: str) -> Path:

@@ -10,6 +10,8 @@ import ctypes
 import os
 
 from .linux import (  # noqa: F401 - the flags callers pass, re-exported
+    AT_EMPTY_PATH,
+    AT_RECURSIVE,
     CLONE_INTO_CGROUP,
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
@@ -20,6 +22,8 @@ from .linux import (  # noqa: F401 - the flags callers pass, re-exported
     CLONE_NEWUSER,
     CLONE_NEWUTS,
     MNT_DETACH,
+    MOUNT_ATTR_IDMAP,
+    MOVE_MOUNT_F_EMPTY_PATH,
     MS_BIND,
     MS_DIRSYNC,
     MS_I_VERSION,
@@ -43,6 +47,7 @@ from .linux import (  # noqa: F401 - the flags callers pass, re-exported
     MS_STRICTATIME,
     MS_SYNCHRONOUS,
     MS_UNBINDABLE,
+    OPEN_TREE_CLONE,
     PR_CAP_AMBIENT,
     PR_CAP_AMBIENT_CLEAR_ALL,
     PR_CAP_AMBIENT_IS_SET,
@@ -72,6 +77,9 @@ _SYS_OPENAT2 = 437
 _SYS_CLOSE_RANGE = 436
 _SYS_SETNS = 308
 _SYS_KEYCTL = 250
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_MOUNT_SETATTR = 442
 KEYCTL_JOIN_SESSION_KEYRING = 1
 
 
@@ -179,6 +187,32 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> i
     """openat2(2): `resolve=RESOLVE_IN_ROOT` makes `path` (even "..", symlinks) stay under dirfd."""
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
     return _check(_syscall(_SYS_OPENAT2, dirfd, _b(path), ctypes.byref(how), ctypes.sizeof(how)), path)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
+
+
+def idmapped_tree(path: str, userns_fd: int) -> int:
+    """A detached copy of the mount tree at PATH (open_tree OPEN_TREE_CLONE) whose file owners are
+    seen through USERNS_FD's id maps (mount_setattr MOUNT_ATTR_IDMAP, Linux 5.12+): a file owned
+    by 0 on disk shows as the host id the namespace maps 0 to. Returns its fd; attach it with
+    move_mount."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE
+    fd = _check(_syscall(_SYS_OPEN_TREE, -100, _b(path), flags), path)  # AT_FDCWD
+    attr = _MountAttr(attr_set=MOUNT_ATTR_IDMAP, userns_fd=userns_fd)
+    try:
+        _check(_syscall(_SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH | AT_RECURSIVE, ctypes.byref(attr),
+                        ctypes.sizeof(attr)), path)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def move_mount(fd: int, target: str) -> None:
+    """Attach the detached mount FD at TARGET."""
+    _check(_syscall(_SYS_MOVE_MOUNT, fd, b"", -100, _b(target), MOVE_MOUNT_F_EMPTY_PATH), target)
 
 
 class _StatFs(ctypes.Structure):

@@ -7,9 +7,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
+import socket
+import subprocess
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 from bundles import make_rootfs
@@ -24,7 +28,7 @@ def busybox_image(archive: Path, name: str) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         rootfs = make_rootfs(Path(tmp) / "rootfs")
         shutil.copy2(CATATONIT, rootfs / "pause")
-        layer = _tar_of(rootfs)
+        layer = tar_of(rootfs)
     return oci_archive(archive, name, [(layer, "")], {"Env": [PATH_ENV], "Entrypoint": ["/pause", "-P"],
                                                       "WorkingDir": "/"})
 
@@ -84,7 +88,7 @@ def _compress(raw: bytes, how: str) -> bytes:
     return raw
 
 
-def _tar_of(rootfs: Path) -> bytes:
+def tar_of(rootfs: Path) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(rootfs.rglob("*")):
@@ -134,3 +138,41 @@ def concurrently(fn, times: int) -> list[BaseException]:  # noqa: ANN001 - any c
     for t in threads:
         t.join()
     return errors
+
+
+class Registry:
+    def __init__(self, base: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self.data = base / "data"
+        config = base / "config.yml"
+        config.write_text(
+            f"version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.data}\n"
+            f"http:\n  addr: {self.host}\n"
+        )
+        self.log = base / "registry.log"
+        self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=open(self.log, "wb"),  # noqa: SIM115
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def push(self, archive: Path, name: str) -> None:
+        command = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci-archive:{archive}",
+                   f"docker://{self.host}/{name}"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+
+    def blob_gets(self) -> list[str]:
+        return re.findall(r"GET /v2/[^ ]*/blobs/(sha256:[0-9a-f]{64})", self.log.read_text(errors="replace"))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import shutil
 import socket
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from images import PATH_ENV, concurrently, layer_tar, oci_archive
+from images import PATH_ENV, Registry, concurrently, layer_tar, oci_archive
 from kernel import needs_root, require  # noqa: F401 - needs_root: a fixture, used by name
 from stockade.runtime.images.registry import Client, RegistryError, pull
 from stockade.runtime.images.store import Store
@@ -26,44 +24,6 @@ pytestmark = pytest.mark.usefixtures("needs_root")
 
 BASE = layer_tar(("etc/motd", b"base\n"), ("data/blob", os.urandom(200_000)))
 TOP = layer_tar(("etc/.wh.motd", b""), ("etc/issue", b"top\n"))
-
-
-class Registry:
-    def __init__(self, base: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.host = f"127.0.0.1:{self.port}"
-        self.data = base / "data"
-        config = base / "config.yml"
-        config.write_text(
-            f"version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n"
-            f"storage:\n  filesystem:\n    rootdirectory: {self.data}\n"
-            f"http:\n  addr: {self.host}\n"
-        )
-        self.log = base / "registry.log"
-        self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=open(self.log, "wb"),  # noqa: SIM115
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.05)
-
-    def push(self, archive: Path, name: str) -> None:
-        command = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci-archive:{archive}",
-                   f"docker://{self.host}/{name}"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-
-    def blob_gets(self) -> list[str]:
-        return re.findall(r"GET /v2/[^ ]*/blobs/(sha256:[0-9a-f]{64})", self.log.read_text(errors="replace"))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")

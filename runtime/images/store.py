@@ -5,6 +5,7 @@ STOCKADE_IMAGE_STORE moves it).
     blobs/sha256/<hex>      compressed layers, manifests, configs: written beside, verified, renamed
     layers/<diff-id hex>/   a layer unpacked by layers.apply (an overlayfs lower directory)
     images/<config hex>.json  one image: its id, names, manifest, config and layers
+    containers/<key>/       a container's root filesystem over the layers (images.rootfs)
     lock                    flock for metadata changes; layers/<hex>.lock per layer while unpacking
 
 Everything is written to a temporary name and renamed, and a blob is checked against its digest
@@ -55,8 +56,17 @@ class Store:
     def __init__(self, root: str | None = None, policy: layers.Policy | None = None) -> None:
         self.root = root or os.environ.get("STOCKADE_IMAGE_STORE") or DEFAULT_ROOT
         self.policy = policy or layers.Policy()
-        for sub in ("blobs/sha256", "layers", "images"):
+        if set(self.root) & set(",:\\"):
+            raise SpecError("the image store's path cannot hold ',', ':' or '\\' (overlayfs options)",
+                            where=self.root)
+        for sub in ("blobs/sha256", "layers", "images", "containers"):
             os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
+        for path in (self.root, os.path.join(self.root, "containers")):
+            # A container's init, root in its user namespace only, must pass through to its root
+            # filesystem: search (not read) permission; layers, blobs and images stay 0700.
+            mode = os.stat(path).st_mode & 0o7777
+            if mode & 0o011 != 0o011:
+                os.chmod(path, mode | 0o011)
 
     # -- blobs
 
@@ -118,6 +128,18 @@ class Store:
                 return []
             with open(self.blob_path(layer.digest), "rb") as blob:
                 return layers.apply(blob, layer.media_type, dest, diff_id, self.policy).notes
+
+    def layers_in_use(self) -> set[str]:
+        """Diff ids of layers a container's root filesystem is made of (images.rootfs)."""
+        used: set[str] = set()
+        base = os.path.join(self.root, "containers")
+        for entry in os.listdir(base):
+            try:
+                with open(os.path.join(base, entry, "layers")) as f:
+                    used.update(f.read().split())
+            except OSError:
+                continue
+        return used
 
     # -- images
 
@@ -197,7 +219,7 @@ class Store:
     def prune(self, in_use: set[str] | None = None) -> list[str]:
         """Remove layers and blobs no image references (and temporaries of interrupted work);
         IN_USE: diff ids a running container still mounts. Returns what was removed."""
-        in_use = set(in_use or ())
+        in_use = set(in_use or ()) | self.layers_in_use()
         with _flock(os.path.join(self.root, "lock")):
             keep_layers, keep_blobs = set(in_use), set()
             for image in self.images():
