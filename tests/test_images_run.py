@@ -17,6 +17,7 @@ from bundles import make_rootfs
 from images import PATH_ENV, Registry, layer_tar, oci_archive, tar_of
 from kernel import needs_root, require  # noqa: F401 - needs_root: a fixture, used by name
 from leftovers import new_since, snapshot
+from stockade.runtime.images.archive import import_archive
 from stockade.runtime.images.store import Store
 
 pytestmark = pytest.mark.usefixtures("needs_root")
@@ -64,7 +65,7 @@ def store_dir() -> Iterator[Path]:
 @pytest.fixture
 def store(store_dir: Path, image_archive: Path) -> Store:
     store = Store(str(store_dir))
-    store.import_oci(str(image_archive))
+    import_archive(store, str(image_archive))
     return store
 
 
@@ -111,7 +112,7 @@ def test_a_symlinked_passwd_resolves_inside_the_image(store_dir: Path, tmp_path:
     archive = oci_archive(tmp_path / "evil.tar", "localhost/test/evil", [(tar_of(rootfs), "")],
                           {"Env": [PATH_ENV], "Cmd": ["id"], "User": "_apt"})
     store = Store(str(store_dir))
-    store.import_oci(str(archive))
+    import_archive(store, str(archive))
     require("_apt:" in Path("/etc/passwd").read_text(), "a host user the image lacks (_apt)")
     done = run(store, "--image", "localhost/test/evil")
     assert done.returncode == 1
@@ -135,7 +136,7 @@ def test_an_image_without_entrypoint_or_cmd_needs_a_command(store_dir: Path, tmp
     archive = oci_archive(tmp_path / "plain.tar", "localhost/test/plain", [(tar_of(rootfs), "")],
                           {"Env": [PATH_ENV]})
     store = Store(str(store_dir))
-    store.import_oci(str(archive))
+    import_archive(store, str(archive))
     done = run(store, "--image", "localhost/test/plain")
     assert done.returncode == 1 and "has no entrypoint or command" in done.stderr
     assert run(store, "--image", "localhost/test/plain", "--", "true").returncode == 0

@@ -1,4 +1,5 @@
-"""`stockade image`: the command line over the image store (pull, ls, inspect, rm, prune, import)."""
+"""`stockade image`: the command line over the image store (pull, ls, inspect, rm, prune, import,
+export)."""
 
 from __future__ import annotations
 
@@ -41,11 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     rm.set_defaults(func=_rm)
     prune = sub.add_parser("prune", help="remove layers and blobs no image uses", formatter_class=formatter)
     prune.set_defaults(func=_prune)
-    imp = sub.add_parser("import", help="an OCI image layout (directory or tar) into the store",
-                         formatter_class=formatter)
+    imp = sub.add_parser("import", help="an OCI image layout (directory or tar) or a docker-archive tar "
+                         "into the store", formatter_class=formatter)
     imp.add_argument("path", metavar="FILE|DIR")
     imp.add_argument("--name", help="the name to give it (default: the layout's own)")
     imp.set_defaults(func=_import)
+    exp = sub.add_parser("export", help="an image as an OCI image layout (a directory, or a tar if OUT "
+                         "ends in .tar)", formatter_class=formatter)
+    exp.add_argument("ref", metavar="REF")
+    exp.add_argument("out", metavar="OUT")
+    exp.set_defaults(func=_export)
     return p
 
 
@@ -93,10 +99,19 @@ def _prune(store: Store, args: argparse.Namespace) -> None:
 
 
 def _import(store: Store, args: argparse.Namespace) -> None:
-    for image, notes in store.import_oci(args.path, args.name):
+    from .archive import import_archive
+
+    for image, notes in import_archive(store, args.path, args.name):
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         print(f"{', '.join(iter_names(image))} {image.id}")
+
+
+def _export(store: Store, args: argparse.Namespace) -> None:
+    from .archive import export_oci
+
+    image = export_oci(store, args.ref, args.out)
+    print(f"{image.id} -> {args.out}")
 
 
 def _size(n: int) -> str:

@@ -15,13 +15,12 @@ never a half-written blob, layer or image that would be served.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
-import io
 import json
 import os
 import shutil
-import tarfile
 
 from .._lite.dataclasses import asdict, dataclass, field
 from ..errors import SpecError
@@ -32,10 +31,9 @@ from .reference import parse
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from typing import BinaryIO
+    from typing import BinaryIO, NoReturn
 
 DEFAULT_ROOT = "/var/lib/stockade/images"
-NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
 
 
 @dataclass
@@ -102,11 +100,29 @@ class Store:
                 raise SpecError(f"blob {digest} has content sha256:{sha.hexdigest()}", where="image",
                                 hint="corrupt or tampered: nothing of it was kept")
             os.rename(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            raise
+            _raise_stored(exc, digest, self.root)
         return path
+
+    def add_blob(self, source: BinaryIO) -> tuple[str, int]:
+        """Store SOURCE, whose digest is not known beforehand (a docker-archive layer): (digest, size)."""
+        tmp = os.path.join(self.root, "blobs", "sha256", f"new.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        sha, count = hashlib.sha256(), 0
+        try:
+            with open(tmp, "xb") as out:
+                while chunk := source.read(1 << 20):
+                    count += len(chunk)
+                    sha.update(chunk)
+                    out.write(chunk)
+            digest = "sha256:" + sha.hexdigest()
+            os.rename(tmp, self.blob_path(digest))
+        except BaseException as exc:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            _raise_stored(exc, "a layer", self.root)
+        return digest, count
 
     def read_blob(self, digest: str) -> bytes:
         with open(self.blob_path(digest), "rb") as f:
@@ -240,29 +256,6 @@ class Store:
                     removed.append(os.path.join(blobs, entry))
         return removed
 
-    # -- offline import
-
-    def import_oci(self, path: str, name: str | None = None) -> list[tuple[Image, list[str]]]:
-        """An OCI image layout (a directory, or a tar of one) into the store."""
-        with _Layout(path) as layout:
-            index = manifest.load(layout.read("index.json"), f"{path}: index.json")
-            out = []
-            for i, entry in enumerate(index.get("manifests") or []):
-                d = manifest.descriptor(entry, f"{path}: index.json manifests[{i}]")
-                names = [name] if name else [a for k in NAME_ANNOTATIONS if (a := d.annotations.get(k))][:1]
-                if d.media_type in manifest.INDEXES:
-                    d = manifest.pick(manifest.load(layout.blob(d.digest), d.digest), d.digest)
-                names = [str(parse(n)) for n in names if ":" in n or "/" in n or name]
-                body = layout.blob(d.digest)
-                m = manifest.manifest(manifest.load(body, d.digest), d.digest)
-                for blob in (m.config, *m.layers):
-                    layout.copy_blob(self, blob)
-                self.put_blob(d.digest, io.BytesIO(body), d.size)
-                out.append(self.add(body, names, d.media_type))
-            if not out:
-                raise SpecError("the layout's index.json lists no image", where=path)
-            return out
-
     # -- metadata files
 
     def _meta(self, image_id: str) -> str:
@@ -279,52 +272,6 @@ class Store:
         write_atomic(self._meta(image.id), json.dumps(asdict(image), indent=1, sort_keys=True))
 
 
-class _Layout:
-    """Read access to an OCI layout in a directory or a tar, verifying what it hands out."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.tar = None if os.path.isdir(path) else tarfile.open(path, "r:*")
-
-    def __enter__(self) -> _Layout:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self.tar is not None:
-            self.tar.close()
-
-    def open(self, name: str) -> BinaryIO:
-        if self.tar is None:
-            return open(os.path.join(self.path, name), "rb")  # noqa: SIM115 - the caller closes it
-        member = self.tar.getmember(name)
-        f = self.tar.extractfile(member) if member.isreg() else None
-        if f is None:
-            raise SpecError(f"{name} is not a file in the layout", where=self.path)
-        return f  # type: ignore[return-value]
-
-    def read(self, name: str) -> bytes:
-        try:
-            with self.open(name) as f:
-                return f.read(manifest.MAX_DOCUMENT + 1)
-        except (KeyError, FileNotFoundError):
-            raise SpecError(f"no {name} in the layout", where=self.path, hint="an OCI image layout") from None
-
-    def blob(self, digest: str) -> bytes:
-        data = self.read("blobs/sha256/" + manifest.check_digest(digest, self.path)[7:])
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise SpecError(f"blob {digest} of the layout does not match its digest", where=self.path)
-        return data
-
-    def copy_blob(self, store: Store, d: manifest.Descriptor) -> None:
-        if store.has_blob(d.digest):
-            return
-        try:
-            with self.open("blobs/sha256/" + d.digest[7:]) as f:
-                store.put_blob(d.digest, f, d.size)
-        except (KeyError, FileNotFoundError):
-            raise SpecError(f"blob {d.digest} is missing from the layout", where=self.path) from None
-
-
 class _flock:  # noqa: N801 - used like a function
     def __init__(self, path: str) -> None:
         self.path = path
@@ -336,6 +283,14 @@ class _flock:  # noqa: N801 - used like a function
     def __exit__(self, *_: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+def _raise_stored(exc: BaseException, what: str, root: str) -> NoReturn:
+    """EXC again, or for a failed write (a full disk) an error that names the blob and the cause."""
+    if isinstance(exc, OSError):
+        hint = "free space on the store's filesystem" if exc.errno == errno.ENOSPC else ""
+        raise SpecError(f"cannot store blob {what}: {exc.strerror or exc}", where=root, hint=hint) from None
+    raise exc
 
 
 def _is_id_of(ref: str, image: Image) -> bool:
