@@ -4,6 +4,7 @@ image layout tar that `ctr images import` reads."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -13,8 +14,12 @@ import socket
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from bundles import make_rootfs
 
@@ -140,18 +145,128 @@ def concurrently(fn, times: int) -> list[BaseException]:  # noqa: ANN001 - any c
     return errors
 
 
+class TokenServer:
+    """A registry token service (distribution's `auth: token`) on a loopback port, for tests to run
+    themselves: GET /token?service=..&scope=repository:NAME:pull[,push] answers an RS256 JWT signed
+    with a key and self-signed certificate that openssl makes in BASE (the registry's
+    rootcertbundle). Basic USER:PASSWORD gets pull and push on every repository, an anonymous
+    request only pull on repositories under public/, wrong credentials a 401. `requests` lists
+    every (scope, user or "") asked for, in order."""
+
+    SERVICE = "stockade-test-registry"
+    ISSUER = "stockade-test-token-server"
+    LIFETIME = 300
+
+    def __init__(self, base: Path, user: str = "tester", password: str = "s3cret pass") -> None:
+        self.user, self.password = user, password
+        self.key, self.cert = base / "token.key", base / "token.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                        "/CN=stockade test token issuer", "-keyout", str(self.key), "-out", str(self.cert)],
+                       check=True, capture_output=True, timeout=60)
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
+                             check=True, capture_output=True, timeout=60).stdout
+        self.x5c = base64.b64encode(der).decode()
+        self.requests: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _token_handler(self))
+        self.realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="token-server", daemon=True)
+        self.thread.start()
+
+    def count(self, scope: str) -> int:
+        with self.lock:
+            return sum(1 for asked, _ in self.requests if asked == scope)
+
+    def grant(self, user: str, scopes: list[str]) -> list[dict]:
+        """The access USER ("" anonymous) gets for SCOPES (what is not allowed is left out)."""
+        access = []
+        for scope in scopes:
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            if kind != "repository" or not name:
+                continue
+            allowed = {"pull", "push"} if user else {"pull"} if name.startswith("public/") else set()
+            granted = [a for a in actions.split(",") if a in allowed]
+            if granted:
+                access.append({"type": "repository", "name": name, "actions": granted})
+        return access
+
+    def token(self, user: str, service: str, access: list[dict]) -> str:
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}
+        claims = {"iss": self.ISSUER, "sub": user, "aud": service, "exp": now + self.LIFETIME,
+                  "nbf": now - 10, "iat": now, "jti": uuid.uuid4().hex, "access": access}
+        signed = f"{_b64url(_json(header))}.{_b64url(_json(claims))}"
+        signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+                                   input=signed.encode(), check=True, capture_output=True, timeout=60).stdout
+        return f"{signed}.{_b64url(signature)}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=20)
+        assert not self.thread.is_alive()
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _token_handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            url = urlsplit(self.path)
+            if url.path != "/token":
+                return self._reply(404, {"errors": [{"code": "NOT_FOUND", "message": url.path}]})
+            query = parse_qs(url.query)
+            scopes = query.get("scope", [])
+            user = ""
+            if "authorization" in self.headers:
+                kind, _, encoded = self.headers["authorization"].partition(" ")
+                name, _, password = base64.b64decode(encoded).decode(errors="replace").partition(":")
+                if kind.lower() != "basic" or (name, password) != (server.user, server.password):
+                    refusal = {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]}
+                    return self._reply(401, refusal)
+                user = name
+            with server.lock:
+                server.requests.append((" ".join(scopes), user))
+            token = server.token(user, query.get("service", [""])[0], server.grant(user, scopes))
+            return self._reply(200, {"token": token, "access_token": token, "expires_in": server.LIFETIME})
+
+        def _reply(self, status: int, body: dict) -> None:
+            data = _json(body)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the http.server API
+            pass
+
+    return Handler
+
+
 class Registry:
-    def __init__(self, base: Path) -> None:
+    """Debian's docker-registry on a loopback port, storing in BASE; with TOKEN_AUTH it wants
+    bearer tokens from that token server (pushes then log in as its user)."""
+
+    def __init__(self, base: Path, token_auth: TokenServer | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.host = f"127.0.0.1:{self.port}"
         self.data = base / "data"
+        self.token_auth = token_auth
         config = base / "config.yml"
+        auth = (
+            f"auth:\n  token:\n    realm: {token_auth.realm}\n    service: {token_auth.SERVICE}\n"
+            f"    issuer: {token_auth.ISSUER}\n    rootcertbundle: {token_auth.cert}\n"
+        ) if token_auth else ""
         config.write_text(
             f"version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.data}\n"
-            f"http:\n  addr: {self.host}\n"
+            f"http:\n  addr: {self.host}\n" + auth
         )
         self.log = base / "registry.log"
         self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=open(self.log, "wb"),  # noqa: SIM115
@@ -167,6 +282,8 @@ class Registry:
     def push(self, archive: Path, name: str) -> None:
         command = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci-archive:{archive}",
                    f"docker://{self.host}/{name}"]
+        if self.token_auth:
+            command[2:2] = ["--dest-creds", f"{self.token_auth.user}:{self.token_auth.password}"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
 

@@ -3,18 +3,22 @@ built by the tests and pushed with Debian's skopeo, pulled back into a store of 
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from images import PATH_ENV, Registry, concurrently, layer_tar, oci_archive
+from images import PATH_ENV, Registry, TokenServer, concurrently, layer_tar, oci_archive
 from kernel import needs_root, require  # noqa: F401 - needs_root: a fixture, used by name
 from stockade.runtime.images.registry import Client, RegistryError, pull
 from stockade.runtime.images.store import Store
@@ -120,3 +124,163 @@ def test_pull_from_the_command_line(registry: Registry, tmp_path: Path) -> None:
     command = [*stockade, "pull", "--insecure-registry", registry.host, f"{registry.host}/test/none"]
     bad = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "answered 404" in bad.stderr and "no such image" in bad.stderr
+
+
+# -- a registry that wants bearer tokens from a token server of the tests' own
+
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """The registry with `auth: token`: public/app (config and three layers), public/other and
+    private/app pushed with the token server's user."""
+    require(shutil.which("docker-registry") and shutil.which("skopeo") and shutil.which("openssl"),
+            "docker-registry, skopeo and openssl (setup)")
+    base = tmp_path_factory.mktemp("token-registry")
+    tokens = TokenServer(base)
+    reg: Registry | None = None
+    try:
+        reg = Registry(base, token_auth=tokens)
+        archive = oci_archive(base / "app.tar", "localhost/app",
+                              [(BASE, "gzip"), (TOP, "zstd"), (layer_tar(("etc/third", b"3\n")), "")],
+                              {"Env": [PATH_ENV], "Cmd": ["cat", "/etc/issue"]})
+        other = oci_archive(base / "other.tar", "localhost/other",
+                            [(layer_tar(("etc/other", b"o\n")), "gzip")], {"Cmd": ["true"]})
+        reg.push(archive, "public/app:v1")
+        reg.push(archive, "private/app:v1")
+        reg.push(other, "public/other:v1")
+        yield reg
+    finally:
+        if reg:
+            reg.stop()
+        tokens.stop()
+
+
+def _tokens(reg: Registry) -> TokenServer:
+    assert reg.token_auth
+    return reg.token_auth
+
+
+def _auth_file(path: Path, host: str, user: str, password: str) -> str:
+    encoded = base64.b64encode(f"{user}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {host: {"auth": encoded}}}))
+    return str(path)
+
+
+def _nothing_kept(store: Store) -> None:
+    assert store.images() == []
+    root = Path(store.root)
+    assert [p.name for p in (root / "blobs/sha256").iterdir() if not p.name.endswith(".lock")] == []
+    assert [p for p in (root / "layers").iterdir() if p.is_dir()] == []
+
+
+def test_anonymous_pull_of_a_public_image_answers_the_bearer_challenge(token_registry: Registry,
+                                                                       store: Store) -> None:
+    tokens = _tokens(token_registry)
+    # the registry refuses a request without a token, and names the token service
+    bare = httpx.get(f"http://{token_registry.host}/v2/public/app/manifests/v1", timeout=10)
+    assert bare.status_code == 401 and f'realm="{tokens.realm}"' in bare.headers["www-authenticate"]
+    image, _ = pull(store, f"{token_registry.host}/public/app:v1", _client(token_registry))
+    assert image.repo_tags == [f"{token_registry.host}/public/app:v1"] and len(image.layers) == 3
+    assert image.image_config().cmd == ["cat", "/etc/issue"]
+    assert (Path(store.layer_dir(image.layers[2])) / "etc/third").read_bytes() == b"3\n"
+    assert ("repository:public/app:pull", "") in tokens.requests  # anonymously
+
+
+@pytest.mark.parametrize("password", [None, "wrong"], ids=["anonymous", "wrong-password"])
+def test_a_private_image_needs_credentials(token_registry: Registry, store: Store, tmp_path: Path,
+                                          password: str | None) -> None:
+    auth = (_auth_file(tmp_path / "auth.json", token_registry.host, _tokens(token_registry).user, password)
+            if password else os.devnull)
+    client = Client(insecure={token_registry.host}, auth_file=auth, timeout=10, deadline=120)
+    ref = f"{token_registry.host}/private/app:v1"
+    with pytest.raises(RegistryError) as err:
+        pull(store, ref, client)
+    if password:  # the token service refuses the credentials
+        assert "token service answered 401 for repository:private/app:pull: UNAUTHORIZED" in err.value.what
+        assert "credentials" in err.value.hint
+        assert err.value.where.startswith(_tokens(token_registry).realm)
+    else:  # an anonymous token without access: the registry refuses it
+        answer = f"{token_registry.host}/private/app: GET /v2/private/app/manifests/v1 answered 401"
+        assert answer in err.value.what
+        assert "UNAUTHORIZED" in err.value.what and err.value.where == ref
+        assert "log in" in err.value.hint
+    assert token_registry.host in str(err.value)
+    _nothing_kept(store)
+
+
+@pytest.mark.parametrize("key", ["{host}", "http://{host}", "https://{host}/v1/"])
+def test_a_private_image_with_credentials_from_the_auth_file(token_registry: Registry, store: Store,
+                                                             tmp_path: Path, key: str) -> None:
+    """The auth file's key as podman (host:port) or docker login (URL) write it."""
+    tokens = _tokens(token_registry)
+    key = key.format(host=token_registry.host)
+    auth = _auth_file(tmp_path / "auth.json", key, tokens.user, tokens.password)
+    client = Client(insecure={token_registry.host}, auth_file=auth, timeout=10, deadline=120)
+    image, _ = pull(store, f"{token_registry.host}/private/app:v1", client)
+    assert image.repo_tags == [f"{token_registry.host}/private/app:v1"] and len(image.layers) == 3
+    base = Path(store.layer_dir(image.layers[0]))
+    assert (base / "etc/motd").read_bytes() == b"base\n"
+    assert tokens.requests[-1] == ("repository:private/app:pull", tokens.user)  # asked as the user
+
+
+def test_auth_file_keys_name_the_registry_host(tmp_path: Path) -> None:
+    """docker login's URL keys (Docker Hub's is https://index.docker.io/v1/) and podman's host keys."""
+    encoded = base64.b64encode(b"hub:pw").decode()
+    auths = {"https://index.docker.io/v1/": {"auth": encoded},
+             "http://127.0.0.1:5000/v2/": {"auth": base64.b64encode(b"me:a:b").decode()},
+             "quay.io": {"auth": encoded}}
+    (tmp_path / "auth.json").write_text(json.dumps({"auths": auths}))
+    client = Client(auth_file=str(tmp_path / "auth.json"))
+    try:
+        assert client.credentials == {"registry-1.docker.io": ("hub", "pw"), "127.0.0.1:5000": ("me", "a:b"),
+                                      "quay.io": ("hub", "pw")}
+    finally:
+        client.close()
+
+
+def test_tokens_are_cached_per_scope(token_registry: Registry, store: Store) -> None:
+    tokens = _tokens(token_registry)
+    app, other = "repository:public/app:pull", "repository:public/other:pull"
+    before = {scope: tokens.count(scope) for scope in (app, other)}
+    gets = len(token_registry.blob_gets())
+    client = _client(token_registry)
+    image, _ = pull(store, f"{token_registry.host}/public/app:v1", client)
+    assert len(token_registry.blob_gets()) - gets == 4  # the config and three layers ...
+    assert tokens.count(app) - before[app] == 1  # ... with one token
+    again, _ = pull(store, f"{token_registry.host}/public/app@{image.manifest_digest}", client)
+    assert again.id == image.id and tokens.count(app) - before[app] == 1
+    pull(store, f"{token_registry.host}/public/other:v1", client)  # another repository: its own token
+    assert tokens.count(other) - before[other] == 1 and tokens.count(app) - before[app] == 1
+    # a new client starts without tokens
+    pull(store, f"{token_registry.host}/public/other:v1", _client(token_registry))
+    assert tokens.count(other) - before[other] == 2
+
+
+def test_an_expired_token_is_fetched_again(token_registry: Registry, store: Store) -> None:
+    """A token the registry no longer takes (a long pull outlives it) is replaced, not an error."""
+    tokens = _tokens(token_registry)
+    scope = "repository:public/other:pull"
+    before = tokens.count(scope)
+    client = _client(token_registry)
+    tokens.LIFETIME = -57  # the registry allows 60 s of clock skew: this token works for 2-3 s
+    try:
+        image, _ = pull(store, f"{token_registry.host}/public/other:v1", client)
+    finally:
+        tokens.LIFETIME = TokenServer.LIFETIME
+    time.sleep(4)
+    again, _ = pull(store, f"{token_registry.host}/public/other@{image.manifest_digest}", client)
+    assert again.id == image.id and tokens.count(scope) - before == 2
+
+
+def test_a_token_service_that_is_down(tmp_path: Path, store: Store) -> None:
+    require(shutil.which("docker-registry") and shutil.which("openssl"), "docker-registry, openssl (setup)")
+    tokens = TokenServer(tmp_path)
+    reg = Registry(tmp_path, token_auth=tokens)
+    try:
+        tokens.stop()
+        with pytest.raises(RegistryError, match="cannot reach the token service") as err:
+            pull(store, f"{reg.host}/public/app:v1", _client(reg))
+        assert err.value.where.startswith(tokens.realm)
+    finally:
+        reg.stop()
+    _nothing_kept(store)

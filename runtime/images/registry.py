@@ -131,8 +131,9 @@ class Client:
 
     def _authenticate(self, r: httpx.Response, host: str, scope: str) -> bool:
         """Answer a 401's challenge once; False when there is nothing to answer with."""
-        if (host, scope) in self.tokens:
-            return False  # the token we sent was refused
+        import httpx
+
+        self.tokens.pop((host, scope), None)  # the token we sent was refused (expired): ask again
         kind, params = _challenge(r.headers.get("www-authenticate", ""))
         user = self.credentials.get(host)
         if kind == "basic" and user:
@@ -145,9 +146,13 @@ class Client:
         headers = {}
         if user:
             headers["Authorization"] = "Basic " + base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()
-        token_reply = self.http.get(realm, headers=headers)
+        try:
+            token_reply = self.http.get(realm, headers=headers)
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"{host}: cannot reach the token service: {exc}", where=realm) from None
         if token_reply.status_code != 200:
-            raise RegistryError(f"{host}: the token service answered {token_reply.status_code}", where=realm,
+            answer = f"{token_reply.status_code} for {query['scope']}: {_message(token_reply.text[:300])}"
+            raise RegistryError(f"{host}: the token service answered {answer}", where=realm,
                                 hint="check the credentials in the auth file")
         try:
             body = token_reply.json()
@@ -246,9 +251,16 @@ def _credentials(path: str | None) -> dict[str, tuple[str, str]]:
             encoded = (entry or {}).get("auth")
             if encoded:
                 user, _, password = base64.b64decode(encoded).decode().partition(":")
-                out[urlsplit("//" + host).netloc or host] = (user, password)
+                out[_auth_key(host)] = (user, password)
         return out
     return {}
+
+
+def _auth_key(key: str) -> str:
+    """The registry host an auth file's key names: podman writes `host[:port]`, docker login a URL
+    (`https://index.docker.io/v1/` for Docker Hub)."""
+    netloc = urlsplit(key if "//" in key else "//" + key).netloc or key
+    return DOCKER_HUB if netloc in (DEFAULT_DOMAIN, "index.docker.io") else netloc
 
 
 def _message(body: str) -> str:
