@@ -5,8 +5,7 @@ is refused. Nothing here touches the network or the disk: the callers verify dig
 
 from __future__ import annotations
 
-import json
-
+from .._lite import json
 from .._lite.dataclasses import dataclass, field
 from ..errors import SpecError
 

@@ -17,21 +17,22 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
-import json
 import os
-import shutil
 
+from .._lite import json as jsonlite
 from .._lite.dataclasses import asdict, dataclass, field
 from ..errors import SpecError
 from ..files import write_atomic
-from . import layers, manifest
+from ..state import remove_tree
+from . import manifest
 from .reference import parse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from typing import BinaryIO, NoReturn
+    from typing import Any, BinaryIO, NoReturn
+
+    from . import layers
 
 DEFAULT_ROOT = "/var/lib/stockade/images"
 
@@ -53,7 +54,7 @@ class Image:
 class Store:
     def __init__(self, root: str | None = None, policy: layers.Policy | None = None) -> None:
         self.root = root or os.environ.get("STOCKADE_IMAGE_STORE") or DEFAULT_ROOT
-        self.policy = policy or layers.Policy()
+        self._policy = policy
         if set(self.root) & set(",:\\"):
             raise SpecError("the image store's path cannot hold ',', ':' or '\\' (overlayfs options)",
                             where=self.root)
@@ -84,7 +85,7 @@ class Store:
         if os.path.exists(path):
             return path
         tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        sha, count = hashlib.sha256(), 0
+        sha, count = _sha256(), 0
         try:
             with open(tmp, "xb") as out:
                 while chunk := source.read(1 << 20):
@@ -109,7 +110,7 @@ class Store:
     def add_blob(self, source: BinaryIO) -> tuple[str, int]:
         """Store SOURCE, whose digest is not known beforehand (a docker-archive layer): (digest, size)."""
         tmp = os.path.join(self.root, "blobs", "sha256", f"new.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        sha, count = hashlib.sha256(), 0
+        sha, count = _sha256(), 0
         try:
             with open(tmp, "xb") as out:
                 while chunk := source.read(1 << 20):
@@ -138,12 +139,22 @@ class Store:
 
     def unpack(self, layer: manifest.Descriptor, diff_id: str) -> list[str]:
         """The layer's directory, unpacked once however many pulls ask at the same time."""
+        from . import layers
+
         dest = self.layer_dir(diff_id)
         with _flock(dest + ".lock"):
             if os.path.isdir(dest):
                 return []
             with open(self.blob_path(layer.digest), "rb") as blob:
                 return layers.apply(blob, layer.media_type, dest, diff_id, self.policy).notes
+
+    @property
+    def policy(self) -> layers.Policy:
+        from . import layers
+
+        if self._policy is None:
+            self._policy = layers.Policy()
+        return self._policy
 
     def layers_in_use(self) -> set[str]:
         """Diff ids of layers a container's root filesystem is made of (images.rootfs)."""
@@ -162,7 +173,7 @@ class Store:
     def add(self, manifest_bytes: bytes, names: list[str], media_type: str = "") -> tuple[Image, list[str]]:
         """An image whose manifest and blobs are in the store: configs checked, layers unpacked,
         metadata written, NAMES tagged. Returns the image and the notes of the layer policy."""
-        digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+        digest = "sha256:" + _sha256(manifest_bytes).hexdigest()
         doc = manifest.load(manifest_bytes, digest)
         if manifest.kind(doc, media_type, digest) not in manifest.MANIFESTS:
             raise SpecError("an index, not an image manifest", where=digest)
@@ -247,7 +258,7 @@ class Store:
             for entry in os.listdir(os.path.join(self.root, "layers")):
                 path = os.path.join(self.root, "layers", entry)
                 if entry.endswith(".tmp") or f"sha256:{entry.removesuffix('.lock')}" not in keep_layers:
-                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+                    remove_tree(path) if os.path.isdir(path) else os.unlink(path)
                     removed.append(path)
             blobs = os.path.join(self.root, "blobs", "sha256")
             for entry in os.listdir(blobs):
@@ -264,12 +275,12 @@ class Store:
     def _load(self, image_id: str) -> Image | None:
         try:
             with open(self._meta(image_id)) as f:
-                return Image(**json.load(f))
+                return Image(**jsonlite.loads(f.read()))
         except FileNotFoundError:
             return None
 
     def _save(self, image: Image) -> None:
-        write_atomic(self._meta(image.id), json.dumps(asdict(image), indent=1, sort_keys=True))
+        write_atomic(self._meta(image.id), jsonlite.dumps(asdict(image), sort_keys=True))
 
 
 class _flock:  # noqa: N801 - used like a function
@@ -283,6 +294,14 @@ class _flock:  # noqa: N801 - used like a function
     def __exit__(self, *_: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+def _sha256(data: bytes = b"") -> Any:
+    """OpenSSL's SHA-256 for blobs (several times CPython's own on large layers); imported only
+    when a blob is written, so that starting a container from the store does not load libcrypto."""
+    import hashlib
+
+    return hashlib.sha256(data)
 
 
 def _raise_stored(exc: BaseException, what: str, root: str) -> NoReturn:
