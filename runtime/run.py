@@ -143,13 +143,16 @@ def _have_image(args: argparse.Namespace) -> None:
                 raise SpecError(f"image {args.image!r} is not in the store and --pull is never",
                                 where=store.root, hint="pull or import it first, or drop --pull never"
                                 ) from None
+    from .images.progress import Bars
     from .images.registry import Client, pull
 
     client = Client(insecure=set(args.insecure_registry))
+    bars = Bars(sys.stderr, sys.stderr.isatty())
     try:
-        image, notes = pull(store, args.image, client)
+        image, notes = pull(store, args.image, client, progress=bars)
     finally:
         client.close()
+        bars.close()
     for note in notes:
         _warn(note)
 

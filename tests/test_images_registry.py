@@ -4,6 +4,7 @@ built by the tests and pushed with Debian's skopeo, pulled back into a store of 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -47,6 +48,13 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(str(tmp_path / "store"))
+
+
+def _layer_descriptors(store: Store, image) -> list:  # noqa: ANN001 - an Image
+    from stockade.runtime.images import manifest
+
+    body = store.read_blob(image.manifest_digest)
+    return manifest.manifest(manifest.load(body, image.manifest_digest), image.manifest_digest).layers
 
 
 def _client(reg: Registry) -> Client:
@@ -124,6 +132,57 @@ def test_pull_from_the_command_line(registry: Registry, tmp_path: Path) -> None:
     command = [*stockade, "pull", "--insecure-registry", registry.host, f"{registry.host}/test/none"]
     bad = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "answered 404" in bad.stderr and "no such image" in bad.stderr
+
+
+def test_pull_progress_bars_on_a_terminal_lines_in_a_log_nothing_when_quiet(registry: Registry,
+                                                                            tmp_path: Path) -> None:
+    from terminals import Pty
+
+    image = pull(Store(str(tmp_path / "ref")), f"{registry.host}/test/app:v1", _client(registry))[0]
+    layers = [d.digest[:19] for d in _layer_descriptors(Store(str(tmp_path / "ref")), image)]
+    stockade = [str(Path(sys.executable).parent / "stockade"), "image", "pull", "--insecure-registry",
+                registry.host, f"{registry.host}/test/app:v1"]
+    term = Pty([*stockade[:2], "--store", str(tmp_path / "tty"), *stockade[2:]])
+    shown = term.expect("sha256:" + image.id[7:], seconds=60)
+    assert term.proc.wait(timeout=30) == 0
+    for layer in layers:
+        assert f"{layer}  unpacked" in shown  # its row, redrawn in place
+    assert "\x1b[2K" in shown and "[########################] 195.6 KiB / 195.6 KiB" in shown
+    log = subprocess.run([*stockade[:2], "--store", str(tmp_path / "log"), *stockade[2:]],
+                         capture_output=True, text=True, timeout=120)
+    assert log.returncode == 0 and "\x1b" not in log.stderr
+    assert all(f"{layer} fetched" in log.stderr and f"{layer} unpacked" in log.stderr for layer in layers)
+    quiet = subprocess.run([*stockade[:2], "--store", str(tmp_path / "q"), *stockade[2:], "--quiet"],
+                           capture_output=True, text=True, timeout=120)
+    assert (quiet.returncode, quiet.stderr) == (0, "") and quiet.stdout.endswith(f"{image.id}\n")
+
+
+def test_a_killed_pull_leaves_the_store_consistent(registry: Registry, tmp_path: Path) -> None:
+    """SIGKILL in the middle of a large layer: nothing half-written is served, the next pull
+    completes, prune removes the temporaries."""
+    big = layer_tar(("big", os.urandom(40 << 20)))
+    archive = oci_archive(tmp_path / "big.tar", "localhost/big", [(big, "")], {"Cmd": ["true"]})
+    registry.push(archive, "test/big:v1")
+    root = tmp_path / "s"
+    command = [str(Path(sys.executable).parent / "stockade"), "image", "--store", str(root), "pull",
+               "--quiet", "--insecure-registry", registry.host, f"{registry.host}/test/big:v1"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not [p for p in (root / "blobs/sha256").glob("*.tmp") if p.stat().st_size > (1 << 20)]:
+        assert proc.poll() is None and time.monotonic() < deadline, "the pull ended before it was killed"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    store = Store(str(root))
+    assert store.images() == []
+    for blob in (root / "blobs/sha256").iterdir():
+        if not blob.name.endswith((".tmp", ".lock")):  # what is kept is whole and verified
+            assert "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest() == "sha256:" + blob.name
+    assert [p for p in (root / "layers").iterdir() if not p.name.endswith((".tmp", ".lock"))] == []
+    image, _ = pull(store, f"{registry.host}/test/big:v1", _client(registry))
+    assert Path(store.layer_dir(image.layers[0]), "big").stat().st_size == 40 << 20
+    store.prune()
+    assert not [p for p in (root / "blobs/sha256").iterdir() if p.name.endswith(".tmp")]
 
 
 # -- a registry that wants bearer tokens from a token server of the tests' own

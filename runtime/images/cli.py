@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="plain HTTP for this registry (repeatable)")
     pull.add_argument("--platform", default="linux/amd64", help="os/arch from an index (default %(default)s)")
     pull.add_argument("--auth-file", help="docker-style auth.json (default: $REGISTRY_AUTH_FILE, ...)")
+    pull.add_argument("-q", "--quiet", action="store_true", help="no progress, only the result")
     pull.set_defaults(func=_pull)
     ls = sub.add_parser("ls", help="list images", formatter_class=formatter)
     ls.add_argument("--json", action="store_true")
@@ -57,22 +58,28 @@ def _parser() -> argparse.ArgumentParser:
 
 def _pull(store: Store, args: argparse.Namespace) -> None:
     from ..errors import SpecError
+    from .progress import Bars
     from .registry import Client, pull
 
     os_name, _, arch = args.platform.partition("/")
     if os_name != "linux" or not arch:
         raise SpecError(f"--platform {args.platform!r}: only linux/<arch>", where="--platform")
     client = Client(insecure=set(args.insecure_registry), auth_file=args.auth_file)
+    bars = None if args.quiet else Bars(sys.stderr, sys.stderr.isatty())
     try:
-        image, notes = pull(store, args.ref, client, arch=arch)
+        image, notes = pull(store, args.ref, client, arch=arch, progress=bars)
     finally:
         client.close()
+        if bars:
+            bars.close()
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"{', '.join(iter_names(image))} {image.id}")
 
 
 def _ls(store: Store, args: argparse.Namespace) -> None:
+    from .progress import size
+
     images = store.images()
     if args.json:
         print(json.dumps([asdict(i) for i in images], indent=2))
@@ -80,7 +87,7 @@ def _ls(store: Store, args: argparse.Namespace) -> None:
     print(f"{'NAME':60s} {'ID':14s} {'SIZE':>10s}")
     for image in images:
         for name in iter_names(image):
-            print(f"{name:60s} {image.id[7:19]:14s} {_size(image.size):>10s}")
+            print(f"{name:60s} {image.id[7:19]:14s} {size(image.size):>10s}")
 
 
 def _inspect(store: Store, args: argparse.Namespace) -> None:
@@ -114,9 +121,3 @@ def _export(store: Store, args: argparse.Namespace) -> None:
     print(f"{image.id} -> {args.out}")
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)

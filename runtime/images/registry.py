@@ -24,12 +24,18 @@ from .reference import DEFAULT_DOMAIN, Reference, parse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import httpx
 
     from .store import Image, Store
 
+    # (blob digest, phase: "fetch" | "fetched" | "unpacked", bytes done, bytes in all)
+    Progress = Callable[[str, str, int, int], None]
+
 DOCKER_HUB = "registry-1.docker.io"
 RETRIES = 4
+PARALLEL = 3  # layers fetched and unpacked at once (skopeo fetches up to 6)
 AUTH_FILES = ("${REGISTRY_AUTH_FILE}", "/run/containers/0/auth.json", "~/.docker/config.json")
 
 
@@ -67,16 +73,18 @@ class Client:
             raise RegistryError(f"manifest {wanted} of {ref.name} has content {digest}", where=str(ref))
         return data, r.headers.get("content-type", "").split(";")[0].strip(), digest
 
-    def blob(self, ref: Reference, desc: manifest.Descriptor, store: Store) -> None:
+    def blob(self, ref: Reference, desc: manifest.Descriptor, store: Store,
+             progress: Progress | None = None) -> None:
         """Fetch a blob into the store, once however many pulls want it at the same time."""
         with store.blob_lock(desc.digest):
-            if store.has_blob(desc.digest):
-                return
-            r = self._get(ref, f"/v2/{ref.path}/blobs/{desc.digest}", {})
-            try:
-                store.put_blob(desc.digest, _Reader(r), desc.size)
-            finally:
-                r.close()
+            if not store.has_blob(desc.digest):
+                r = self._get(ref, f"/v2/{ref.path}/blobs/{desc.digest}", {})
+                try:
+                    store.put_blob(desc.digest, _Reader(r, desc, progress), desc.size)
+                finally:
+                    r.close()
+        if progress:
+            progress(desc.digest, "fetched", desc.size, desc.size)
 
     # -- HTTP with auth, redirects and retries
 
@@ -166,9 +174,12 @@ class Client:
 
 
 def pull(
-    store: Store, text: str, client: Client | None = None, arch: str = "amd64"
+    store: Store, text: str, client: Client | None = None, arch: str = "amd64",
+    progress: Progress | None = None,
 ) -> tuple[Image, list[str]]:
-    """Fetch REF's image for linux/ARCH into STORE (what is there already is not fetched again)."""
+    """Fetch REF's image for linux/ARCH into STORE (what is there already is not fetched again).
+    Layers are fetched and unpacked at the same time (PARALLEL at once); PROGRESS hears of each
+    blob's bytes and of each layer unpacked."""
     ref = parse(text)
     own = client is None
     client = client or Client()
@@ -180,22 +191,50 @@ def pull(
             data, media_type, digest = client.manifest(ref, picked.digest)
             doc = manifest.load(data, str(ref))
         m = manifest.manifest(doc, digest)
-        for desc in (m.config, *m.layers):
-            client.blob(ref, desc, store)
+        client.blob(ref, m.config, store)
+        config = manifest.config(manifest.load(store.read_blob(m.config.digest), m.config.digest),
+                                 m.config.digest)
+        if len(config.diff_ids) != len(m.layers):
+            raise SpecError(f"{len(m.layers)} layers but {len(config.diff_ids)} diff ids", where=digest)
+        notes = _layers(client, ref, store, list(zip(m.layers, config.diff_ids, strict=True)), progress)
         store.put_blob(digest, io.BytesIO(data), len(data))
         names = [str(Reference(ref.domain, ref.path, ref.tag))] if ref.tag else []
-        return store.add(data, names, media_type)
+        image, more = store.add(data, names, media_type)
+        return image, notes + more
     finally:
         if own:
             client.close()
 
 
+def _layers(client: Client, ref: Reference, store: Store,
+            layers: list[tuple[manifest.Descriptor, str]], progress: Progress | None) -> list[str]:
+    """Fetch and unpack each layer in a pool of threads (the downloads wait on the network, the
+    unpacking on zlib/zstd and the disk, all without the GIL); the first failure stops the rest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(layer: manifest.Descriptor, diff_id: str) -> list[str]:
+        client.blob(ref, layer, store, progress)
+        notes = store.unpack(layer, diff_id)
+        if progress:
+            progress(layer.digest, "unpacked", layer.size, layer.size)
+        return notes
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(PARALLEL, len(layers))))
+    try:
+        futures = [pool.submit(one, layer, diff_id) for layer, diff_id in layers]
+        return [note for f in futures for note in f.result()]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _Reader:
     """A streamed response body as a file for store.put_blob."""
 
-    def __init__(self, r: httpx.Response) -> None:
+    def __init__(self, r: httpx.Response, desc: manifest.Descriptor | None = None,
+                 progress: Progress | None = None) -> None:
         self.chunks = r.iter_bytes(1 << 20)
         self.pending = b""
+        self.desc, self.progress, self.count = desc, progress, 0
 
     def read(self, n: int = -1) -> bytes:
         while len(self.pending) < max(n, 1):
@@ -203,6 +242,9 @@ class _Reader:
             if not chunk:
                 break
             self.pending += chunk
+            self.count += len(chunk)
+            if self.progress and self.desc:
+                self.progress(self.desc.digest, "fetch", self.count, self.desc.size)
         out, self.pending = (self.pending, b"") if n < 0 else (self.pending[:n], self.pending[n:])
         return out
 
