@@ -145,7 +145,9 @@ def _have_image(args: argparse.Namespace) -> None:
                                 ) from None
     from .images.progress import Bars
     from .images.registry import Client, pull
+    from .syscalls import malloc_for_bulk_io
 
+    malloc_for_bulk_io()
     client = Client(insecure=set(args.insecure_registry))
     bars = Bars(sys.stderr, sys.stderr.isatty())
     try:

@@ -193,6 +193,18 @@ class _MountAttr(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
 
 
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def malloc_for_bulk_io() -> None:
+    """Let glibc's malloc serve megabyte buffers from its heap and keep freed memory for reuse,
+    instead of a fresh mmap (and a page fault per 4 KiB) for each: a pull copies every layer
+    through such buffers several times. For short-lived commands only (bench/README.md)."""
+    _libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+    _libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)
+
+
 def idmapped_tree(path: str, userns_fd: int) -> int:
     """A detached copy of the mount tree at PATH (open_tree OPEN_TREE_CLONE) whose file owners are
     seen through USERNS_FD's id maps (mount_setattr MOUNT_ATTR_IDMAP, Linux 5.12+): a file owned

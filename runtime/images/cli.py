@@ -58,12 +58,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _pull(store: Store, args: argparse.Namespace) -> None:
     from ..errors import SpecError
+    from ..syscalls import malloc_for_bulk_io
     from .progress import Bars
     from .registry import Client, pull
 
     os_name, _, arch = args.platform.partition("/")
     if os_name != "linux" or not arch:
         raise SpecError(f"--platform {args.platform!r}: only linux/<arch>", where="--platform")
+    malloc_for_bulk_io()
     client = Client(insecure=set(args.insecure_registry), auth_file=args.auth_file)
     bars = None if args.quiet else Bars(sys.stderr, sys.stderr.isatty())
     try:
