@@ -22,7 +22,8 @@ DELEGATED = {
     "policy": ("stockade.bpf.cli", "policy_main", "check, show, apply and remove BPF policies"),
     "agent": ("stockade.bpf.agent", "main", "load, attach and pin the BPF programs (long-lived)"),
     "oci": ("stockade.runtime.oci_cli", "main", "the OCI runtime command line (same as stockade-oci)"),
-    "image": ("stockade.runtime.images.cli", "main", "images: import, list, inspect, remove, prune"),
+    "image": ("stockade.runtime.images.cli", "main", "images: pull, import, export, ls, inspect, rm, prune"),
+    "cri": ("stockade.cri.cli", "main", "the CRI server kubelet uses (serve)"),
 }
 
 

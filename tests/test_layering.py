@@ -20,6 +20,7 @@ CLIS = (
     "stockade.bpf.cli",
     "stockade.bpf.agent",
     "stockade.profiles.cli",
+    "stockade.cri.cli",
 )
 LAYERS = (
     ("base", BASE),

@@ -33,7 +33,7 @@ _TAR = "application/vnd.oci.image.layer.v1.tar"
 def import_archive(store: Store, path: str, name: str | None = None) -> list[tuple[Image, list[str]]]:
     """PATH (an OCI layout directory or tar, or a docker-archive tar) into STORE; NAME renames
     a single image. Returns each image with the notes of the layer policy."""
-    with _Archive(path) as archive:
+    with _Archive(path) as archive, store.adding():
         if archive.has("index.json"):
             return _import_oci(store, archive, name)
         if archive.has("manifest.json"):

@@ -42,15 +42,27 @@ AUTH_FILES = ("${REGISTRY_AUTH_FILE}", "/run/containers/0/auth.json", "~/.docker
 class RegistryError(SpecError):
     """The registry could not give what was asked (down, refused, garbage, not found)."""
 
+    status = 0  # the HTTP status that said so, when one did
+
+
+class DeadlineExceeded(RegistryError):
+    """The pull's deadline passed."""
+
 
 class Client:
     def __init__(self, insecure: set[str] | None = None, auth_file: str | None = None,
-                 timeout: float = 30.0, deadline: float = 3600.0) -> None:
+                 timeout: float = 30.0, deadline: float = 3600.0,
+                 credentials: dict[str, tuple[str, str]] | None = None,
+                 registry_tokens: dict[str, str] | None = None) -> None:
+        """CREDENTIALS (host -> user, password) come before the auth file's; REGISTRY_TOKENS
+        (host -> bearer token, as a CRI PullImage may carry) are sent as they are."""
         import httpx
 
         self.insecure = set(insecure or ())
-        self.credentials = _credentials(auth_file)
-        self.tokens: dict[tuple[str, str], str] = {}
+        given = {_auth_key(host): pair for host, pair in (credentials or {}).items()}
+        self.credentials = {**_credentials(auth_file), **given}
+        self.tokens: dict[tuple[str, str], str] = {
+            (_auth_key(h), ""): f"Bearer {t}" for h, t in (registry_tokens or {}).items()}
         self.deadline = time.monotonic() + deadline
         self.http = httpx.Client(timeout=timeout, follow_redirects=False,
                                  headers={"User-Agent": "stockade/0.1"})
@@ -80,7 +92,7 @@ class Client:
             if not store.has_blob(desc.digest):
                 r = self._get(ref, f"/v2/{ref.path}/blobs/{desc.digest}", {})
                 try:
-                    store.put_blob(desc.digest, _Reader(r, desc, progress), desc.size)
+                    store.put_blob(desc.digest, _Reader(r, desc, progress, self.deadline), desc.size)
                 finally:
                     r.close()
         if progress:
@@ -106,8 +118,10 @@ class Client:
                 return r
             body = r.read()[:300].decode(errors="replace")
             r.close()
-            raise RegistryError(f"{ref.name}: GET {path} answered {r.status_code}: {_message(body)}",
-                                where=str(ref), hint=_hint(r.status_code))
+            error = RegistryError(f"{ref.name}: GET {path} answered {r.status_code}: {_message(body)}",
+                                  where=str(ref), hint=_hint(r.status_code))
+            error.status = r.status_code
+            raise error
         raise AssertionError("unreachable")
 
     def _send(self, url: str, host: str, headers: dict[str, str], scope: str) -> httpx.Response:
@@ -115,7 +129,7 @@ class Client:
 
         for _ in range(5):  # redirects, by hand: credentials only for the registry itself
             if time.monotonic() > self.deadline:
-                raise RegistryError("the pull's deadline passed", where=url)
+                raise DeadlineExceeded("the pull's deadline passed", where=url)
             same = urlsplit(url).netloc == host
             auth = self._authorization(host, scope) if same else {}
             try:
@@ -191,19 +205,27 @@ def pull(
             data, media_type, digest = client.manifest(ref, picked.digest)
             doc = manifest.load(data, str(ref))
         m = manifest.manifest(doc, digest)
-        client.blob(ref, m.config, store)
-        config = manifest.config(manifest.load(store.read_blob(m.config.digest), m.config.digest),
-                                 m.config.digest)
-        if len(config.diff_ids) != len(m.layers):
-            raise SpecError(f"{len(m.layers)} layers but {len(config.diff_ids)} diff ids", where=digest)
-        notes = _layers(client, ref, store, list(zip(m.layers, config.diff_ids, strict=True)), progress)
-        store.put_blob(digest, io.BytesIO(data), len(data))
-        names = [str(Reference(ref.domain, ref.path, ref.tag))] if ref.tag else []
-        image, more = store.add(data, names, media_type)
-        return image, notes + more
+        with store.adding():
+            return _fetch(client, ref, store, m, (data, media_type, digest), progress)
     finally:
         if own:
             client.close()
+
+
+def _fetch(client: Client, ref: Reference, store: Store, m: manifest.Manifest,
+           doc: tuple[bytes, str, str], progress: Progress | None) -> tuple[Image, list[str]]:
+    """The config, then the layers, then the image's record."""
+    data, media_type, digest = doc
+    client.blob(ref, m.config, store)
+    config = manifest.config(manifest.load(store.read_blob(m.config.digest), m.config.digest),
+                             m.config.digest)
+    if len(config.diff_ids) != len(m.layers):
+        raise SpecError(f"{len(m.layers)} layers but {len(config.diff_ids)} diff ids", where=digest)
+    notes = _layers(client, ref, store, list(zip(m.layers, config.diff_ids, strict=True)), progress)
+    store.put_blob(digest, io.BytesIO(data), len(data))
+    names = [str(Reference(ref.domain, ref.path, ref.tag))] if ref.tag else []
+    image, more = store.add(data, names, media_type)
+    return image, notes + more
 
 
 def _layers(client: Client, ref: Reference, store: Store,
@@ -231,13 +253,16 @@ class _Reader:
     """A streamed response body as a file for store.put_blob."""
 
     def __init__(self, r: httpx.Response, desc: manifest.Descriptor | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, deadline: float = float("inf")) -> None:
         self.chunks = r.iter_bytes(1 << 20)
         self.pending = b""
-        self.desc, self.progress, self.count = desc, progress, 0
+        self.desc, self.progress, self.count, self.deadline = desc, progress, 0, deadline
 
     def read(self, n: int = -1) -> bytes:
         while len(self.pending) < max(n, 1):
+            if time.monotonic() > self.deadline:  # a registry that trickles: the pull still ends
+                where = self.desc.digest if self.desc else ""
+                raise DeadlineExceeded("the pull's deadline passed", where=where)
             chunk = next(self.chunks, b"")
             if not chunk:
                 break

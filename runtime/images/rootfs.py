@@ -59,7 +59,8 @@ def mount_root(
         raise StockadeError(f"container {cid} already has a root filesystem", where=base,
                             hint="delete that container first, or choose another name") from None
     try:
-        return _mount(store, image, cid, base, uid_maps or [], gid_maps or [])
+        with store.adding():  # prune waits until the layers this root uses are recorded
+            return _mount(store, image, cid, base, uid_maps or [], gid_maps or [])
     except BaseException:
         unmount_root(store, cid)
         raise

@@ -7,6 +7,7 @@ STOCKADE_IMAGE_STORE moves it).
     images/<config hex>.json  one image: its id, names, manifest, config and layers
     containers/<key>/       a container's root filesystem over the layers (images.rootfs)
     lock                    flock for metadata changes; layers/<hex>.lock per layer while unpacking
+    gc.lock                 shared by pulls and imports while they add, exclusive for prune
 
 Everything is written to a temporary name and renamed, and a blob is checked against its digest
 before the rename, so a crash mid-pull leaves only temporaries (removed by the next `prune`),
@@ -156,6 +157,12 @@ class Store:
             self._policy = layers.Policy()
         return self._policy
 
+    def adding(self) -> _flock:
+        """Held (shared) by a pull or an import from its first blob until its image is recorded,
+        and by a container's root filesystem while it is made: `prune` (exclusive) waits, so it
+        never takes blobs, temporaries or layers that are about to be used."""
+        return _flock(os.path.join(self.root, "gc.lock"), shared=True)
+
     def layers_in_use(self) -> set[str]:
         """Diff ids of layers a container's root filesystem is made of (images.rootfs)."""
         used: set[str] = set()
@@ -215,6 +222,14 @@ class Store:
 
     def get(self, ref: str) -> Image:
         """An image by name (normalised), name@digest, or id (full or a unique prefix of 12+)."""
+        image = self.find(ref)
+        if image is not None:
+            return image
+        raise SpecError(f"no image {ref!r} in the store", where=self.root,
+                        hint="`stockade image ls` lists them; import or pull it first")
+
+    def find(self, ref: str) -> Image | None:
+        """`get`, but None for an image that is not here (a malformed REF is still an error)."""
         images = self.images()
         found = [i for i in images if _is_id_of(ref, i)]
         if len(found) == 1:
@@ -225,8 +240,7 @@ class Store:
                 not r.digest and f"{r.name}:{r.tag}" in image.repo_tags
             ):
                 return image
-        raise SpecError(f"no image {ref!r} in the store", where=self.root,
-                        hint="`stockade image ls` lists them; import or pull it first")
+        return None
 
     def remove(self, ref: str) -> Image:
         """Untag REF; the image goes when no name is left, its layers with `prune`."""
@@ -246,9 +260,8 @@ class Store:
     def prune(self, in_use: set[str] | None = None) -> list[str]:
         """Remove layers and blobs no image references (and temporaries of interrupted work);
         IN_USE: diff ids a running container still mounts. Returns what was removed."""
-        in_use = set(in_use or ()) | self.layers_in_use()
-        with _flock(os.path.join(self.root, "lock")):
-            keep_layers, keep_blobs = set(in_use), set()
+        with _flock(os.path.join(self.root, "gc.lock")), _flock(os.path.join(self.root, "lock")):
+            keep_layers, keep_blobs = set(in_use or ()) | self.layers_in_use(), set()
             for image in self.images():
                 keep_layers |= set(image.layers)
                 keep_blobs |= {image.id, image.manifest_digest}
@@ -284,12 +297,12 @@ class Store:
 
 
 class _flock:  # noqa: N801 - used like a function
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, shared: bool = False) -> None:
+        self.path, self.how = path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX
 
     def __enter__(self) -> None:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        fcntl.flock(self.fd, self.how)
 
     def __exit__(self, *_: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)

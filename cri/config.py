@@ -1,0 +1,175 @@
+"""The CRI server's configuration: a TOML file (CRI-O style) and the flags that override it, as
+plain data. Every key is checked; a misspelt one is an error that names the file and the key.
+
+    [stockade]
+    socket = "/run/stockade/stockade.sock"
+    state_dir = "/var/lib/stockade/cri"
+    image_store = "/var/lib/stockade/images"
+    cgroup_parent = "stockade"
+    log_level = "info"            # debug, info, warning, error
+    log_format = "text"           # or "json"
+    default_handler = "stockade"
+    tenant_annotation = ""        # a pod annotation that may name the tenant ("" : the namespace)
+    network = "none"
+
+    [stockade.registries]
+    insecure = ["localhost:5000"]
+
+    [stockade.handlers.stockade]
+    profile = "restricted"
+    bpf_audit = false
+    user_namespace = true
+    host_namespaces = false       # hostNetwork/hostPID/hostIPC pods
+    privileged = false
+"""
+
+from __future__ import annotations
+
+import os
+
+from stockade.runtime._lite.dataclasses import dataclass, field
+from stockade.runtime.errors import SpecError
+
+DEFAULT_FILE = "/etc/stockade/stockade.toml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class Handler:
+    """A RuntimeClass handler: how strictly its pods are confined."""
+
+    name: str
+    profile: str = "restricted"
+    bpf_audit: bool = False  # the BPF policy reports instead of denying
+    user_namespace: bool = True
+    host_namespaces: bool = False
+    privileged: bool = False
+
+
+@dataclass
+class Config:
+    socket: str = "/run/stockade/stockade.sock"
+    state_dir: str = "/var/lib/stockade/cri"
+    image_store: str = "/var/lib/stockade/images"
+    cgroup_parent: str = "stockade"
+    log_level: str = "info"
+    log_format: str = "text"
+    default_handler: str = "stockade"
+    tenant_annotation: str = ""
+    network: str = "none"
+    insecure_registries: list[str] = field(default_factory=list)
+    handlers: dict[str, Handler] = field(default_factory=dict)
+
+    def handler(self, name: str) -> Handler:
+        """The handler a RuntimeClass names ("" : the default one)."""
+        found = self.handlers.get(name or self.default_handler)
+        if found is None:
+            raise SpecError(f"unknown runtime handler {name!r}", where="runtime_handler",
+                            hint=f"configured handlers: {', '.join(sorted(self.handlers))}")
+        return found
+
+
+def default_handlers() -> dict[str, Handler]:
+    return {
+        "stockade": Handler("stockade"),
+        "stockade-audit": Handler("stockade-audit", bpf_audit=True),
+    }
+
+
+_TOP = {"socket": str, "state_dir": str, "image_store": str, "cgroup_parent": str, "log_level": str,
+        "log_format": str, "default_handler": str, "tenant_annotation": str, "network": str}
+_HANDLER = {"profile": str, "bpf_audit": bool, "user_namespace": bool, "host_namespaces": bool,
+            "privileged": bool}
+
+
+def load(path: str | None, explicit: bool = False) -> Config:
+    """The configuration in PATH (the default file when None; a missing default file is fine,
+    a missing file named on the command line is not)."""
+    path = path or DEFAULT_FILE
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        if explicit:
+            raise SpecError("no such configuration file", where=path) from None
+        return Config(handlers=default_handlers())
+    import tomllib
+
+    try:
+        doc = tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"not valid TOML: {exc}", where=path) from None
+    return parse(doc, path)
+
+
+def parse(doc: dict, where: str) -> Config:
+    unknown = set(doc) - {"stockade"}
+    if unknown:
+        raise SpecError(f"unknown table {sorted(unknown)[0]!r}", where=where,
+                        hint="everything is under [stockade]")
+    section = doc.get("stockade", {})
+    config = Config(handlers={})
+    for key, value in section.items():
+        if key == "registries":
+            config.insecure_registries = _registries(value, f"{where}: stockade.registries")
+        elif key == "handlers":
+            config.handlers = _handlers(value, f"{where}: stockade.handlers")
+        elif key in _TOP:
+            setattr(config, key, _typed(value, _TOP[key], f"{where}: stockade.{key}"))
+        else:
+            raise SpecError(f"unknown key {key!r}", where=f"{where}: [stockade]",
+                            hint=f"known: {', '.join(sorted([*_TOP, 'registries', 'handlers']))}")
+    if not config.handlers:
+        config.handlers = default_handlers()
+    check(config, where)
+    return config
+
+
+def check(config: Config, where: str) -> None:
+    """What the file and the flags together must satisfy."""
+    if config.log_level not in LOG_LEVELS:
+        raise SpecError(f"log_level {config.log_level!r}", where=where,
+                        hint=f"one of {', '.join(LOG_LEVELS)}")
+    if config.log_format not in ("text", "json"):
+        raise SpecError(f"log_format {config.log_format!r}", where=where, hint="text or json")
+    if config.default_handler not in config.handlers:
+        raise SpecError(f"default_handler {config.default_handler!r} is not a configured handler",
+                        where=where, hint=f"configured: {', '.join(sorted(config.handlers))}")
+    for key in ("socket", "state_dir", "image_store"):
+        if not os.path.isabs(getattr(config, key)):
+            raise SpecError(f"{key} must be an absolute path", where=where)
+    if config.network != "none":
+        raise SpecError(f"network {config.network!r} is not available yet", where=where,
+                        hint="network = \"none\" (tenant networking is its own milestone)")
+
+
+def _handlers(value: object, where: str) -> dict[str, Handler]:
+    if not isinstance(value, dict):
+        raise SpecError("must be a table of handlers", where=where)
+    out = {}
+    for name, table in value.items():
+        if not isinstance(table, dict):
+            raise SpecError("must be a table", where=f"{where}.{name}")
+        handler = Handler(name)
+        for key, item in table.items():
+            if key not in _HANDLER:
+                raise SpecError(f"unknown key {key!r}", where=f"{where}.{name}",
+                                hint=f"known: {', '.join(sorted(_HANDLER))}")
+            setattr(handler, key, _typed(item, _HANDLER[key], f"{where}.{name}.{key}"))
+        out[name] = handler
+    return out
+
+
+def _registries(value: object, where: str) -> list[str]:
+    if not isinstance(value, dict) or set(value) - {"insecure"}:
+        raise SpecError("expected `insecure = [\"host:port\", ...]`", where=where)
+    hosts = value.get("insecure", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise SpecError("insecure must be a list of host[:port] strings", where=where)
+    return list(hosts)
+
+
+def _typed(value: object, kind: type, where: str) -> object:
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise SpecError(f"expected a {kind.__name__}, got {value!r}", where=where)
+    return value
