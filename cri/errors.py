@@ -18,6 +18,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("stockade.cri")
 
 
+class NotFound(StockadeError):
+    """An id or name that is not there (NOT_FOUND)."""
+
+
+class AlreadyExists(StockadeError):
+    """A name that is taken (ALREADY_EXISTS)."""
+
+
 class CRIError(StockadeError):
     """A refusal with the gRPC code that says what kind it is."""
 
@@ -39,6 +47,10 @@ def code_of(exc: StockadeError) -> grpc.StatusCode:
 
     if isinstance(exc, CRIError):
         return exc.code
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, AlreadyExists):
+        return grpc.StatusCode.ALREADY_EXISTS
     if isinstance(exc, DeadlineExceeded):
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(exc, RegistryError):

@@ -1,5 +1,6 @@
-"""CRI RuntimeService: the runtime's identity, readiness and configuration. Pods and containers
-come next (the methods not defined here answer UNIMPLEMENTED, as the generated servicer does)."""
+"""CRI RuntimeService: the runtime's identity, readiness and configuration, and pod sandboxes
+(cri.pods). Containers come next (the methods not defined here answer UNIMPLEMENTED, as the
+generated servicer does)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import threading
 from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
 
+from . import messages
 from .errors import log, rpc
+from .pods import Pods
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -34,6 +37,9 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.config = config
         self.pod_cidr = ""
         self.lock = threading.Lock()
+        self.pods = Pods(config)
+        for pod_id in self.pods.reconcile():
+            log.info("removed pod %s: its RunPodSandbox did not finish", pod_id)
 
     @rpc
     def Version(self, request: pb.VersionRequest, context: grpc.ServicerContext) -> pb.VersionResponse:
@@ -88,3 +94,50 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                 self.pod_cidr = cidr
             log.info("pod CIDR is now %s", cidr)
         return pb.UpdateRuntimeConfigResponse()
+
+    # -- pod sandboxes
+
+    @rpc
+    def RunPodSandbox(self, request: pb.RunPodSandboxRequest, context: grpc.ServicerContext
+                      ) -> pb.RunPodSandboxResponse:
+        pod = self.pods.run(messages.pod_spec(request))
+        log.info("pod %s/%s is %s (handler %s, tenant %s)", pod.spec["namespace"], pod.spec["name"], pod.id,
+                 pod.handler, pod.tenant)
+        return pb.RunPodSandboxResponse(pod_sandbox_id=pod.id)
+
+    @rpc
+    def StopPodSandbox(self, request: pb.StopPodSandboxRequest, context: grpc.ServicerContext
+                       ) -> pb.StopPodSandboxResponse:
+        pod = self.pods.find(request.pod_sandbox_id)
+        if pod is not None:
+            self.pods.stop(pod.id)
+        return pb.StopPodSandboxResponse()
+
+    @rpc
+    def RemovePodSandbox(self, request: pb.RemovePodSandboxRequest, context: grpc.ServicerContext
+                         ) -> pb.RemovePodSandboxResponse:
+        pod = self.pods.find(request.pod_sandbox_id)
+        if pod is not None:
+            self.pods.remove(pod.id)
+            log.info("pod %s removed", pod.id)
+        return pb.RemovePodSandboxResponse()
+
+    @rpc
+    def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest, context: grpc.ServicerContext
+                         ) -> pb.PodSandboxStatusResponse:
+        pod = self.pods.get(request.pod_sandbox_id)
+        info = {}
+        if request.verbose:
+            from stockade.runtime._lite import json
+            from stockade.runtime._lite.dataclasses import asdict
+
+            info["info"] = json.dumps(asdict(pod))
+        return pb.PodSandboxStatusResponse(status=messages.pod_status(pod), info=info)
+
+    @rpc
+    def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context: grpc.ServicerContext
+                       ) -> pb.ListPodSandboxResponse:
+        pods = self.pods.list()
+        if request.HasField("filter"):
+            pods = [p for p in pods if messages.pod_matches(p, request.filter)]
+        return pb.ListPodSandboxResponse(items=[messages.pod_item(p) for p in pods])

@@ -37,9 +37,13 @@ def userns_fd(uid_maps: list[IDMapping], gid_maps: list[IDMapping]) -> int:
     """An fd of a new, empty user namespace with these maps: what an idmapped mount is given.
 
     A child unshares it and waits; its maps are written, the namespace opened, the child ended
-    (the fd keeps the namespace alive)."""
+    (the fd keeps the namespace alive). A forked child of a multithreaded process (a server:
+    gRPC's threads follow a fork) may not unshare a user namespace, so there the child is a
+    fresh `unshare --user` process instead."""
     import os
 
+    if _threads() > 1:
+        return _userns_fd_spawned(uid_maps, gid_maps)
     from .syscalls import CLONE_NEWUSER, unshare
 
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
@@ -65,3 +69,39 @@ def userns_fd(uid_maps: list[IDMapping], gid_maps: list[IDMapping]) -> int:
         os.close(ready_r)
         os.close(done_w)
         os.waitpid(pid, 0)
+
+
+def _threads() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 1
+
+
+def _userns_fd_spawned(uid_maps: list[IDMapping], gid_maps: list[IDMapping]) -> int:
+    import os
+    import subprocess
+    import time
+
+    own = os.readlink("/proc/self/ns/user")
+    child = subprocess.Popen(["unshare", "--user", "--", "cat"], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # until it has unshared (its namespace is no longer ours)
+            try:
+                if os.readlink(f"/proc/{child.pid}/ns/user") != own:
+                    break
+            except OSError:
+                pass
+            if child.poll() is not None or time.monotonic() > deadline:
+                error = child.stderr.read().decode(errors="replace").strip() if child.stderr else ""
+                raise StockadeError(f"cannot make a user namespace for an idmapped mount: {error}",
+                                    where="user namespace", hint="is user.max_user_namespaces 0?")
+            time.sleep(0.0005)
+        write_maps(child.pid, uid_maps, gid_maps)
+        return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        child.kill()
+        child.wait()

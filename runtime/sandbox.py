@@ -233,10 +233,15 @@ def _idmap(opts: SandboxOptions) -> tuple[int, int]:
         if base < 1000 or count < 1:
             raise StockadeError("--idmap must map to unprivileged host ids (>= 1000)", where="--idmap")
         return base, count
-    if opts.tenant == "default":
+    return tenant_range(opts.tenant)
+
+
+def tenant_range(tenant: str) -> tuple[int, int]:
+    """(first host id, size) of TENANT's id range: stable and distinct per tenant, so that root of
+    one tenant is nobody to another (the CRI server gives each Kubernetes namespace its own)."""
+    if tenant == "default":
         return IDMAP_BASE, IDMAP_SIZE
-    # A stable, distinct range per tenant: root of one tenant is nobody to another.
-    slot = 1 + int.from_bytes(sha256(opts.tenant.encode()).digest()[:4], "big") % TENANT_SLOTS
+    slot = 1 + int.from_bytes(sha256(tenant.encode()).digest()[:4], "big") % TENANT_SLOTS
     return IDMAP_BASE + slot * IDMAP_SIZE, IDMAP_SIZE
 
 

@@ -912,15 +912,15 @@ def sysctl_path(key: str) -> str:
 
 
 def _passwd_entry(rootfs: str, name: str) -> tuple[int, int] | None:
+    """NAME's ids in the bundle's /etc/passwd, read beneath the rootfs (a symlinked passwd in a
+    hostile bundle must not make the runtime read, and quote, a host file)."""
+    from .images.passwd import resolve
+
     try:
-        with open(os.path.join(rootfs, "etc/passwd")) as f:
-            for line in f:
-                parts = line.rstrip("\n").split(":")
-                if len(parts) >= 4 and parts[0] == name:
-                    return int(parts[2]), int(parts[3])
-    except (OSError, ValueError):
+        user = resolve(rootfs, name)
+    except SpecError:
         return None
-    return None
+    return (user.uid, user.gid) if user.name == name else None
 
 
 # ---------------------------------------------------------------------------------------------

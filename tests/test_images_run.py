@@ -190,3 +190,29 @@ def _wait_for(condition, timeout: float = 30) -> None:  # noqa: ANN001 - a calla
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_a_root_filesystem_made_by_a_multithreaded_process(store: Store) -> None:
+    """A server has other threads; a forked child of it may not unshare a user namespace, so the
+    idmapped views come from a fresh process there: the result is the same."""
+    import threading
+
+    from stockade.runtime.images.rootfs import mount_root, unmount_root
+    from stockade.runtime.spec import IDMapping
+
+    image = store.get("localhost/test/app:v1")
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        maps = [IDMapping(container_id=0, host_id=200000, size=65536)]
+        root = Path(mount_root(store, image, "threaded", maps, maps))
+        try:
+            st = (root / "bin/busybox").stat()
+            assert (st.st_uid, st.st_gid) == (200000, 200000)
+            assert (root / "srv/app/data").stat().st_uid == 200000  # 0 in the layer
+        finally:
+            unmount_root(store, "threaded")
+    finally:
+        stop.set()
+        other.join()

@@ -301,3 +301,26 @@ def test_runc_spec_output_parses(tmp_path: Path) -> None:
     spec = parse_spec(json.loads((tmp_path / "config.json").read_text()))
     assert spec.process.terminal and spec.process.capabilities.ambient
     assert any(m.type == "cgroup" for m in spec.mounts)
+
+
+def test_username_hint_reads_the_bundles_passwd_never_the_hosts() -> None:
+    """process.user.username is refused with the ids to use instead, looked up in the rootfs's
+    /etc/passwd; a symlink there pointing at the host's file resolves inside the rootfs."""
+    import os
+
+    bundle = make_bundle()
+    try:
+        config = default_config()
+        config["process"]["user"]["username"] = "user"
+        write_config(bundle, config)
+        with pytest.raises(SpecError, match='use "uid": 1000, "gid": 1000'):
+            load_bundle(bundle)
+        passwd = bundle / "rootfs/etc/passwd"
+        passwd.unlink()
+        os.symlink("/etc/passwd", passwd)  # the host has root; the rootfs now has no passwd at all
+        config["process"]["user"]["username"] = "root"
+        write_config(bundle, config)
+        with pytest.raises(SpecError, match="does not exist in the rootfs /etc/passwd"):
+            load_bundle(bundle)
+    finally:
+        remove_bundle(bundle)

@@ -1,0 +1,123 @@
+"""A pod's namespaces without a process: made by a short-lived child, kept by bind mounts of
+their /proc/<pid>/ns files (as `ip netns add` keeps a network namespace), joined by path by
+every container of the pod, and gone when the mounts are.
+
+With a user namespace the pod's network, IPC and UTS namespaces are created inside it, in one
+unshare(2): they belong to the pod's user namespace, so root in a container holds
+CAP_NET_BIND_SERVICE and CAP_NET_ADMIN over its pod's network only. The child sets the hostname,
+brings loopback up and writes the pod's namespaced sysctls before it is pinned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from stockade.runtime import procfs
+from stockade.runtime import syscalls as sc
+from stockade.runtime.errors import StockadeError
+from stockade.runtime.idmap import write_maps
+from stockade.runtime.mountinfo import read as read_mounts
+from stockade.runtime.namespaces import FLAGS, PROC_NAMES, loopback_up
+from stockade.runtime.spec import IDMapping, sysctl_path
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+
+def pin(base: str, kinds: Iterable[str], hostname: str = "", sysctls: dict[str, str] | None = None,
+        maps: list[IDMapping] | None = None) -> dict[str, str]:
+    """New namespaces of KINDS (OCI names: user, network, ipc, uts) pinned as files in BASE;
+    returns type -> path. MAPS: the user namespace's id maps (uid and gid alike)."""
+    kinds = list(kinds)
+    if "user" in kinds and not maps:
+        raise StockadeError("a user namespace needs id maps", where="pod")
+    os.makedirs(base, mode=0o711, exist_ok=True)
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    # A fresh process, not a fork: the server's other threads (gRPC's) follow a fork into the
+    # child, and unshare(CLONE_NEWUSER) refuses a multithreaded caller.
+    request = json.dumps({"kinds": kinds, "hostname": hostname, "sysctls": sysctls or {},
+                          "ready": ready_w, "go": go_r})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    child = subprocess.Popen([sys.executable, "-S", "-m", "stockade.cri.nspin", request], env=env,
+                             pass_fds=(ready_w, go_r), stdin=subprocess.DEVNULL)
+    pid = child.pid
+    os.close(ready_w)
+    os.close(go_r)
+    pinned: dict[str, str] = {}
+    try:
+        answer = os.read(ready_r, 4096)
+        if "user" in kinds and answer == b"u":  # unshared: map its ids, then it goes on
+            write_maps(pid, maps or [], maps or [])
+            os.write(go_w, b"g")
+            answer = os.read(ready_r, 4096)
+        if answer != b"r":
+            reason = answer.decode(errors="replace") or "the helper died"
+            raise StockadeError(f"cannot make the pod's namespaces: {reason}",
+                                where="pod")
+        for kind in sorted(kinds, key=lambda k: k != "user"):
+            path = os.path.join(base, kind)
+            with open(path, "x"):
+                pass
+            sc.mount(f"/proc/{pid}/ns/{PROC_NAMES[kind]}", path, None, sc.MS_BIND)
+            pinned[kind] = path
+    except BaseException:
+        unpin(pinned.values())
+        raise
+    finally:
+        os.close(ready_r)
+        os.close(go_w)  # the child exits when it reads EOF
+        child.wait()
+    return pinned
+
+
+def unpin(paths: Iterable[str]) -> None:
+    """Unmount and remove pinned namespace files (those already gone are fine)."""
+    mounted = {m.point for m in read_mounts()}
+    for path in paths:
+        if path in mounted:
+            sc.umount2(path, sc.MNT_DETACH)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _child(kinds: list[str], hostname: str, sysctls: dict[str, str], ready: int, go: int) -> None:
+    """Unshare, wait for the id maps, set the pod up, report, wait for the pins, exit."""
+    status = 0
+    try:
+        flags = 0
+        for kind in kinds:
+            flags |= FLAGS[kind]
+        sc.unshare(flags)
+        if "user" in kinds:
+            os.write(ready, b"u")
+            if os.read(go, 1) != b"g":
+                os._exit(1)
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+        if "uts" in kinds and hostname:
+            sc.sethostname(hostname)
+        if "network" in kinds:
+            loopback_up()
+        for key, value in sysctls.items():
+            procfs.write(sysctl_path(key), value, f"sysctl {key}")
+        os.write(ready, b"r")
+        os.read(go, 1)  # EOF once the parent has pinned everything
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        try:
+            os.write(ready, str(exc).encode()[:4000] or b"error")
+        except OSError:
+            pass
+        status = 1
+    os._exit(status)
+
+
+if __name__ == "__main__":  # the helper process pin() starts
+    _args = json.loads(sys.argv[1])
+    _child(_args["kinds"], _args["hostname"], _args["sysctls"], _args["ready"], _args["go"])

@@ -1,0 +1,268 @@
+"""Pod sandboxes as a library: plain data in (PodSpec), records on disk, kernel objects made and
+removed in order. No gRPC here: runtime_service converts messages to and from these records.
+
+    <state_dir>/pods/<id>/pod.json      the record (written atomically; state "creating" first)
+    <state_dir>/pods/<id>/ns/<type>     pinned namespaces (nspin)
+    <state_dir>/pods/<id>/hostname, hosts, resolv.conf    bind-mounted into the pod's containers
+
+A pod that does not share a PID namespace has no process: its network, IPC and UTS namespaces
+(and user namespace, when its handler uses one) are pinned files. A record still "creating"
+when the server starts belongs to a RunPodSandbox the server did not finish (it was killed):
+`reconcile` removes what it made.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from stockade.runtime._lite import json
+from stockade.runtime._lite.dataclasses import asdict, dataclass, field
+from stockade.runtime.errors import SpecError
+from stockade.runtime.files import write_atomic
+from stockade.runtime.sandbox import tenant_range
+from stockade.runtime.spec import IDMapping, sysctl_namespace
+from stockade.runtime.state import remove_tree
+
+from . import nspin
+from .errors import AlreadyExists, NotFound
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .config import Config
+
+READY, NOT_READY, CREATING = "ready", "notready", "creating"
+NODE, POD, CONTAINER = "node", "pod", "container"  # namespace modes, as the CRI names them
+
+
+@dataclass
+class PodSpec:
+    """What RunPodSandbox asks for."""
+
+    name: str
+    namespace: str
+    uid: str
+    attempt: int = 0
+    handler: str = ""
+    hostname: str = ""
+    log_directory: str = ""
+    cgroup_parent: str = ""
+    labels: dict = field(default_factory=dict)
+    annotations: dict = field(default_factory=dict)
+    dns_servers: list[str] = field(default_factory=list)
+    dns_searches: list[str] = field(default_factory=list)
+    dns_options: list[str] = field(default_factory=list)
+    network_mode: str = POD  # NODE: the host's network
+    ipc_mode: str = POD
+    pid_mode: str = CONTAINER
+    sysctls: dict = field(default_factory=dict)
+    privileged: bool = False
+
+
+@dataclass
+class Pod:
+    id: str
+    spec: dict  # the PodSpec, as asked
+    handler: str
+    tenant: str
+    state: str = CREATING
+    created_at: int = 0  # ns since the epoch
+    cgroup_parent: str = ""
+    uid_map: list[int] = field(default_factory=list)  # [host id of root, size]; [] : no user namespace
+    namespaces: dict = field(default_factory=dict)  # OCI type -> pinned path
+
+    def pod_spec(self) -> PodSpec:
+        return PodSpec(**self.spec)
+
+
+class Pods:
+    """The pods of one server: records under STATE_DIR/pods, one lock for changes."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.root = os.path.join(config.state_dir, "pods")
+        os.makedirs(self.root, mode=0o711, exist_ok=True)
+        self.lock = threading.RLock()
+
+    # -- lifecycle
+
+    def run(self, spec: PodSpec) -> Pod:
+        handler = self.config.handler(spec.handler)
+        _check(spec, handler)
+        with self.lock:
+            for other in self.list():
+                s = other.pod_spec()
+                if (s.name, s.namespace, s.uid, s.attempt) == _identity(spec):
+                    raise AlreadyExists(f"pod {spec.namespace}/{spec.name} (uid {spec.uid}, attempt "
+                                        f"{spec.attempt}) exists as {other.id}", where="metadata",
+                                        hint="remove it first, or raise metadata.attempt")
+            pod = Pod(id=os.urandom(32).hex(), spec=asdict(spec), handler=handler.name,
+                      tenant=self._tenant(spec), created_at=time.time_ns())
+            os.mkdir(self.dir(pod.id), 0o711)
+            self._save(pod)  # "creating": what follows is undone by reconcile if we die
+        try:
+            self._make(pod, spec, handler.user_namespace)
+        except BaseException:
+            self.remove(pod.id)
+            raise
+        pod.state = READY
+        self._save(pod)
+        return pod
+
+    def stop(self, pod_id: str) -> None:
+        """The pod's network goes and it is NOTREADY; stopping again is fine (kubelet retries)."""
+        with self.lock:
+            pod = self.find(pod_id)
+            if pod is None or pod.state == NOT_READY:
+                return
+            pod.state = NOT_READY
+            self._save(pod)
+
+    def remove(self, pod_id: str) -> None:
+        """Everything the pod made, then its record; an unknown pod is removed already."""
+        with self.lock:
+            pod = self.find(pod_id)
+            if pod is None:
+                return
+            nspin.unpin(_pins(self.dir(pod.id)))  # also pins a killed RunPodSandbox made but did not record
+            remove_tree(self.dir(pod.id))
+
+    def reconcile(self) -> list[str]:
+        """At start: finish what a killed server left. Returns the ids of pods removed."""
+        removed = []
+        for pod in self.list():
+            if pod.state == CREATING:
+                self.remove(pod.id)
+                removed.append(pod.id)
+            elif pod.state == READY and not all(_is_pinned(p) for p in pod.namespaces.values()):
+                pod.state = NOT_READY  # its namespaces did not survive (a reboot)
+                self._save(pod)
+        return removed
+
+    # -- lookups
+
+    def dir(self, pod_id: str) -> str:
+        if len(pod_id) != 64 or pod_id.strip("0123456789abcdef"):
+            raise NotFound(f"no pod {pod_id!r}", where="pod_sandbox_id")
+        return os.path.join(self.root, pod_id)
+
+    def find(self, ref: str) -> Pod | None:
+        """A pod by id or unique id prefix (as crictl accepts)."""
+        if not ref:
+            return None
+        found = [name for name in self._ids() if name.startswith(ref)]
+        if len(found) != 1:
+            return None
+        return self._load(found[0])
+
+    def get(self, ref: str) -> Pod:
+        pod = self.find(ref)
+        if pod is None:
+            raise NotFound(f"no pod sandbox {ref!r}", where="pod_sandbox_id")
+        return pod
+
+    def list(self) -> list[Pod]:
+        return [p for p in (self._load(i) for i in self._ids()) if p is not None]
+
+    # -- steps
+
+    def _make(self, pod: Pod, spec: PodSpec, userns: bool) -> None:
+        base = self.dir(pod.id)
+        kinds = ["uts"]
+        if spec.network_mode != NODE:
+            kinds.append("network")
+        if spec.ipc_mode != NODE:
+            kinds.append("ipc")
+        maps = None
+        if userns:
+            host, size = tenant_range(pod.tenant)
+            pod.uid_map = [host, size]
+            maps = [IDMapping(container_id=0, host_id=host, size=size)]
+            kinds.insert(0, "user")
+        pod.namespaces = nspin.pin(os.path.join(base, "ns"), kinds, hostname=spec.hostname or spec.name[:63],
+                                   sysctls=spec.sysctls, maps=maps)
+        own = f"{self.config.cgroup_parent}/{pod.tenant}/pod-{pod.id[:12]}"
+        pod.cgroup_parent = spec.cgroup_parent or own
+        self._files(base, spec)
+
+    def _files(self, base: str, spec: PodSpec) -> None:
+        hostname = spec.hostname or spec.name[:63]
+        write_atomic(os.path.join(base, "hostname"), hostname + "\n", mode=0o644)
+        write_atomic(os.path.join(base, "hosts"), f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+                     f"127.0.1.1\t{hostname}\n", mode=0o644)
+        lines = [f"nameserver {s}" for s in spec.dns_servers]
+        if spec.dns_searches:
+            lines.append("search " + " ".join(spec.dns_searches))
+        if spec.dns_options:
+            lines.append("options " + " ".join(spec.dns_options))
+        write_atomic(os.path.join(base, "resolv.conf"), "".join(f"{line}\n" for line in lines), mode=0o644)
+
+    def _tenant(self, spec: PodSpec) -> str:
+        key = self.config.tenant_annotation
+        return (spec.annotations.get(key) if key else None) or spec.namespace
+
+    def _ids(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.root) if len(n) == 64)
+        except FileNotFoundError:
+            return []
+
+    def _load(self, pod_id: str) -> Pod | None:
+        try:
+            with open(os.path.join(self.root, pod_id, "pod.json")) as f:
+                return Pod(**json.loads(f.read()))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _save(self, pod: Pod) -> None:
+        write_atomic(os.path.join(self.dir(pod.id), "pod.json"), json.dumps(asdict(pod)), durable=True)
+
+
+def _check(spec: PodSpec, handler: object) -> None:
+    for key in ("name", "namespace", "uid"):
+        if not getattr(spec, key):
+            raise SpecError(f"metadata.{key} is empty", where=f"config.metadata.{key}",
+                            hint="kubelet always sends name, namespace and uid")
+    tenant_ok = spec.namespace.replace("-", "").isalnum() and spec.namespace == spec.namespace.lower()
+    if not tenant_ok:
+        raise SpecError(f"namespace {spec.namespace!r} is not a Kubernetes namespace name",
+                        where="config.metadata.namespace", hint="lowercase letters, digits and '-'")
+    if spec.pid_mode == POD:
+        raise SpecError("a PID namespace shared by the pod is not supported yet",
+                        where="linux.security_context.namespace_options.pid",
+                        hint="shareProcessNamespace: false")
+    host = [k for k, mode in (("network", spec.network_mode), ("ipc", spec.ipc_mode), ("pid", spec.pid_mode))
+            if mode == NODE]
+    if host and not getattr(handler, "host_namespaces", False):
+        raise SpecError(f"the host's {', '.join(host)} namespace is not allowed by handler "
+                        f"{getattr(handler, 'name', '')!r}", where="linux.security_context.namespace_options",
+                        hint="use a handler with host_namespaces = true")
+    if spec.privileged and not getattr(handler, "privileged", False):
+        raise SpecError(f"privileged pods are refused by handler {getattr(handler, 'name', '')!r}",
+                        where="linux.security_context.privileged")
+    for key in spec.sysctls:
+        kind = sysctl_namespace(key)
+        if kind is None or (kind == "network" and spec.network_mode == NODE) or (
+                kind == "ipc" and spec.ipc_mode == NODE):
+            raise SpecError(f"sysctl {key} would change the node, not the pod", where=f"linux.sysctls.{key}",
+                            hint="only namespaced sysctls (net.*, kernel.shm*, kernel.msg*, fs.mqueue.*)")
+
+
+def _identity(spec: PodSpec) -> tuple[str, str, str, int]:
+    return spec.name, spec.namespace, spec.uid, spec.attempt
+
+
+def _pins(base: str) -> list[str]:
+    ns = os.path.join(base, "ns")
+    try:
+        return [os.path.join(ns, n) for n in os.listdir(ns)]
+    except FileNotFoundError:
+        return []
+
+
+def _is_pinned(path: str) -> bool:
+    from stockade.runtime.mountinfo import read
+
+    return any(m.point == path for m in read())
+
