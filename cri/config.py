@@ -21,6 +21,7 @@ plain data. Every key is checked; a misspelt one is an error that names the file
     user_namespace = true
     host_namespaces = false       # hostNetwork/hostPID/hostIPC pods
     privileged = false
+    allow_degraded = false        # run where the profile's BPF layers cannot be enforced (reported)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Handler:
     user_namespace: bool = True
     host_namespaces: bool = False
     privileged: bool = False
+    allow_degraded: bool = False  # run where a BPF layer its profile needs cannot be enforced (reported)
 
 
 @dataclass
@@ -79,7 +81,7 @@ def default_handlers() -> dict[str, Handler]:
 _TOP = {"socket": str, "state_dir": str, "image_store": str, "cgroup_parent": str, "log_level": str,
         "log_format": str, "default_handler": str, "tenant_annotation": str, "network": str}
 _HANDLER = {"profile": str, "bpf_audit": bool, "user_namespace": bool, "host_namespaces": bool,
-            "privileged": bool}
+            "privileged": bool, "allow_degraded": bool}
 
 
 def load(path: str | None, explicit: bool = False) -> Config:

@@ -26,6 +26,10 @@ class AlreadyExists(StockadeError):
     """A name that is taken (ALREADY_EXISTS)."""
 
 
+class Timeout(StockadeError):
+    """A call's own time limit passed (ExecSync's timeout): DEADLINE_EXCEEDED."""
+
+
 class CRIError(StockadeError):
     """A refusal with the gRPC code that says what kind it is."""
 
@@ -51,6 +55,8 @@ def code_of(exc: StockadeError) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, AlreadyExists):
         return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(exc, Timeout):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(exc, DeadlineExceeded):
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(exc, RegistryError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from cri_api.v1 import api_pb2 as pb
 
+from .bundle import ContainerSpec, MountSpec
+from .containers import Container
 from .pods import CONTAINER, NODE, POD, READY, Pod, PodSpec
 
 MODES = {pb.POD: POD, pb.CONTAINER: CONTAINER, pb.NODE: NODE}
@@ -34,6 +36,16 @@ def pod_spec(request: pb.RunPodSandboxRequest) -> PodSpec:
         sysctls=dict(linux.sysctls),
         privileged=linux.security_context.privileged,
     )
+
+
+def verbose(record: object, wanted: bool) -> dict[str, str]:
+    """A status call's `info` with verbose set: the whole record as JSON (crictl inspect shows it)."""
+    if not wanted:
+        return {}
+    from stockade.runtime._lite import json
+    from stockade.runtime._lite.dataclasses import asdict
+
+    return {"info": json.dumps(asdict(record))}
 
 
 def pod_metadata(pod: Pod) -> pb.PodSandboxMetadata:
@@ -72,3 +84,84 @@ def pod_matches(pod: Pod, f: pb.PodSandboxFilter) -> bool:
     labels = pod.spec["labels"]
     return all(labels.get(k) == v for k, v in f.label_selector.items())
 
+
+
+# -- containers
+
+STATES = {"creating": pb.CONTAINER_UNKNOWN, "created": pb.CONTAINER_CREATED, "running": pb.CONTAINER_RUNNING,
+          "exited": pb.CONTAINER_EXITED}
+PROPAGATIONS = {pb.PROPAGATION_PRIVATE: "private", pb.PROPAGATION_HOST_TO_CONTAINER: "host_to_container",
+                pb.PROPAGATION_BIDIRECTIONAL: "bidirectional"}
+SECCOMP = {pb.SecurityProfile.RuntimeDefault: "runtime/default", pb.SecurityProfile.Unconfined: "unconfined"}
+
+
+def container_spec(request: pb.CreateContainerRequest) -> ContainerSpec:
+    c = request.config
+    res = c.linux.resources
+    sec = c.linux.security_context
+    return ContainerSpec(
+        name=c.metadata.name, attempt=c.metadata.attempt, image=c.image.image,
+        command=list(c.command), args=list(c.args), working_dir=c.working_dir,
+        envs=[(kv.key, kv.value) for kv in c.envs],
+        mounts=[MountSpec(container_path=m.container_path, host_path=m.host_path, readonly=m.readonly,
+                          propagation=PROPAGATIONS.get(m.propagation, "private"),
+                          recursive_read_only=m.recursive_read_only) for m in c.mounts],
+        devices=[(d.container_path, d.host_path, d.permissions) for d in c.devices],
+        labels=dict(c.labels), annotations=dict(c.annotations), log_path=c.log_path, tty=c.tty, stdin=c.stdin,
+        cpu_period=res.cpu_period, cpu_quota=res.cpu_quota, cpu_shares=res.cpu_shares,
+        memory_limit=res.memory_limit_in_bytes, oom_score_adj=res.oom_score_adj,
+        cpuset_cpus=res.cpuset_cpus, cpuset_mems=res.cpuset_mems,
+        privileged=sec.privileged,
+        add_caps=list(sec.capabilities.add_capabilities), drop_caps=list(sec.capabilities.drop_capabilities),
+        run_as_user=sec.run_as_user.value if sec.HasField("run_as_user") else None,
+        run_as_group=sec.run_as_group.value if sec.HasField("run_as_group") else None,
+        run_as_username=sec.run_as_username, supplemental_groups=list(sec.supplemental_groups),
+        readonly_rootfs=sec.readonly_rootfs, no_new_privs=sec.no_new_privs,
+        masked_paths=list(sec.masked_paths) or None, readonly_paths=list(sec.readonly_paths) or None,
+        seccomp=_seccomp(sec),
+        pid_mode=MODES.get(sec.namespace_options.pid, CONTAINER),
+    )
+
+
+def _seccomp(sec: pb.LinuxContainerSecurityContext) -> str:
+    if sec.HasField("seccomp"):
+        if sec.seccomp.profile_type == pb.SecurityProfile.Localhost:
+            return "localhost/" + sec.seccomp.localhost_ref
+        return SECCOMP[sec.seccomp.profile_type]
+    return sec.seccomp_profile_path or "runtime/default"  # the deprecated field kubelet still fills
+
+
+def container_metadata(c: Container) -> pb.ContainerMetadata:
+    return pb.ContainerMetadata(name=c.spec["name"], attempt=c.spec["attempt"])
+
+
+def container_status(c: Container) -> pb.ContainerStatus:
+    s = c.spec
+    mounts = [pb.Mount(container_path=m["container_path"], host_path=m["host_path"], readonly=m["readonly"],
+                       propagation={v: k for k, v in PROPAGATIONS.items()}[m["propagation"]])
+              for m in s["mounts"]]
+    return pb.ContainerStatus(
+        id=c.id, metadata=container_metadata(c), state=STATES[c.state], created_at=c.created_at,
+        started_at=c.started_at, finished_at=c.finished_at, exit_code=c.exit_code,
+        image=pb.ImageSpec(image=s["image"]), image_ref=c.image_id, image_id=c.image_id,
+        reason=c.reason, message=c.message, labels=s["labels"], annotations=s["annotations"],
+        mounts=mounts, log_path=c.log_path,
+    )
+
+
+def container_item(c: Container) -> pb.Container:
+    s = c.spec
+    return pb.Container(id=c.id, pod_sandbox_id=c.pod_id, metadata=container_metadata(c),
+                        image=pb.ImageSpec(image=s["image"]), image_ref=c.image_id, image_id=c.image_id,
+                        state=STATES[c.state], created_at=c.created_at, labels=s["labels"],
+                        annotations=s["annotations"])
+
+
+def container_matches(c: Container, f: pb.ContainerFilter) -> bool:
+    if f.id and not c.id.startswith(f.id):
+        return False
+    if f.pod_sandbox_id and not c.pod_id.startswith(f.pod_sandbox_id):
+        return False
+    if f.HasField("state") and f.state.state != STATES[c.state]:
+        return False
+    return all(c.spec["labels"].get(k) == v for k, v in f.label_selector.items())

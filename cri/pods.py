@@ -17,7 +17,6 @@ import os
 import threading
 import time
 
-from stockade.runtime._lite import json
 from stockade.runtime._lite.dataclasses import asdict, dataclass, field
 from stockade.runtime.errors import SpecError
 from stockade.runtime.files import write_atomic
@@ -26,7 +25,8 @@ from stockade.runtime.spec import IDMapping, sysctl_namespace
 from stockade.runtime.state import remove_tree
 
 from . import nspin
-from .errors import AlreadyExists, NotFound
+from .errors import AlreadyExists
+from .records import Records
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -81,8 +81,8 @@ class Pods:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.root = os.path.join(config.state_dir, "pods")
-        os.makedirs(self.root, mode=0o711, exist_ok=True)
+        self.records = Records(os.path.join(config.state_dir, "pods"), "pod.json", Pod, "pod sandbox",
+                               "pod_sandbox_id")
         self.lock = threading.RLock()
 
     # -- lifecycle
@@ -100,14 +100,14 @@ class Pods:
             pod = Pod(id=os.urandom(32).hex(), spec=asdict(spec), handler=handler.name,
                       tenant=self._tenant(spec), created_at=time.time_ns())
             os.mkdir(self.dir(pod.id), 0o711)
-            self._save(pod)  # "creating": what follows is undone by reconcile if we die
+            self.records.save(pod)  # "creating": what follows is undone by reconcile if we die
         try:
             self._make(pod, spec, handler.user_namespace)
         except BaseException:
             self.remove(pod.id)
             raise
         pod.state = READY
-        self._save(pod)
+        self.records.save(pod)
         return pod
 
     def stop(self, pod_id: str) -> None:
@@ -117,7 +117,7 @@ class Pods:
             if pod is None or pod.state == NOT_READY:
                 return
             pod.state = NOT_READY
-            self._save(pod)
+            self.records.save(pod)
 
     def remove(self, pod_id: str) -> None:
         """Everything the pod made, then its record; an unknown pod is removed already."""
@@ -137,33 +137,22 @@ class Pods:
                 removed.append(pod.id)
             elif pod.state == READY and not all(_is_pinned(p) for p in pod.namespaces.values()):
                 pod.state = NOT_READY  # its namespaces did not survive (a reboot)
-                self._save(pod)
+                self.records.save(pod)
         return removed
 
     # -- lookups
 
     def dir(self, pod_id: str) -> str:
-        if len(pod_id) != 64 or pod_id.strip("0123456789abcdef"):
-            raise NotFound(f"no pod {pod_id!r}", where="pod_sandbox_id")
-        return os.path.join(self.root, pod_id)
+        return self.records.dir(pod_id)
 
     def find(self, ref: str) -> Pod | None:
-        """A pod by id or unique id prefix (as crictl accepts)."""
-        if not ref:
-            return None
-        found = [name for name in self._ids() if name.startswith(ref)]
-        if len(found) != 1:
-            return None
-        return self._load(found[0])
+        return self.records.find(ref)
 
     def get(self, ref: str) -> Pod:
-        pod = self.find(ref)
-        if pod is None:
-            raise NotFound(f"no pod sandbox {ref!r}", where="pod_sandbox_id")
-        return pod
+        return self.records.get(ref)
 
     def list(self) -> list[Pod]:
-        return [p for p in (self._load(i) for i in self._ids()) if p is not None]
+        return self.records.all()
 
     # -- steps
 
@@ -201,22 +190,6 @@ class Pods:
     def _tenant(self, spec: PodSpec) -> str:
         key = self.config.tenant_annotation
         return (spec.annotations.get(key) if key else None) or spec.namespace
-
-    def _ids(self) -> list[str]:
-        try:
-            return sorted(n for n in os.listdir(self.root) if len(n) == 64)
-        except FileNotFoundError:
-            return []
-
-    def _load(self, pod_id: str) -> Pod | None:
-        try:
-            with open(os.path.join(self.root, pod_id, "pod.json")) as f:
-                return Pod(**json.loads(f.read()))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
-    def _save(self, pod: Pod) -> None:
-        write_atomic(os.path.join(self.dir(pod.id), "pod.json"), json.dumps(asdict(pod)), durable=True)
 
 
 def _check(spec: PodSpec, handler: object) -> None:

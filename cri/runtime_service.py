@@ -10,12 +10,14 @@ from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
 
 from . import messages
+from .containers import Containers
 from .errors import log, rpc
 from .pods import Pods
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import grpc
+    from stockade.runtime.images.store import Store
 
     from .config import Config
 
@@ -33,11 +35,14 @@ def runtime_version() -> str:
 
 
 class RuntimeService(pb_grpc.RuntimeServiceServicer):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, store: Store) -> None:
         self.config = config
         self.pod_cidr = ""
         self.lock = threading.Lock()
         self.pods = Pods(config)
+        self.containers = Containers(config, self.pods, store)
+        for cid in self.containers.reconcile():
+            log.info("removed container %s: its CreateContainer did not finish", cid)
         for pod_id in self.pods.reconcile():
             log.info("removed pod %s: its RunPodSandbox did not finish", pod_id)
 
@@ -110,6 +115,9 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                        ) -> pb.StopPodSandboxResponse:
         pod = self.pods.find(request.pod_sandbox_id)
         if pod is not None:
+            for c in self.containers.list():
+                if c.pod_id == pod.id:
+                    self.containers.stop(c.id, timeout=0)
             self.pods.stop(pod.id)
         return pb.StopPodSandboxResponse()
 
@@ -118,6 +126,9 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                          ) -> pb.RemovePodSandboxResponse:
         pod = self.pods.find(request.pod_sandbox_id)
         if pod is not None:
+            for c in self.containers.list():
+                if c.pod_id == pod.id:
+                    self.containers.remove(c.id)
             self.pods.remove(pod.id)
             log.info("pod %s removed", pod.id)
         return pb.RemovePodSandboxResponse()
@@ -126,13 +137,8 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest, context: grpc.ServicerContext
                          ) -> pb.PodSandboxStatusResponse:
         pod = self.pods.get(request.pod_sandbox_id)
-        info = {}
-        if request.verbose:
-            from stockade.runtime._lite import json
-            from stockade.runtime._lite.dataclasses import asdict
-
-            info["info"] = json.dumps(asdict(pod))
-        return pb.PodSandboxStatusResponse(status=messages.pod_status(pod), info=info)
+        return pb.PodSandboxStatusResponse(status=messages.pod_status(pod),
+                                           info=messages.verbose(pod, request.verbose))
 
     @rpc
     def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context: grpc.ServicerContext
@@ -141,3 +147,57 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         if request.HasField("filter"):
             pods = [p for p in pods if messages.pod_matches(p, request.filter)]
         return pb.ListPodSandboxResponse(items=[messages.pod_item(p) for p in pods])
+
+    # -- containers
+
+    @rpc
+    def CreateContainer(self, request: pb.CreateContainerRequest, context: grpc.ServicerContext
+                        ) -> pb.CreateContainerResponse:
+        c = self.containers.create(request.pod_sandbox_id, messages.container_spec(request))
+        log.info("container %s (%s) created in pod %s", c.id, c.spec["name"], c.pod_id)
+        return pb.CreateContainerResponse(container_id=c.id)
+
+    @rpc
+    def StartContainer(self, request: pb.StartContainerRequest, context: grpc.ServicerContext
+                       ) -> pb.StartContainerResponse:
+        self.containers.start(request.container_id)
+        return pb.StartContainerResponse()
+
+    @rpc
+    def StopContainer(self, request: pb.StopContainerRequest, context: grpc.ServicerContext
+                      ) -> pb.StopContainerResponse:
+        if self.containers.find(request.container_id) is not None:  # an unknown one is stopped
+            self.containers.stop(request.container_id, request.timeout)
+        return pb.StopContainerResponse()
+
+    @rpc
+    def RemoveContainer(self, request: pb.RemoveContainerRequest, context: grpc.ServicerContext
+                        ) -> pb.RemoveContainerResponse:
+        self.containers.remove(request.container_id)
+        return pb.RemoveContainerResponse()
+
+    @rpc
+    def ContainerStatus(self, request: pb.ContainerStatusRequest, context: grpc.ServicerContext
+                        ) -> pb.ContainerStatusResponse:
+        c = self.containers.refresh(self.containers.get(request.container_id))
+        return pb.ContainerStatusResponse(status=messages.container_status(c),
+                                          info=messages.verbose(c, request.verbose))
+
+    @rpc
+    def ListContainers(self, request: pb.ListContainersRequest, context: grpc.ServicerContext
+                       ) -> pb.ListContainersResponse:
+        found = [self.containers.refresh(c) for c in self.containers.list()]
+        if request.HasField("filter"):
+            found = [c for c in found if messages.container_matches(c, request.filter)]
+        return pb.ListContainersResponse(containers=[messages.container_item(c) for c in found])
+
+    @rpc
+    def ExecSync(self, request: pb.ExecSyncRequest, context: grpc.ServicerContext) -> pb.ExecSyncResponse:
+        code, out, err = self.containers.exec_sync(request.container_id, list(request.cmd), request.timeout)
+        return pb.ExecSyncResponse(stdout=out, stderr=err, exit_code=code)
+
+    @rpc
+    def ReopenContainerLog(self, request: pb.ReopenContainerLogRequest, context: grpc.ServicerContext
+                           ) -> pb.ReopenContainerLogResponse:
+        self.containers.reopen_log(request.container_id)
+        return pb.ReopenContainerLogResponse()

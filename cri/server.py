@@ -38,15 +38,16 @@ log = logging.getLogger("stockade.cri")
 
 def serve(config: Config, ready: threading.Event | None = None) -> int:
     setup_logging(config.log_level, config.log_format)
-    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    os.makedirs(config.state_dir, mode=0o711, exist_ok=True)  # containers' inits pass through
     _claim_socket(config.socket)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="cri"),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                  ("grpc.max_send_message_length", MAX_MESSAGE)],
     )
-    pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(config), server)
-    pb_grpc.add_ImageServiceServicer_to_server(ImageService(config, Store(config.image_store)), server)
+    store = Store(config.image_store)
+    pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(config, store), server)
+    pb_grpc.add_ImageServiceServicer_to_server(ImageService(config, store), server)
     if server.add_insecure_port(f"unix://{config.socket}") == 0:
         raise StockadeError("cannot listen on the socket", where=config.socket)
     stop = threading.Event()

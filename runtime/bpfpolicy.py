@@ -17,12 +17,15 @@ from .state import State
 
 TYPE_CHECKING = False  # typing is a slow import on the start path (bench/README.md)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 POLICY_ANNOTATION = "io.stockade.bpf-policy"
 
 
-def install(state: State, spec: Any, *, allow_degraded: bool) -> bool:
+def install(
+    state: State, spec: Any, *, allow_degraded: bool, warn: Callable[[str], None] | None = None
+) -> bool:
     """Install the container's policy; True when map entries were written (remove() undoes them).
 
     Called once the init has finished its own setup (mounts, sysctls) and waits on the exec
@@ -48,10 +51,11 @@ def install(state: State, spec: Any, *, allow_degraded: bool) -> bool:
     state.bpf_policy = name
     if missing:
         state.degraded = [f"bpf:{layer}" for layer in missing]
-        print(
-            f"stockade: warning: {state.id}: running without {', '.join(state.degraded)} (--allow-degraded)",
-            file=sys.stderr,
-        )
+        message = f"{state.id}: running without {', '.join(state.degraded)} (--allow-degraded)"
+        if warn is not None:  # the caller's warning channel: the --log file under a shim or conmon
+            warn(message)
+        else:
+            print(f"stockade: warning: {message}", file=sys.stderr)
     if not state.cgroup_id or not maps.agent_running():
         return False
     maps.install_policy(

@@ -262,7 +262,7 @@ def _install_bpf(state: State, spec: Any, opts: CreateOptions, undo: list[Callab
         return  # no policy named: not even the glue module to import
     from .bpfpolicy import install
 
-    if install(state, spec, allow_degraded=opts.allow_degraded):
+    if install(state, spec, allow_degraded=opts.allow_degraded, warn=opts.warn):
         undo.append(lambda: _remove_bpf(state))
 
 

@@ -275,7 +275,9 @@ def _create_options(args: argparse.Namespace):  # noqa: ANN202 - lazy import kee
         console_socket=args.console_socket,
         no_pivot=args.no_pivot,
         preserve_fds=args.preserve_fds,
-        allow_degraded=args.allow_degraded,
+        # A CRI server whose handler opted in sets this in its conmon's environment (conmon has
+        # no way to pass create flags); the state still records every layer that is missing.
+        allow_degraded=args.allow_degraded or os.environ.get("STOCKADE_ALLOW_DEGRADED") == "1",
         warn=lambda message: _log_warning(args, message),
         debug=(lambda message: _log_debug(args, lambda: message)) if args.debug else None,
     )

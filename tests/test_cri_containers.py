@@ -1,0 +1,350 @@
+"""Containers through the CRI, in the order kubelet drives them (critest's areas: container
+lifecycle, exec, logs, security context, resources, image consistency, idempotence), on a real
+`stockade cri serve` with Debian's conmon watching each container and busybox images the tests
+build. Each test removes its pods; the module checks that nothing of theirs is left."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from images import PATH_ENV, busybox_image, oci_archive, tar_of
+from kernel import needs_root, require  # noqa: F401 - needs_root: a fixture, used by name
+from leftovers import new_since, snapshot
+from stockade.runtime.images.archive import import_archive
+from stockade.runtime.images.store import Store
+
+from cri import Server, fast_tmp, pb, status_code
+
+pytestmark = pytest.mark.usefixtures("needs_root")
+
+CONFIG = """
+[stockade]
+default_handler = "stockade"
+[stockade.handlers.stockade]
+profile = "runtime-default"
+[stockade.handlers.restricted]
+profile = "restricted"
+allow_degraded = true
+"""
+IMAGE = "localhost/test/busybox:1"
+USER_IMAGE = "localhost/test/app-user:1"
+PLAIN_IMAGE = "localhost/test/plain:1"  # neither entrypoint nor cmd
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    require(shutil.which("conmon"), "conmon (setup)")
+    tmp = tmp_path_factory.mktemp("cri")
+    config = tmp / "stockade.toml"
+    config.write_text(CONFIG)
+    base = fast_tmp()
+    (base / "images").mkdir(parents=True)
+    store = Store(str(base / "images"))
+    import_archive(store, str(busybox_image(tmp / "bb.tar", IMAGE)))
+    from bundles import make_rootfs
+
+    rootfs = make_rootfs(tmp / "rootfs")
+    archive = oci_archive(tmp / "user.tar", USER_IMAGE, [(tar_of(rootfs), "gzip")],
+                          {"Env": [PATH_ENV, "FROM_IMAGE=yes"], "User": "user", "WorkingDir": "/home/user",
+                           "Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo from-cmd"]})
+    import_archive(store, str(archive))
+    plain = oci_archive(tmp / "plain.tar", PLAIN_IMAGE, [(tar_of(rootfs), "")], {"Env": [PATH_ENV]})
+    import_archive(store, str(plain))
+    srv = Server(base, config=config)
+    try:
+        yield srv
+    finally:
+        assert srv.stop() == 0
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def clean(server: Server) -> Iterator[None]:
+    before = snapshot()
+    yield
+    for pod in server.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
+        server.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+    assert server.runtime.ListContainers(pb.ListContainersRequest()).containers == []
+    assert new_since(before) == {}
+    assert list((server.base / "images/containers").iterdir()) == []
+
+
+def security(**kw) -> pb.LinuxContainerSecurityContext:  # noqa: ANN003
+    return pb.LinuxContainerSecurityContext(namespace_options=pb.NamespaceOption(pid=pb.CONTAINER), **kw)
+
+
+def pod(server: Server, name: str = "p", namespace: str = "team-a",
+        handler: str = "") -> tuple[str, pb.PodSandboxConfig]:
+    config = pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name=name, namespace=namespace, uid=f"uid-{namespace}-{name}"),
+        hostname=name, log_directory=str(server.base / "logs" / f"{namespace}_{name}_{os.urandom(4).hex()}"),
+        linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
+            namespace_options=pb.NamespaceOption(pid=pb.CONTAINER))))
+    request = pb.RunPodSandboxRequest(config=config, runtime_handler=handler)
+    return server.runtime.RunPodSandbox(request).pod_sandbox_id, config
+
+
+def create(server: Server, pod_id: str, pod_config: pb.PodSandboxConfig, *command: str, name: str = "c",
+           image: str = IMAGE, **kw) -> str:  # noqa: ANN003
+    kw.setdefault("linux", pb.LinuxContainerConfig(security_context=security()))
+    config = pb.ContainerConfig(metadata=pb.ContainerMetadata(name=name), image=pb.ImageSpec(image=image),
+                                command=list(command), log_path=f"{name}/0.log", **kw)
+    request = pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod_config)
+    return server.runtime.CreateContainer(request).container_id
+
+
+def start(server: Server, cid: str) -> None:
+    server.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+
+
+def status(server: Server, cid: str) -> pb.ContainerStatus:
+    return server.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
+
+
+def wait_exited(server: Server, cid: str, seconds: float = 30) -> pb.ContainerStatus:
+    deadline = time.monotonic() + seconds
+    while (s := status(server, cid)).state != pb.CONTAINER_EXITED:
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+    return s
+
+
+def log_lines(path: str) -> list[tuple[str, str, str]]:
+    """(stream, tag, text) of each line of a CRI log file."""
+    return [tuple(line.split(" ", 3)[1:]) for line in Path(path).read_text().splitlines()]  # type: ignore[misc]
+
+
+def run_once(server: Server, script: str, **kw) -> tuple[pb.ContainerStatus, list[tuple[str, str, str]]]:  # noqa: ANN003
+    pod_id, config = pod(server, f"once-{os.urandom(3).hex()}", handler=kw.pop("handler", ""))
+    cid = create(server, pod_id, config, "sh", "-c", script, **kw)
+    start(server, cid)
+    s = wait_exited(server, cid)
+    return s, log_lines(s.log_path)
+
+
+def test_container_lifecycle_logs_and_exit_code(server: Server) -> None:
+    pod_id, config = pod(server)
+    cid = create(server, pod_id, config, "sh", "-c", "echo out; echo err >&2; hostname; exit 3")
+    created = status(server, cid)
+    assert created.state == pb.CONTAINER_CREATED and created.created_at > 0
+    start(server, cid)
+    s = wait_exited(server, cid)
+    assert (s.exit_code, s.reason) == (3, "Error")
+    assert s.started_at >= s.created_at and s.finished_at >= s.started_at
+    assert s.log_path.startswith(str(server.base / "logs/team-a_p_")) and s.log_path.endswith("/c/0.log")
+    lines = log_lines(s.log_path)  # the two pipes are read as data comes: order across them may vary
+    assert [t for t in lines if t[0] == "stdout"] == [("stdout", "F", "out"), ("stdout", "F", "p")]
+    assert [t for t in lines if t[0] == "stderr"] == [("stderr", "F", "err")]
+    line = Path(s.log_path).read_text().splitlines()[0]
+    assert line[:4].isdigit() and line.split(" ")[0].endswith("Z") or "+" in line.split(" ")[0]
+    server.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
+    code, _ = status_code(server.runtime.ContainerStatus, pb.ContainerStatusRequest(container_id=cid))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_exec_sync_stdout_stderr_and_exit_code(server: Server) -> None:
+    pod_id, config = pod(server)
+    cid = create(server, pod_id, config, "sleep", "60")
+    start(server, cid)
+    done = server.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["echo", "hello"], timeout=10))
+    assert (done.stdout, done.stderr, done.exit_code) == (b"hello\n", b"", 0)
+    failing = ["sh", "-c", "echo no >&2; exit 7"]
+    failed = server.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=failing))
+    assert (failed.stdout, failed.stderr, failed.exit_code) == (b"", b"no\n", 7)
+    code, message = status_code(server.runtime.ExecSync,
+                                pb.ExecSyncRequest(container_id=cid, cmd=["sleep", "30"], timeout=1))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "timeout" in message
+    assert status(server, cid).state == pb.CONTAINER_RUNNING
+
+
+def test_stop_waits_then_kills_and_is_idempotent(server: Server) -> None:
+    pod_id, config = pod(server)
+    graceful = create(server, pod_id, config, "sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.1; done",
+                      name="graceful")
+    stubborn = create(server, pod_id, config, "sh", "-c", "trap '' TERM; while :; do sleep 0.1; done",
+                      name="stubborn")
+    for cid in (graceful, stubborn):
+        start(server, cid)
+    time.sleep(0.3)  # the traps are set
+    server.runtime.StopContainer(pb.StopContainerRequest(container_id=graceful, timeout=10))
+    assert (status(server, graceful).exit_code, status(server, graceful).reason) == (0, "Completed")
+    began = time.monotonic()
+    server.runtime.StopContainer(pb.StopContainerRequest(container_id=stubborn, timeout=1))
+    assert time.monotonic() - began < 10
+    assert status(server, stubborn).exit_code == 137
+    for cid in (graceful, stubborn, "0" * 64):
+        server.runtime.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=1))
+        server.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
+        server.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
+
+
+def test_list_filters_and_image_consistency(server: Server) -> None:
+    pod_a, config_a = pod(server, "a")
+    pod_b, config_b = pod(server, "b")
+    one = create(server, pod_a, config_a, "sleep", "60", name="one", labels={"role": "web"})
+    two = create(server, pod_b, config_b, "sleep", "60", name="two")
+    start(server, one)
+
+    def listed(**f) -> list[str]:  # noqa: ANN003
+        return sorted(c.id for c in server.runtime.ListContainers(
+            pb.ListContainersRequest(filter=pb.ContainerFilter(**f))).containers)
+
+    assert listed() == sorted([one, two])
+    assert listed(pod_sandbox_id=pod_b) == [two]
+    assert listed(id=one[:13]) == [one]
+    assert listed(state=pb.ContainerStateValue(state=pb.CONTAINER_RUNNING)) == [one]
+    assert listed(label_selector={"role": "web"}) == [one]
+    image_id = server.images.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=IMAGE))).image.id
+    s = status(server, one)
+    assert s.image_id == s.image_ref == image_id and s.image.image == IMAGE
+
+
+def test_the_image_config_fills_what_the_request_leaves_out(server: Server) -> None:
+    s, lines = run_once(server, 'echo "$(id -u):$(id -g) $(pwd) $FROM_IMAGE $HOSTNAME"', image=USER_IMAGE)
+    assert s.exit_code == 0 and lines[0][2].startswith("1000:1000 /home/user yes once-")
+    pod_id, config = pod(server, "args")
+    cid = create(server, pod_id, config, image=USER_IMAGE, name="args")  # no command: entrypoint + cmd
+    start(server, cid)
+    assert log_lines(wait_exited(server, cid).log_path) == [("stdout", "F", "from-cmd")]
+
+
+def test_security_context_user_caps_readonly_root_and_no_new_privs(server: Server) -> None:
+    ctx = security(run_as_user=pb.Int64Value(value=1234), run_as_group=pb.Int64Value(value=5678),
+                   supplemental_groups=[42], readonly_rootfs=True, no_new_privs=True,
+                   capabilities=pb.Capability(drop_capabilities=["ALL"]))
+    script = ("id; touch /x 2>/dev/null && echo wrote || echo read-only; "
+              "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status")
+    s, lines = run_once(server, script, linux=pb.LinuxContainerConfig(security_context=ctx))
+    text = [t for _, _, t in lines]
+    assert s.exit_code == 0, text
+    assert text[0].startswith("uid=1234 gid=5678 groups=") and "42" in text[0]
+    assert text[1] == "read-only"
+    fields = dict(t.split(":\t") for t in text[2:])
+    assert fields == {"CapEff": "0000000000000000", "CapBnd": "0000000000000000", "NoNewPrivs": "1",
+                      "Seccomp": "2"}
+
+
+def test_security_context_capability_add_and_the_restricted_handler(server: Server) -> None:
+    ctx = security(capabilities=pb.Capability(add_capabilities=["NET_RAW"], drop_capabilities=["CHOWN"]))
+    s, lines = run_once(server, "grep CapEff /proc/self/status",
+                        linux=pb.LinuxContainerConfig(security_context=ctx))
+    caps = int(lines[0][2].split()[-1], 16)
+    assert caps & (1 << 13) and not caps & 1  # NET_RAW in, CHOWN out
+    # Docker's default filter lets a holder of CAP_SYS_ADMIN make namespaces; restricted never does.
+    admin = pb.LinuxContainerConfig(security_context=security(capabilities=pb.Capability(
+        add_capabilities=["SYS_ADMIN"])))
+    s, lines = run_once(server, "unshare -U true && echo allowed || echo denied", handler="restricted",
+                        linux=admin)
+    assert [t for stream, _, t in lines if stream == "stdout"] == ["denied"]
+    s, lines = run_once(server, "unshare -U true && echo allowed || echo denied", linux=admin)
+    assert [t for stream, _, t in lines if stream == "stdout"] == ["allowed"]
+
+
+def test_oom_killed_container_reports_oomkilled_and_137(server: Server) -> None:
+    limit = 32 << 20
+    res = pb.LinuxContainerResources(memory_limit_in_bytes=limit)
+    hog = "x=a; while :; do x=$x$x; done"
+    s, _ = run_once(server, hog, linux=pb.LinuxContainerConfig(security_context=security(), resources=res))
+    assert (s.exit_code, s.reason) == (137, "OOMKilled")
+
+
+def test_reopen_container_log_starts_a_new_file(server: Server) -> None:
+    pod_id, config = pod(server)
+    chatty = "i=0; while :; do echo line$i; i=$((i+1)); sleep 0.05; done"
+    cid = create(server, pod_id, config, "sh", "-c", chatty)
+    start(server, cid)
+    path = Path(status(server, cid).log_path)
+    time.sleep(0.3)
+    path.rename(path.with_suffix(".rotated"))
+    server.runtime.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=cid))
+    deadline = time.monotonic() + 10
+    while not path.exists() or "line" not in path.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    server.runtime.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=0))
+    numbers = [[int(t.removeprefix("line")) for _, _, t in log_lines(str(p))]
+               for p in (path.with_suffix(".rotated"), path)]
+    assert numbers[0] and numbers[1] and numbers[1][0] == numbers[0][-1] + 1  # nothing lost, nothing twice
+
+
+def test_containers_survive_a_server_restart(server: Server, tmp_path: Path) -> None:
+    pod_id, config = pod(server)
+    cid = create(server, pod_id, config, "sh", "-c", "sleep 1; exit 4")
+    start(server, cid)
+    assert server.stop() == 0  # SIGTERM: the container keeps running under its conmon
+    restarted = Server(server.base, config=_config_of(server))
+    server.__dict__.update(restarted.__dict__)
+    s = wait_exited(server, cid)
+    assert s.exit_code == 4
+
+
+def _config_of(server: Server) -> Path:
+    argv = json.loads(json.dumps(server.proc.args))
+    return Path(argv[argv.index("--config") + 1])
+
+
+@pytest.mark.parametrize(("change", "code", "words"), [
+    ({"image": "localhost/test/none:1"}, grpc.StatusCode.NOT_FOUND, "is not present"),
+    ({"command": [], "image": PLAIN_IMAGE}, grpc.StatusCode.INVALID_ARGUMENT, "names a command"),
+    ({"command": ["/bin/not-there"]}, grpc.StatusCode.FAILED_PRECONDITION, "not-there"),
+    ({"seccomp": "localhost"}, grpc.StatusCode.INVALID_ARGUMENT, "Localhost seccomp profile"),
+    ({"seccomp": "unconfined"}, grpc.StatusCode.INVALID_ARGUMENT, "refuses an unconfined"),
+    ({"privileged": True}, grpc.StatusCode.INVALID_ARGUMENT, "privileged containers are refused"),
+    ({"user": "nobody-here"}, grpc.StatusCode.INVALID_ARGUMENT, "not in the image's /etc/passwd"),
+])
+def test_bad_containers_are_refused_and_leave_nothing(server: Server, tmp_path: Path, change: dict,
+                                                       code: grpc.StatusCode, words: str) -> None:
+    pod_id, config = pod(server)
+    ctx = security()
+    if change.get("seccomp") == "localhost":
+        bad = tmp_path / "bad.json"
+        bad.write_text("{not json")
+        ctx.seccomp.CopyFrom(pb.SecurityProfile(profile_type=pb.SecurityProfile.Localhost,
+                                                localhost_ref=str(bad)))
+    elif change.get("seccomp") == "unconfined":
+        ctx.seccomp.CopyFrom(pb.SecurityProfile(profile_type=pb.SecurityProfile.Unconfined))
+    ctx.privileged = change.get("privileged", False)
+    if "user" in change:
+        ctx.run_as_username = change["user"]
+    command = change.get("command", ["true"])
+    got, message = status_code(create, server, pod_id, config, *command, image=change.get("image", IMAGE),
+                               linux=pb.LinuxContainerConfig(security_context=ctx))
+    assert got == code and words in message, message
+    assert server.runtime.ListContainers(pb.ListContainersRequest()).containers == []
+
+
+def test_unknown_pods_and_duplicate_names(server: Server) -> None:
+    _, config = pod(server)
+    code, _ = status_code(create, server, "0" * 64, config, "true")
+    assert code == grpc.StatusCode.NOT_FOUND
+    pod_id, config = pod(server, "dup")
+    create(server, pod_id, config, "true", name="same")
+    code, message = status_code(create, server, pod_id, config, "true", name="same")
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "same" in message
+
+
+def test_several_pods_with_two_handlers_at_once(server: Server) -> None:
+    import threading
+
+    results: dict[str, tuple[int, list]] = {}
+
+    def one(name: str, handler: str) -> None:
+        pod_id, config = pod(server, name, namespace=f"ns-{name}", handler=handler)
+        cid = create(server, pod_id, config, "sh", "-c", f"echo {name}", name=name)
+        start(server, cid)
+        s = wait_exited(server, cid)
+        results[name] = (s.exit_code, log_lines(s.log_path))
+
+    threads = [threading.Thread(target=one, args=(f"pod{i}", ("", "restricted")[i % 2])) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == {f"pod{i}": (0, [("stdout", "F", f"pod{i}")]) for i in range(6)}
