@@ -141,7 +141,7 @@ def oci_config(spec: ContainerSpec, *, args: list[str], env: list[str], cwd: str
         "mounts": _mounts(spec, pod_dir),
         "linux": {
             "namespaces": namespaces,
-            "resources": _resources(spec),
+            "resources": resources(spec),
             "cgroupsPath": f"{pod.cgroup_parent.rstrip('/')}/{cid}",
             "maskedPaths": list(MASKED_PATHS) if spec.masked_paths is None else spec.masked_paths,
             "readonlyPaths": list(READONLY_PATHS) if spec.readonly_paths is None else spec.readonly_paths,
@@ -218,7 +218,8 @@ def _mounts(spec: ContainerSpec, pod_dir: str) -> list[dict]:
     return mounts
 
 
-def _resources(spec: ContainerSpec) -> dict:
+def resources(spec: ContainerSpec) -> dict:
+    """linux.resources of the OCI config (and of an UpdateContainerResources)."""
     res: dict = {}
     cpu = {k: v for k, v in (("shares", spec.cpu_shares), ("quota", spec.cpu_quota),
                              ("period", spec.cpu_period)) if v}
@@ -230,6 +231,10 @@ def _resources(spec: ContainerSpec) -> dict:
         res["cpu"] = cpu
     if spec.memory_limit:
         res["memory"] = {"limit": spec.memory_limit, "swap": spec.memory_limit}
+    else:
+        # Unlimited, but accounted: kubelet reads every container's memory (eviction, metrics), and
+        # on a hybrid host only a memory-controller member has any to read.
+        res["memory"] = {"limit": -1}
     return res
 
 

@@ -25,17 +25,20 @@ from stockade.runtime._lite.dataclasses import asdict, dataclass
 from stockade.runtime.errors import ContainerError, SpecError, StockadeError
 from stockade.runtime.files import write_atomic
 from stockade.runtime.images import passwd
-from stockade.runtime.images.rootfs import mount_root, unmount_root
+from stockade.runtime.images.rootfs import container_dir, mount_root, unmount_root
 from stockade.runtime.spec import IDMapping
 from stockade.runtime.state import remove_tree
 
 from . import bundle as bundlemod
+from . import events
 from .errors import AlreadyExists, NotFound, Timeout
 from .pods import READY
 from .records import Records
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from stockade.runtime.images.store import Image, Store
 
     from .config import Config, Handler
@@ -71,8 +74,10 @@ class Container:
 
 
 class Containers:
-    def __init__(self, config: Config, pods: Pods, store: Store) -> None:
+    def __init__(self, config: Config, pods: Pods, store: Store,
+                 emit: Callable[[str, int], None] | None = None) -> None:
         self.config, self.pods, self.store = config, pods, store
+        self.emit = emit or (lambda cid, kind: None)
         self.records = Records(os.path.join(config.state_dir, "containers"), "container.json", Container,
                                "container", "container_id")
         self.oci_root = os.path.join(config.state_dir, "oci")
@@ -113,6 +118,7 @@ class Containers:
             raise
         c.state = CREATED
         self.records.save(c)
+        self.emit(c.id, events.CREATED)
         return c
 
     def start(self, cid: str) -> Container:
@@ -124,7 +130,8 @@ class Containers:
             oci.start(self.oci_root, c.id)
             c.state, c.started_at = RUNNING, started
             self.records.save(c)
-            return c
+        self.emit(c.id, events.STARTED)
+        return c
 
     def stop(self, cid: str, timeout: int) -> None:
         """SIGTERM (or the container's stop signal), then SIGKILL after TIMEOUT seconds."""
@@ -156,6 +163,8 @@ class Containers:
                 except FileNotFoundError:
                     pass
             remove_tree(self.dir(c.id))
+        if c.state != CREATING:
+            self.emit(c.id, events.DELETED)
 
     def refresh(self, c: Container) -> Container:
         """Created/running containers whose process has exited become exited, with the exit code
@@ -209,6 +218,40 @@ class Containers:
             os.write(fd, b"2 0 0\n")  # conmon: reopen the log file
         finally:
             os.close(fd)
+
+    def update(self, cid: str, changes: dict) -> Container:
+        """New resource limits (CHANGES: ContainerSpec fields) for a running container."""
+        c = self.refresh(self.get(cid))
+        if c.state not in (CREATED, RUNNING):
+            raise ContainerError(f"container {cid[:12]} is {c.state}", where="container_id")
+        spec = c.container_spec()
+        for key, value in changes.items():
+            setattr(spec, key, value)
+        oci.update(self.oci_root, c.id, bundlemod.resources(spec))
+        with self.lock:
+            c.spec.update(changes)
+            self.records.save(c)
+        return c
+
+    def stats(self, c: Container) -> dict:
+        """CPU (ns used), memory (bytes) and the writable layer (bytes, inodes) of C, now."""
+        out = {"timestamp": time.time_ns(), "cpu_ns": 0, "memory": 0, "layer_bytes": 0, "layer_inodes": 0}
+        if c.state in (CREATED, RUNNING):
+            try:
+                numbers = oci.cgroup_of(oci.status(self.oci_root, c.id).state).stats()
+                out["cpu_ns"] = (numbers.get("cpu_usage_usec") or 0) * 1000
+                out["memory"] = numbers.get("memory_current") or 0
+            except (StockadeError, OSError):
+                pass  # exited meanwhile
+        upper = os.path.join(container_dir(self.store, c.id), "upper")
+        for top, dirs, files in os.walk(upper):
+            for name in dirs + files:
+                try:
+                    out["layer_bytes"] += os.lstat(os.path.join(top, name)).st_blocks * 512
+                    out["layer_inodes"] += 1
+                except OSError:
+                    continue
+        return out
 
     # -- lookups
 
@@ -368,6 +411,13 @@ class Containers:
             c.state, c.exit_code, c.reason = EXITED, code, reason
             c.finished_at = max(finished or time.time_ns(), c.started_at)
             self.records.save(c)
+        self.emit(c.id, events.STOPPED)
+
+    def on_exit_file(self, cid: str) -> None:
+        """conmon wrote CID's exit file: record the exit (and tell the subscribers) now."""
+        c = self.find(cid)
+        if c is not None:
+            self.refresh(c)
 
     def _oom_killed(self, c: Container) -> bool:
         try:

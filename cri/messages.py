@@ -165,3 +165,38 @@ def container_matches(c: Container, f: pb.ContainerFilter) -> bool:
     if f.HasField("state") and f.state.state != STATES[c.state]:
         return False
     return all(c.spec["labels"].get(k) == v for k, v in f.label_selector.items())
+
+
+def container_stats(c: Container, numbers: dict, mountpoint: str) -> pb.ContainerStats:
+    when = numbers["timestamp"]
+    return pb.ContainerStats(
+        attributes=pb.ContainerAttributes(id=c.id, metadata=container_metadata(c), labels=c.spec["labels"],
+                                          annotations=c.spec["annotations"]),
+        cpu=pb.CpuUsage(timestamp=when, usage_core_nano_seconds=pb.UInt64Value(value=numbers["cpu_ns"])),
+        memory=pb.MemoryUsage(timestamp=when, working_set_bytes=pb.UInt64Value(value=numbers["memory"]),
+                              usage_bytes=pb.UInt64Value(value=numbers["memory"])),
+        writable_layer=pb.FilesystemUsage(timestamp=when,
+                                          fs_id=pb.FilesystemIdentifier(mountpoint=mountpoint),
+                                          used_bytes=pb.UInt64Value(value=numbers["layer_bytes"]),
+                                          inodes_used=pb.UInt64Value(value=numbers["layer_inodes"])),
+    )
+
+
+def pod_stats(pod: Pod, containers: list[pb.ContainerStats], when: int) -> pb.PodSandboxStats:
+    cpu = sum(c.cpu.usage_core_nano_seconds.value for c in containers)
+    memory = sum(c.memory.working_set_bytes.value for c in containers)
+    return pb.PodSandboxStats(
+        attributes=pb.PodSandboxAttributes(id=pod.id, metadata=pod_metadata(pod), labels=pod.spec["labels"],
+                                           annotations=pod.spec["annotations"]),
+        linux=pb.LinuxPodSandboxStats(
+            cpu=pb.CpuUsage(timestamp=when, usage_core_nano_seconds=pb.UInt64Value(value=cpu)),
+            memory=pb.MemoryUsage(timestamp=when, working_set_bytes=pb.UInt64Value(value=memory),
+                                  usage_bytes=pb.UInt64Value(value=memory)),
+            containers=containers),
+    )
+
+
+def resource_changes(res: pb.LinuxContainerResources) -> dict:
+    return {"cpu_period": res.cpu_period, "cpu_quota": res.cpu_quota, "cpu_shares": res.cpu_shares,
+            "memory_limit": res.memory_limit_in_bytes, "cpuset_cpus": res.cpuset_cpus,
+            "cpuset_mems": res.cpuset_mems}

@@ -5,17 +5,21 @@ generated servicer does)."""
 from __future__ import annotations
 
 import threading
+from queue import Empty
 
 from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
 
 from . import messages
-from .containers import Containers
+from .containers import Container, Containers
 from .errors import log, rpc
-from .pods import Pods
+from .events import Events
+from .pods import Pod, Pods
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import grpc
     from stockade.runtime.images.store import Store
 
@@ -40,7 +44,8 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.pod_cidr = ""
         self.lock = threading.Lock()
         self.pods = Pods(config)
-        self.containers = Containers(config, self.pods, store)
+        self.events = Events()
+        self.containers = Containers(config, self.pods, store, self.events.emit)
         for cid in self.containers.reconcile():
             log.info("removed container %s: its CreateContainer did not finish", cid)
         for pod_id in self.pods.reconcile():
@@ -201,3 +206,85 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                            ) -> pb.ReopenContainerLogResponse:
         self.containers.reopen_log(request.container_id)
         return pb.ReopenContainerLogResponse()
+
+    @rpc
+    def UpdateContainerResources(self, request: pb.UpdateContainerResourcesRequest,
+                                 context: grpc.ServicerContext) -> pb.UpdateContainerResourcesResponse:
+        self.containers.update(request.container_id, messages.resource_changes(request.linux))
+        return pb.UpdateContainerResourcesResponse()
+
+    # -- stats
+
+    @rpc
+    def ContainerStats(self, request: pb.ContainerStatsRequest, context: grpc.ServicerContext
+                       ) -> pb.ContainerStatsResponse:
+        c = self.containers.refresh(self.containers.get(request.container_id))
+        return pb.ContainerStatsResponse(stats=self._stats(c))
+
+    @rpc
+    def ListContainerStats(self, request: pb.ListContainerStatsRequest, context: grpc.ServicerContext
+                           ) -> pb.ListContainerStatsResponse:
+        found = [self.containers.refresh(c) for c in self.containers.list()]
+        f = request.filter
+        found = [c for c in found if (not f.id or c.id.startswith(f.id))
+                 and (not f.pod_sandbox_id or c.pod_id.startswith(f.pod_sandbox_id))
+                 and all(c.spec["labels"].get(k) == v for k, v in f.label_selector.items())]
+        return pb.ListContainerStatsResponse(stats=[self._stats(c) for c in found])
+
+    @rpc
+    def PodSandboxStats(self, request: pb.PodSandboxStatsRequest, context: grpc.ServicerContext
+                        ) -> pb.PodSandboxStatsResponse:
+        return pb.PodSandboxStatsResponse(stats=self._pod_stats(self.pods.get(request.pod_sandbox_id)))
+
+    @rpc
+    def ListPodSandboxStats(self, request: pb.ListPodSandboxStatsRequest, context: grpc.ServicerContext
+                            ) -> pb.ListPodSandboxStatsResponse:
+        f = request.filter
+        pods = [p for p in self.pods.list() if (not f.id or p.id.startswith(f.id))
+                and all(p.spec["labels"].get(k) == v for k, v in f.label_selector.items())]
+        return pb.ListPodSandboxStatsResponse(stats=[self._pod_stats(p) for p in pods])
+
+    def _stats(self, c: Container) -> pb.ContainerStats:
+        return messages.container_stats(c, self.containers.stats(c), self.config.image_store)
+
+    def _pod_stats(self, pod: Pod) -> pb.PodSandboxStats:
+        import time
+
+        mine = [self._stats(self.containers.refresh(c)) for c in self.containers.list() if c.pod_id == pod.id]
+        return messages.pod_stats(pod, mine, time.time_ns())
+
+    # -- events and streaming
+
+    def GetContainerEvents(self, request: pb.GetEventsRequest, context: grpc.ServicerContext
+                           ) -> Iterator[pb.ContainerEventResponse]:
+        with self.events.subscribe() as queue:
+            while context.is_active():
+                try:
+                    cid, kind, when = queue.get(timeout=0.5)
+                except Empty:
+                    continue
+                event = pb.ContainerEventResponse(container_id=cid, container_event_type=kind,
+                                                  created_at=when)
+                c = self.containers.find(cid)
+                if c is not None:
+                    pod = self.pods.find(c.pod_id)
+                    if pod is not None:
+                        event.pod_sandbox_status.CopyFrom(messages.pod_status(pod))
+                    event.containers_statuses.append(messages.container_status(self.containers.refresh(c)))
+                yield event
+
+    def Exec(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> pb.ExecResponse:
+        return self._not_yet(context, "Exec")
+
+    def Attach(self, request: pb.AttachRequest, context: grpc.ServicerContext) -> pb.AttachResponse:
+        return self._not_yet(context, "Attach")
+
+    def PortForward(self, request: pb.PortForwardRequest, context: grpc.ServicerContext
+                    ) -> pb.PortForwardResponse:
+        return self._not_yet(context, "PortForward")
+
+    def _not_yet(self, context: grpc.ServicerContext, name: str) -> None:
+        import grpc
+
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      f"{name}: streaming (exec, attach, port-forward) is not served yet; ExecSync works")

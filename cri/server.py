@@ -22,6 +22,7 @@ from stockade.runtime.errors import StockadeError
 from stockade.runtime.files import write_atomic
 from stockade.runtime.images.store import Store
 
+from .events import watch_exits
 from .image_service import ImageService
 from .runtime_service import RuntimeService
 
@@ -46,11 +47,13 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
                  ("grpc.max_send_message_length", MAX_MESSAGE)],
     )
     store = Store(config.image_store)
-    pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(config, store), server)
+    runtime = RuntimeService(config, store)
+    pb_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
     pb_grpc.add_ImageServiceServicer_to_server(ImageService(config, store), server)
     if server.add_insecure_port(f"unix://{config.socket}") == 0:
         raise StockadeError("cannot listen on the socket", where=config.socket)
     stop = threading.Event()
+    watch_exits(runtime.containers.exits, runtime.containers.on_exit_file, stop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()

@@ -348,3 +348,105 @@ def test_several_pods_with_two_handlers_at_once(server: Server) -> None:
     for t in threads:
         t.join(timeout=120)
     assert results == {f"pod{i}": (0, [("stdout", "F", f"pod{i}")]) for i in range(6)}
+
+
+def test_stats_of_containers_and_pods(server: Server) -> None:
+    pod_id, config = pod(server)
+    cid = create(server, pod_id, config, "sh", "-c", "dd if=/dev/zero of=/big bs=1M count=3; "
+                 "while :; do :; done")
+    start(server, cid)
+    time.sleep(1)
+    stats = server.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=cid)).stats
+    assert stats.attributes.id == cid and stats.cpu.timestamp > 0 and stats.memory.timestamp > 0
+    assert stats.cpu.usage_core_nano_seconds.value > 100_000_000  # the busy loop ran for a while
+    assert stats.memory.working_set_bytes.value > 0
+    assert stats.writable_layer.used_bytes.value >= 3 << 20 and stats.writable_layer.inodes_used.value >= 1
+    listed = server.runtime.ListContainerStats(pb.ListContainerStatsRequest(
+        filter=pb.ContainerStatsFilter(pod_sandbox_id=pod_id))).stats
+    assert [s.attributes.id for s in listed] == [cid]
+    pod_stats = server.runtime.PodSandboxStats(pb.PodSandboxStatsRequest(pod_sandbox_id=pod_id)).stats
+    assert pod_stats.attributes.id == pod_id and pod_stats.linux.cpu.usage_core_nano_seconds.value > 0
+    assert [c.attributes.id for c in pod_stats.linux.containers] == [cid]
+    all_pods = server.runtime.ListPodSandboxStats(pb.ListPodSandboxStatsRequest()).stats
+    assert [p.attributes.id for p in all_pods] == [pod_id]
+
+
+def test_update_container_resources_reaches_the_cgroup(server: Server) -> None:
+    pod_id, config = pod(server)
+    cid = create(server, pod_id, config, "sleep", "60")
+    start(server, cid)
+    limit = 48 << 20
+    server.runtime.UpdateContainerResources(pb.UpdateContainerResourcesRequest(
+        container_id=cid, linux=pb.LinuxContainerResources(memory_limit_in_bytes=limit)))
+    info = json.loads(server.runtime.ContainerStatus(
+        pb.ContainerStatusRequest(container_id=cid, verbose=True)).info["info"])
+    assert info["spec"]["memory_limit"] == limit
+    from stockade.runtime import container as oci
+
+    cgroup = oci.cgroup_of(oci.status(str(server.base / "state/oci"), cid).state)
+    assert cgroup.stats()["memory_limit"] == limit
+
+
+def test_container_events_stream_created_started_stopped_deleted(server: Server) -> None:
+    import threading
+
+    seen: list[tuple[str, int]] = []
+    stream = server.runtime.GetContainerEvents(pb.GetEventsRequest())
+
+    def read() -> None:
+        try:
+            for event in stream:
+                seen.append((event.container_id, event.container_event_type))
+        except grpc.RpcError:
+            pass  # cancelled below
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.3)
+    pod_id, config = pod(server)
+    cid = create(server, pod_id, config, "sh", "-c", "exit 0")
+    start(server, cid)
+    deadline = time.monotonic() + 10
+    while (cid, pb.CONTAINER_STOPPED_EVENT) not in seen:  # from the exit file, unasked
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.05)
+    server.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
+    deadline = time.monotonic() + 10
+    while (cid, pb.CONTAINER_DELETED_EVENT) not in seen:
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.05)
+    stream.cancel()
+    reader.join(timeout=10)
+    kinds = [k for c, k in seen if c == cid]
+    assert kinds == [pb.CONTAINER_CREATED_EVENT, pb.CONTAINER_STARTED_EVENT, pb.CONTAINER_STOPPED_EVENT,
+                     pb.CONTAINER_DELETED_EVENT]
+
+
+def test_streaming_calls_say_they_are_not_served_yet(server: Server) -> None:
+    calls = ((server.runtime.Exec, pb.ExecRequest()), (server.runtime.Attach, pb.AttachRequest()),
+             (server.runtime.PortForward, pb.PortForwardRequest()))
+    for call, request in calls:
+        code, message = status_code(call, request)
+        assert code == grpc.StatusCode.UNIMPLEMENTED and "ExecSync works" in message
+
+
+def test_a_create_the_server_did_not_finish_is_cleaned_up_at_start(server: Server) -> None:
+    """A server killed between recording a container and conmon reporting it: the record is
+    still "creating", its root filesystem may be mounted; the next start removes both."""
+    from stockade.runtime.images.rootfs import mount_root
+    from stockade.runtime.images.store import Store
+
+    pod_id, _ = pod(server)
+    half = "e" * 64
+    (server.base / "state/containers" / half).mkdir(mode=0o711)
+    (server.base / "state/containers" / half / "container.json").write_text(json.dumps(
+        {"id": half, "pod_id": pod_id, "spec": {}, "state": "creating"}))
+    store = Store(str(server.base / "images"))
+    mount_root(store, store.get(IMAGE), half)
+    config = _config_of(server)
+    assert server.stop() == 0
+    restarted = Server(server.base, config=config)
+    server.__dict__.update(restarted.__dict__)
+    assert not (server.base / "state/containers" / half).exists()
+    assert "removed container " + half in server.log.read_text()
+    assert str(server.base / "images/containers") not in Path("/proc/self/mountinfo").read_text()
