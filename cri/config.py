@@ -17,7 +17,7 @@ plain data. Every key is checked; a misspelt one is an error that names the file
 
     [stockade.handlers.stockade]
     profile = "restricted"
-    bpf_audit = false
+    bpf_policy = ""               # "" : the profile's; "audit" reports instead of denying
     user_namespace = true
     host_namespaces = false       # hostNetwork/hostPID/hostIPC pods
     privileged = false
@@ -41,7 +41,7 @@ class Handler:
 
     name: str
     profile: str = "restricted"
-    bpf_audit: bool = False  # the BPF policy reports instead of denying
+    bpf_policy: str = ""  # the BPF policy by name ("": the profile's; "audit" reports instead of denying)
     user_namespace: bool = True
     host_namespaces: bool = False
     privileged: bool = False
@@ -74,13 +74,13 @@ class Config:
 def default_handlers() -> dict[str, Handler]:
     return {
         "stockade": Handler("stockade"),
-        "stockade-audit": Handler("stockade-audit", bpf_audit=True),
+        "stockade-audit": Handler("stockade-audit", bpf_policy="audit"),
     }
 
 
 _TOP = {"socket": str, "state_dir": str, "image_store": str, "cgroup_parent": str, "log_level": str,
         "log_format": str, "default_handler": str, "tenant_annotation": str, "network": str}
-_HANDLER = {"profile": str, "bpf_audit": bool, "user_namespace": bool, "host_namespaces": bool,
+_HANDLER = {"profile": str, "bpf_policy": str, "user_namespace": bool, "host_namespaces": bool,
             "privileged": bool, "allow_degraded": bool}
 
 

@@ -368,6 +368,8 @@ class Containers:
         raise SpecError(f"unknown seccomp profile {kind!r}", where="linux.security_context.seccomp")
 
     def _bpf_policy(self, handler: Handler) -> str | None:
+        if handler.bpf_policy:
+            return handler.bpf_policy
         from stockade.profiles import load_profile
 
         policy = load_profile(handler.profile).bpf_policy

@@ -32,6 +32,10 @@ profile = "runtime-default"
 [stockade.handlers.restricted]
 profile = "restricted"
 allow_degraded = true
+[stockade.handlers.audit]
+profile = "restricted"
+bpf_policy = "audit"
+allow_degraded = true
 """
 IMAGE = "localhost/test/busybox:1"
 USER_IMAGE = "localhost/test/app-user:1"
@@ -450,3 +454,12 @@ def test_a_create_the_server_did_not_finish_is_cleaned_up_at_start(server: Serve
     assert not (server.base / "state/containers" / half).exists()
     assert "removed container " + half in server.log.read_text()
     assert str(server.base / "images/containers") not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_handlers_choose_the_bpf_policy(server: Server) -> None:
+    for handler, policy in (("restricted", "default"), ("audit", "audit"), ("", None)):
+        pod_id, config = pod(server, f"h-{handler or 'default'}", handler=handler)
+        cid = create(server, pod_id, config, "true")
+        bundle = json.loads((server.base / "state/containers" / cid / "bundle/config.json").read_text())
+        assert bundle["annotations"].get("io.stockade.bpf-policy") == policy
+        assert bundle["annotations"]["io.stockade.handler"] == (handler or "stockade")
