@@ -156,6 +156,7 @@ class Containers:
                 oci.delete(self.oci_root, c.id, force=True)
             except StockadeError:
                 pass  # never created, or already gone
+            self._end_conmon(c)
             unmount_root(self.store, c.id)
             for path in (os.path.join(self.exits, c.id),):
                 try:
@@ -428,12 +429,39 @@ class Containers:
         except (StockadeError, OSError):
             return False
 
+    def _end_conmon(self, c: Container) -> None:
+        """conmon leaves once the container is gone; wait for it (a removed container leaves no
+        process behind), and end one that lingers."""
+        try:
+            with open(os.path.join(self.dir(c.id), "bundle", "conmon.pid")) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return
+        deadline = time.monotonic() + 5
+        while _is_conmon_of(pid, c.id):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5
+            time.sleep(0.01)
+
     def _kill_exec(self, pid_file: str) -> None:
         try:
             with open(pid_file) as f:
                 os.kill(int(f.read().strip()), signal.SIGKILL)
         except (OSError, ValueError):
             pass
+
+
+def _is_conmon_of(pid: int, cid: str) -> bool:
+    """PID is still the conmon of CID (not a zombie, not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != b"Z" and cid.encode() in cmdline and b"conmon" in cmdline
 
 
 def _read_all(fd: int, timeout: float) -> str:

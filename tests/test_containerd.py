@@ -58,13 +58,15 @@ state = "{base}/state"
 
 
 class Containerd:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, binary: str = OCI) -> None:
+        """containerd under BASE; its runc shim runs BINARY (stockade-oci, or runc for the
+        benchmark in bench/cri.py)."""
         self.base = base
         self.sock = base / "containerd.sock"
         (base / "cni").mkdir()
         (base / "logs").mkdir()
         config = base / "config.toml"
-        config.write_text(CONFIG.format(base=base, image=IMAGE, oci=OCI))
+        config.write_text(CONFIG.format(base=base, image=IMAGE, oci=binary))
         self.log = open(base / "containerd.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             ["unshare", "--net", "--", "containerd", "--config", str(config)],
