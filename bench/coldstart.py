@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import report  # bench/report.py (this directory is the script's path)
+
 VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 CRUN_WRAP = ["unshare", "-m", "sh", "-c", 'mount -t cgroup2 none /sys/fs/cgroup && exec "$0" "$@"']
 
@@ -192,10 +194,7 @@ def _measure(args: argparse.Namespace) -> int:
             "cold_start": summarize(cold_start(bundle, state, args.runs, args.baseline)),
             "idle_memory": idle_memory(bundle, state),
         }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

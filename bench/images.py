@@ -13,7 +13,6 @@ the benchmark's own). Rounds alternate the tools; medians in ms. Run as root aft
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import resource
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from report import report  # bench/report.py (this directory is the script's path)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' image builders and registry runner
@@ -168,10 +169,7 @@ def main() -> int:
     finally:
         if started:
             subprocess.run([str(BIN / "stockade"), "agent", "--stop"], capture_output=True)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

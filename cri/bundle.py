@@ -231,10 +231,6 @@ def resources(spec: ContainerSpec) -> dict:
         res["cpu"] = cpu
     if spec.memory_limit:
         res["memory"] = {"limit": spec.memory_limit, "swap": spec.memory_limit}
-    else:
-        # Unlimited, but accounted: kubelet reads every container's memory (eviction, metrics), and
-        # on a hybrid host only a memory-controller member has any to read.
-        res["memory"] = {"limit": -1}
     return res
 
 

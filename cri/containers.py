@@ -86,6 +86,8 @@ class Containers:
         for path in (self.oci_root, self.exits, self.attach):
             os.makedirs(path, mode=0o711, exist_ok=True)
         self.lock = threading.RLock()
+        self._filters: dict[tuple, dict | None] = {}  # (profile, capabilities) -> OCI seccomp section
+        self._policies: dict[str, str | None] = {}  # profile -> its BPF policy name
 
     # -- lifecycle
 
@@ -239,9 +241,13 @@ class Containers:
         out = {"timestamp": time.time_ns(), "cpu_ns": 0, "memory": 0, "layer_bytes": 0, "layer_inodes": 0}
         if c.state in (CREATED, RUNNING):
             try:
-                numbers = oci.cgroup_of(oci.status(self.oci_root, c.id).state).stats()
+                cgroup = oci.cgroup_of(oci.status(self.oci_root, c.id).state)
+                numbers = cgroup.stats()
                 out["cpu_ns"] = (numbers.get("cpu_usage_usec") or 0) * 1000
-                out["memory"] = numbers.get("memory_current") or 0
+                memory = numbers.get("memory_current")
+                # A container without a memory limit on a hybrid host is in no memory cgroup (joining
+                # one costs every start an RCU grace period): its processes' resident pages instead.
+                out["memory"] = memory if memory is not None else _resident(cgroup.pids())
             except (StockadeError, OSError):
                 pass  # exited meanwhile
         upper = os.path.join(container_dir(self.store, c.id), "upper")
@@ -353,7 +359,10 @@ class Containers:
 
         kind = spec.seccomp
         if kind in ("", "runtime/default", "docker/default"):
-            return profile_seccomp(load_profile(handler.profile), caps=caps)
+            key = (handler.profile, tuple(caps))
+            if key not in self._filters:  # resolving a profile costs more than a container start
+                self._filters[key] = profile_seccomp(load_profile(handler.profile), caps=caps)
+            return self._filters[key]
         if kind == "unconfined":
             if not handler.privileged:
                 raise SpecError(f"handler {handler.name!r} refuses an unconfined seccomp profile",
@@ -371,10 +380,12 @@ class Containers:
     def _bpf_policy(self, handler: Handler) -> str | None:
         if handler.bpf_policy:
             return handler.bpf_policy
-        from stockade.profiles import load_profile
+        if handler.profile not in self._policies:
+            from stockade.profiles import load_profile
 
-        policy = load_profile(handler.profile).bpf_policy
-        return policy if isinstance(policy, str) else None
+            policy = load_profile(handler.profile).bpf_policy
+            self._policies[handler.profile] = policy if isinstance(policy, str) else None
+        return self._policies[handler.profile]
 
     def _check(self, pod: Pod, handler: Handler, spec: bundlemod.ContainerSpec) -> None:
         if not spec.name:
@@ -450,6 +461,18 @@ class Containers:
                 os.kill(int(f.read().strip()), signal.SIGKILL)
         except (OSError, ValueError):
             pass
+
+
+def _resident(pids: list[int]) -> int:
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 def _is_conmon_of(pid: int, cid: str) -> bool:

@@ -10,44 +10,47 @@ brings loopback up and writes the pod's namespaced sysctls before it is pinned.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
+# The helper process (`python -S -m stockade.cri.nspin`) is on every pod's start path: only what
+# it needs is imported at the top, the parent's side imports the rest where it is used.
 from stockade.runtime import procfs
 from stockade.runtime import syscalls as sc
+from stockade.runtime._lite import json
 from stockade.runtime.errors import StockadeError
-from stockade.runtime.idmap import write_maps
-from stockade.runtime.mountinfo import read as read_mounts
+from stockade.runtime.linux import sysctl_path
 from stockade.runtime.namespaces import FLAGS, PROC_NAMES, loopback_up
-from stockade.runtime.spec import IDMapping, sysctl_path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from typing import Any
+
+    from stockade.runtime.spec import IDMapping
+
+    from .forker import Forker
 
 
 def pin(base: str, kinds: Iterable[str], hostname: str = "", sysctls: dict[str, str] | None = None,
-        maps: list[IDMapping] | None = None) -> dict[str, str]:
+        maps: list[IDMapping] | None = None, forker: Forker | None = None) -> dict[str, str]:
     """New namespaces of KINDS (OCI names: user, network, ipc, uts) pinned as files in BASE;
-    returns type -> path. MAPS: the user namespace's id maps (uid and gid alike)."""
+    returns type -> path. MAPS: the user namespace's id maps (uid and gid alike). The child
+    comes from FORKER when given (a server), else it is a fresh process."""
+    from stockade.runtime.idmap import write_maps
+
     kinds = list(kinds)
     if "user" in kinds and not maps:
         raise StockadeError("a user namespace needs id maps", where="pod")
     os.makedirs(base, mode=0o711, exist_ok=True)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    # A fresh process, not a fork: the server's other threads (gRPC's) follow a fork into the
-    # child, and unshare(CLONE_NEWUSER) refuses a multithreaded caller.
-    request = json.dumps({"kinds": kinds, "hostname": hostname, "sysctls": sysctls or {},
-                          "ready": ready_w, "go": go_r})
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    child = subprocess.Popen([sys.executable, "-S", "-m", "stockade.cri.nspin", request], env=env,
-                             pass_fds=(ready_w, go_r), stdin=subprocess.DEVNULL)
-    pid = child.pid
-    os.close(ready_w)
-    os.close(go_r)
+    request = {"kinds": kinds, "hostname": hostname, "sysctls": sysctls or {}}
+    try:
+        pid, child = _child_process(request, ready_w, go_r, forker)
+    finally:
+        os.close(ready_w)
+        os.close(go_r)
     pinned: dict[str, str] = {}
     try:
         answer = os.read(ready_r, 4096)
@@ -57,8 +60,7 @@ def pin(base: str, kinds: Iterable[str], hostname: str = "", sysctls: dict[str, 
             answer = os.read(ready_r, 4096)
         if answer != b"r":
             reason = answer.decode(errors="replace") or "the helper died"
-            raise StockadeError(f"cannot make the pod's namespaces: {reason}",
-                                where="pod")
+            raise StockadeError(f"cannot make the pod's namespaces: {reason}", where="pod")
         for kind in sorted(kinds, key=lambda k: k != "user"):
             path = os.path.join(base, kind)
             with open(path, "x"):
@@ -71,12 +73,30 @@ def pin(base: str, kinds: Iterable[str], hostname: str = "", sysctls: dict[str, 
     finally:
         os.close(ready_r)
         os.close(go_w)  # the child exits when it reads EOF
-        child.wait()
+        if child is not None:
+            child.wait()
     return pinned
+
+
+def _child_process(request: dict, ready: int, go: int, forker: Forker | None) -> tuple[int, Any]:
+    """(pid, Popen or None) of a single-threaded child running `run_child` on READY and GO."""
+    if forker is not None:
+        return forker.spawn(request, [ready, go]), None
+    import subprocess
+
+    from .forker import python, python_env
+
+    # A fresh process, not a fork: a caller's other threads follow a fork into the child, and
+    # unshare(CLONE_NEWUSER) refuses a multithreaded caller.
+    argv = python("stockade.cri.nspin", json.dumps({**request, "ready": ready, "go": go}))
+    child = subprocess.Popen(argv, env=python_env(), pass_fds=(ready, go), stdin=subprocess.DEVNULL)
+    return child.pid, child
 
 
 def unpin(paths: Iterable[str]) -> None:
     """Unmount and remove pinned namespace files (those already gone are fine)."""
+    from stockade.runtime.mountinfo import read as read_mounts
+
     mounted = {m.point for m in read_mounts()}
     for path in paths:
         if path in mounted:
@@ -118,6 +138,10 @@ def _child(kinds: list[str], hostname: str, sysctls: dict[str, str], ready: int,
     os._exit(status)
 
 
-if __name__ == "__main__":  # the helper process pin() starts
+def run_child(request: dict, ready: int, go: int) -> None:
+    _child(request["kinds"], request["hostname"], request["sysctls"], ready, go)
+
+
+if __name__ == "__main__":  # the helper process pin() starts without a forker
     _args = json.loads(sys.argv[1])
-    _child(_args["kinds"], _args["hostname"], _args["sysctls"], _args["ready"], _args["go"])
+    run_child(_args, _args["ready"], _args["go"])

@@ -31,6 +31,7 @@ from .records import Records
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .config import Config
+    from .forker import Forker
 
 READY, NOT_READY, CREATING = "ready", "notready", "creating"
 NODE, POD, CONTAINER = "node", "pod", "container"  # namespace modes, as the CRI names them
@@ -79,8 +80,8 @@ class Pod:
 class Pods:
     """The pods of one server: records under STATE_DIR/pods, one lock for changes."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(self, config: Config, forker: Forker | None = None) -> None:
+        self.config, self.forker = config, forker
         self.records = Records(os.path.join(config.state_dir, "pods"), "pod.json", Pod, "pod sandbox",
                                "pod_sandbox_id")
         self.lock = threading.RLock()
@@ -170,7 +171,7 @@ class Pods:
             maps = [IDMapping(container_id=0, host_id=host, size=size)]
             kinds.insert(0, "user")
         pod.namespaces = nspin.pin(os.path.join(base, "ns"), kinds, hostname=spec.hostname or spec.name[:63],
-                                   sysctls=spec.sysctls, maps=maps)
+                                   sysctls=spec.sysctls, maps=maps, forker=self.forker)
         own = f"{self.config.cgroup_parent}/{pod.tenant}/pod-{pod.id[:12]}"
         pod.cgroup_parent = spec.cgroup_parent or own
         self._files(base, spec)

@@ -14,6 +14,7 @@ from . import messages
 from .containers import Container, Containers
 from .errors import log, rpc
 from .events import Events
+from .forker import Forker
 from .pods import Pod, Pods
 
 TYPE_CHECKING = False
@@ -43,13 +44,17 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.config = config
         self.pod_cidr = ""
         self.lock = threading.Lock()
-        self.pods = Pods(config)
+        self.forker = Forker()
+        self.pods = Pods(config, self.forker)
         self.events = Events()
         self.containers = Containers(config, self.pods, store, self.events.emit)
         for cid in self.containers.reconcile():
             log.info("removed container %s: its CreateContainer did not finish", cid)
         for pod_id in self.pods.reconcile():
             log.info("removed pod %s: its RunPodSandbox did not finish", pod_id)
+
+    def close(self) -> None:
+        self.forker.close()
 
     @rpc
     def Version(self, request: pb.VersionRequest, context: grpc.ServicerContext) -> pb.VersionResponse:

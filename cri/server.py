@@ -65,6 +65,7 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     stop.wait()
     log.info("stopping: calls in flight get %.0fs; containers keep running", GRACE)
     server.stop(GRACE).wait()
+    runtime.close()
     for path in (config.socket, os.path.join(config.state_dir, "server.pid")):
         try:
             os.unlink(path)

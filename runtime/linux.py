@@ -90,3 +90,8 @@ RLIM_INFINITY = 2**64 - 1
 
 DEVICE_RULE_TYPES = ("a", "b", "c")  # cgroup device rules: all, block, character
 DEVICE_NODE_TYPES = ("c", "b", "u", "p")  # linux.devices nodes: character, block, unbuffered, fifo
+
+
+def sysctl_path(key: str) -> str:
+    """`net.ipv4.ip_forward` -> `/proc/sys/net/ipv4/ip_forward` (a key with "/" is taken as a path)."""
+    return "/proc/sys/" + (key.strip("/") if "/" in key else key.replace(".", "/"))

@@ -14,7 +14,7 @@ from . import linux
 from ._lite import json as jsonlite
 from ._lite.dataclasses import dataclass, field
 from .errors import SpecError
-from .linux import CAPABILITIES, RLIM_INFINITY, RLIMITS
+from .linux import CAPABILITIES, RLIM_INFINITY, RLIMITS, sysctl_path  # noqa: F401 - re-exported
 
 TYPE_CHECKING = False  # typing is a slow import on the start path (bench/README.md)
 if TYPE_CHECKING:
@@ -906,9 +906,6 @@ def _check_sysctl(key: str, namespaces: set[str], where: str) -> None:
         )
 
 
-def sysctl_path(key: str) -> str:
-    """`net.ipv4.ip_forward` -> `/proc/sys/net/ipv4/ip_forward` (a key with "/" is taken as a path)."""
-    return "/proc/sys/" + (key.strip("/") if "/" in key else key.replace(".", "/"))
 
 
 def _passwd_entry(rootfs: str, name: str) -> tuple[int, int] | None:

@@ -207,3 +207,19 @@ def test_pods_survive_a_server_restart_and_a_killed_run_is_cleaned_up(tmp_path: 
         assert new_since(before) == {}
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_dead_pod_helper_is_replaced(server: Server) -> None:
+    """Pods' namespaces come from a single-threaded forker the server keeps; if it dies, the
+    next pod gets a new one."""
+    import os
+    import signal
+    import time
+
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    forkers = [int(p) for p in children if b"stockade.cri.forker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(forkers) == 1
+    os.kill(forkers[0], signal.SIGKILL)
+    time.sleep(0.2)
+    pod_id = run_pod(server, pod_config())
+    assert pod_status(server, pod_id).status.state == pb.SANDBOX_READY
