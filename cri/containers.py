@@ -332,8 +332,9 @@ class Containers:
         if getattr(handler, "allow_degraded", False):
             env["STOCKADE_ALLOW_DEGRADED"] = "1"
         try:
+            # cwd: conmon drops an "oom" file in its working directory when the OOM killer strikes
             proc = subprocess.Popen(argv, env=env, pass_fds=(sync_w,), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=bundle)
         finally:
             os.close(sync_w)
         try:

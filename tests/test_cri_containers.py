@@ -257,6 +257,7 @@ def test_oom_killed_container_reports_oomkilled_and_137(server: Server) -> None:
     hog = "x=a; while :; do x=$x$x; done"
     s, _ = run_once(server, hog, linux=pb.LinuxContainerConfig(security_context=security(), resources=res))
     assert (s.exit_code, s.reason) == (137, "OOMKilled")
+    assert not Path("oom").exists()  # conmon's marker stays in the container's own directory
 
 
 def test_reopen_container_log_starts_a_new_file(server: Server) -> None:
