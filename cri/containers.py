@@ -279,6 +279,9 @@ class Containers:
         removed = []
         for c in self.list():
             if c.state == CREATING:
+                # conmon and the runtime's `create` may still be at work: let them finish, so that
+                # what they make is there to be removed, not made after the removal.
+                _wait_gone(os.path.join(self.dir(c.id), "bundle"), CONMON_WAIT)
                 self.remove(c.id)
                 removed.append(c.id)
         return removed
@@ -462,6 +465,29 @@ class Containers:
                 os.kill(int(f.read().strip()), signal.SIGKILL)
         except (OSError, ValueError):
             pass
+
+
+def _wait_gone(bundle: str, timeout: float) -> None:
+    """Until no `stockade-oci create` for BUNDLE runs. The container's init keeps that command
+    line while it waits to be started, but lives in the container's PID namespace: only processes
+    in ours count."""
+    needle = f"--bundle\0{bundle}\0".encode()
+    ours = os.readlink("/proc/self/ns/pid")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_creating(entry, needle, ours) for entry in os.listdir("/proc") if entry.isdigit()):
+            return
+        time.sleep(0.02)
+
+
+def _creating(pid: str, needle: bytes, pidns: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if needle not in f.read():
+                return False
+        return os.readlink(f"/proc/{pid}/ns/pid") == pidns
+    except OSError:
+        return False
 
 
 def _resident(pids: list[int]) -> int:

@@ -34,8 +34,10 @@ class Server:
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not self._listening():
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, self.log.read_text()
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()  # a server that did not come up is not left running
+                self.proc.wait()
+                raise AssertionError(f"the CRI server did not start:\n{self.log.read_text()}")
             time.sleep(0.05)
         self.channel = grpc.insecure_channel(f"unix://{self.socket}",
                                              options=[("grpc.max_receive_message_length", 16 << 20)])

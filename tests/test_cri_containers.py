@@ -464,3 +464,41 @@ def test_handlers_choose_the_bpf_policy(server: Server) -> None:
         bundle = json.loads((server.base / "state/containers" / cid / "bundle/config.json").read_text())
         assert bundle["annotations"].get("io.stockade.bpf-policy") == policy
         assert bundle["annotations"]["io.stockade.handler"] == (handler or "stockade")
+
+
+@pytest.mark.parametrize("delay", [0.01, 0.03, 0.06, 0.12])
+def test_a_server_killed_mid_create_loses_nothing_and_leaves_nothing(server: Server, delay: float) -> None:
+    """SIGKILL at some point of a CreateContainer: after the restart a container that was running
+    still runs, the half-made one is either there whole (created) or gone, and removing the pod
+    leaves nothing."""
+    import threading
+
+    before = snapshot()
+    base = fast_tmp()
+    config = base.parent / f"{base.name}.toml"
+    config.write_text(CONFIG)
+    own = Server(base, "--image-store", str(server.base / "images"), config=config)
+    try:
+        pod_id, pod_cfg = pod(own, "killed")
+        survivor = create(own, pod_id, pod_cfg, "sleep", "60", name="survivor")
+        start(own, survivor)
+        victim = threading.Thread(target=status_code, args=(create, own, pod_id, pod_cfg, "sleep", "60"),
+                                  kwargs={"name": "victim"})
+        victim.start()
+        time.sleep(delay)
+        own.proc.kill()
+        own.proc.wait()
+        victim.join(timeout=60)
+        own.channel.close()
+        restarted = Server(base, "--image-store", str(server.base / "images"), config=config)
+        own.__dict__.update(restarted.__dict__)
+        listed = own.runtime.ListContainers(pb.ListContainersRequest()).containers
+        states = {c.metadata.name: c.state for c in listed}
+        assert states["survivor"] == pb.CONTAINER_RUNNING
+        assert states.get("victim", pb.CONTAINER_CREATED) == pb.CONTAINER_CREATED, states
+        own.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    finally:
+        assert own.stop() == 0
+        shutil.rmtree(base, ignore_errors=True)
+        config.unlink()
+    assert new_since(before) == {}
