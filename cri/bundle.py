@@ -130,8 +130,13 @@ def _cap(name: str, where: str) -> str:
 
 def oci_config(spec: ContainerSpec, *, args: list[str], env: list[str], cwd: str, user: User, pod: Pod,
                pod_dir: str, handler: Handler, seccomp: dict | None, cid: str) -> dict:
-    namespaces = [{"type": "pid"}, {"type": "mount"}, {"type": "cgroup"}]
-    for kind in ("user", "network", "ipc", "uts"):
+    namespaces = [{"type": "mount"}, {"type": "cgroup"}]
+    joined = ["user", "network", "ipc", "uts"]
+    if spec.pid_mode == "pod":
+        joined.append("pid")  # the pod's, held by its init
+    else:
+        namespaces.append({"type": "pid"})
+    for kind in joined:
         if kind in pod.namespaces:
             namespaces.append({"type": kind, "path": pod.namespaces[kind]})
     config: dict = {

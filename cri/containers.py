@@ -397,9 +397,13 @@ class Containers:
         if spec.privileged and not handler.privileged:
             raise SpecError(f"privileged containers are refused by handler {handler.name!r}",
                             where="config.linux.security_context.privileged")
-        if spec.pid_mode != "container":
-            raise SpecError(f"pid namespace mode {spec.pid_mode!r} is not supported yet",
-                            where="config.linux.security_context.namespace_options.pid")
+        if spec.pid_mode == "pod" and "pid" not in pod.namespaces:
+            raise SpecError("the container asks for its pod's PID namespace, but the pod has none",
+                            where="config.linux.security_context.namespace_options.pid",
+                            hint="run the pod with namespace_options.pid = POD (shareProcessNamespace)")
+        if spec.pid_mode not in ("container", "pod"):
+            raise SpecError("the node's PID namespace is refused", where="config.linux.security_context."
+                            "namespace_options.pid", hint="hostPID pods are not supported")
 
     def _log_path(self, pod: Pod, spec: bundlemod.ContainerSpec) -> str:
         directory = pod.spec.get("log_directory") or os.path.join(self.pods.dir(pod.id), "logs")

@@ -62,11 +62,7 @@ def pin(base: str, kinds: Iterable[str], hostname: str = "", sysctls: dict[str, 
             reason = answer.decode(errors="replace") or "the helper died"
             raise StockadeError(f"cannot make the pod's namespaces: {reason}", where="pod")
         for kind in sorted(kinds, key=lambda k: k != "user"):
-            path = os.path.join(base, kind)
-            with open(path, "x"):
-                pass
-            sc.mount(f"/proc/{pid}/ns/{PROC_NAMES[kind]}", path, None, sc.MS_BIND)
-            pinned[kind] = path
+            pinned[kind] = pin_of(pid, kind, base)
     except BaseException:
         unpin(pinned.values())
         raise
@@ -91,6 +87,15 @@ def _child_process(request: dict, ready: int, go: int, forker: Forker | None) ->
     argv = python("stockade.cri.nspin", json.dumps({**request, "ready": ready, "go": go}))
     child = subprocess.Popen(argv, env=python_env(), pass_fds=(ready, go), stdin=subprocess.DEVNULL)
     return child.pid, child
+
+
+def pin_of(pid: int, kind: str, base: str) -> str:
+    """Pin PID's namespace of KIND (an OCI type) as the file BASE/KIND; its path."""
+    path = os.path.join(base, kind)
+    with open(path, "x"):
+        pass
+    sc.mount(f"/proc/{pid}/ns/{PROC_NAMES[kind]}", path, None, sc.MS_BIND)
+    return path
 
 
 def unpin(paths: Iterable[str]) -> None:
@@ -138,7 +143,73 @@ def _child(kinds: list[str], hostname: str, sysctls: dict[str, str], ready: int,
     os._exit(status)
 
 
+def start_init(joins: dict[str, str], argv: list[str], forker: Forker | None = None) -> int:
+    """A PID namespace for a pod that shares one: created inside the pod's namespaces JOINS (OCI
+    type -> pinned path, its user namespace first), with ARGV (catatonit -P) as its PID 1, which
+    holds it. Returns the init's host pid."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid, child = _child_process({"init": argv, "joins": joins}, ready_w, go_r, forker)
+    finally:
+        os.close(ready_w)
+        os.close(go_r)
+    try:
+        answer = os.read(ready_r, 4096)
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
+        if child is not None:
+            child.wait()
+    if not answer.startswith(b"p") or not answer[1:].isdigit():
+        reason = answer.decode(errors="replace") or "the helper died"
+        raise StockadeError(f"cannot start the pod's PID namespace init: {reason}", where="pod")
+    del pid  # the helper's; the init is its child, now on its own
+    return int(answer[1:])
+
+
+def _init_child(joins: dict[str, str], argv: list[str], ready: int) -> None:
+    """Join the pod's namespaces, unshare a PID namespace, fork its PID 1 and exec ARGV there;
+    report its pid (or why not) and exit, leaving it to its own."""
+    from stockade.runtime.namespaces import JOIN_ORDER
+
+    status = 0
+    try:
+        for kind in sorted(joins, key=JOIN_ORDER.index):
+            fd = os.open(joins[kind], os.O_RDONLY | os.O_CLOEXEC)
+            sc.setns(fd, FLAGS[kind])
+            os.close(fd)
+            if kind == "user":
+                os.setresgid(0, 0, 0)
+                os.setresuid(0, 0, 0)
+        sc.unshare(sc.CLONE_NEWPID)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - PID 1 of the pod
+            try:
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                for target in (0, 1, 2):
+                    os.dup2(null, target)
+                os.execv(argv[0], argv)
+            except OSError as exc:
+                os.write(err_w, f"{argv[0]}: {exc.strerror}".encode())
+            os._exit(127)
+        os.close(err_w)
+        failed = os.read(err_r, 4096)  # EOF: the exec happened (close-on-exec)
+        os.write(ready, failed or f"p{pid}".encode())
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        try:
+            os.write(ready, str(exc).encode()[:4000] or b"error")
+        except OSError:
+            pass
+        status = 1
+    os._exit(status)
+
+
 def run_child(request: dict, ready: int, go: int) -> None:
+    if "init" in request:
+        _init_child(request["joins"], request["init"], ready)
     _child(request["kinds"], request["hostname"], request["sysctls"], ready, go)
 
 

@@ -14,6 +14,7 @@ when the server starts belongs to a RunPodSandbox the server did not finish (it 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -22,7 +23,7 @@ from stockade.runtime.errors import SpecError
 from stockade.runtime.files import write_atomic
 from stockade.runtime.sandbox import tenant_range
 from stockade.runtime.spec import IDMapping, sysctl_namespace
-from stockade.runtime.state import remove_tree
+from stockade.runtime.state import process_alive, process_start_time, remove_tree
 
 from . import nspin
 from .errors import AlreadyExists
@@ -72,6 +73,8 @@ class Pod:
     cgroup_parent: str = ""
     uid_map: list[int] = field(default_factory=list)  # [host id of root, size]; [] : no user namespace
     namespaces: dict = field(default_factory=dict)  # OCI type -> pinned path
+    init_pid: int = 0  # PID 1 of the pod's PID namespace, when its containers share one
+    init_start: int = 0  # its start time (a reused pid is not it)
 
     def pod_spec(self) -> PodSpec:
         return PodSpec(**self.spec)
@@ -117,6 +120,7 @@ class Pods:
             pod = self.find(pod_id)
             if pod is None or pod.state == NOT_READY:
                 return
+            self._end_init(pod)
             pod.state = NOT_READY
             self.records.save(pod)
 
@@ -126,6 +130,7 @@ class Pods:
             pod = self.find(pod_id)
             if pod is None:
                 return
+            self._end_init(pod)
             nspin.unpin(_pins(self.dir(pod.id)))  # also pins a killed RunPodSandbox made but did not record
             remove_tree(self.dir(pod.id))
 
@@ -136,8 +141,9 @@ class Pods:
             if pod.state == CREATING:
                 self.remove(pod.id)
                 removed.append(pod.id)
-            elif pod.state == READY and not all(_is_pinned(p) for p in pod.namespaces.values()):
-                pod.state = NOT_READY  # its namespaces did not survive (a reboot)
+            elif pod.state == READY and (not all(_is_pinned(p) for p in pod.namespaces.values()) or (
+                    pod.init_pid and not process_alive(pod.init_pid, pod.init_start))):
+                pod.state = NOT_READY  # its namespaces (or the init holding its PIDs) did not survive
                 self.records.save(pod)
         return removed
 
@@ -172,9 +178,28 @@ class Pods:
             kinds.insert(0, "user")
         pod.namespaces = nspin.pin(os.path.join(base, "ns"), kinds, hostname=spec.hostname or spec.name[:63],
                                    sysctls=spec.sysctls, maps=maps, forker=self.forker)
+        if spec.pid_mode == POD:
+            self._share_pids(pod, base)
         own = f"{self.config.cgroup_parent}/{pod.tenant}/pod-{pod.id[:12]}"
         pod.cgroup_parent = spec.cgroup_parent or own
         self._files(base, spec)
+
+    def _share_pids(self, pod: Pod, base: str) -> None:
+        """A PID namespace for the pod's containers, held by catatonit as its PID 1 (as the pause
+        container holds it for containerd and CRI-O); pinned with the others."""
+        import shutil
+
+        init = shutil.which("catatonit") or "/usr/bin/catatonit"
+        joins = {k: v for k, v in pod.namespaces.items() if k in ("user", "network", "ipc", "uts")}
+        pod.init_pid = nspin.start_init(joins, [init, "-P"], self.forker)
+        pod.init_start = process_start_time(pod.init_pid)
+        self.records.save(pod)  # a removal from here on knows the init to end
+        pod.namespaces["pid"] = nspin.pin_of(pod.init_pid, "pid", os.path.join(base, "ns"))
+
+    def _end_init(self, pod: Pod) -> None:
+        """Kill the pod's PID 1: every process of its PID namespace goes with it."""
+        if pod.init_pid and process_alive(pod.init_pid, pod.init_start):
+            os.kill(pod.init_pid, signal.SIGKILL)
 
     def _files(self, base: str, spec: PodSpec) -> None:
         hostname = spec.hostname or spec.name[:63]
@@ -202,10 +227,6 @@ def _check(spec: PodSpec, handler: object) -> None:
     if not tenant_ok:
         raise SpecError(f"namespace {spec.namespace!r} is not a Kubernetes namespace name",
                         where="config.metadata.namespace", hint="lowercase letters, digits and '-'")
-    if spec.pid_mode == POD:
-        raise SpecError("a PID namespace shared by the pod is not supported yet",
-                        where="linux.security_context.namespace_options.pid",
-                        hint="shareProcessNamespace: false")
     host = [k for k, mode in (("network", spec.network_mode), ("ipc", spec.ipc_mode), ("pid", spec.pid_mode))
             if mode == NODE]
     if host and not getattr(handler, "host_namespaces", False):

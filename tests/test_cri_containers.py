@@ -502,3 +502,31 @@ def test_a_server_killed_mid_create_loses_nothing_and_leaves_nothing(server: Ser
         shutil.rmtree(base, ignore_errors=True)
         config.unlink()
     assert new_since(before) == {}
+
+
+def test_a_pod_that_shares_its_pid_namespace(server: Server) -> None:
+    """shareProcessNamespace: the pod's PID namespace is held by catatonit as PID 1; its
+    containers see each other's processes; the pod's removal ends them all."""
+    config = pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name="shared", namespace="team-a", uid="uid-shared"),
+        log_directory=str(server.base / "logs" / f"shared-{os.urandom(3).hex()}"),
+        linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
+            namespace_options=pb.NamespaceOption(pid=pb.POD))))
+    pod_id = server.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    info = json.loads(server.runtime.PodSandboxStatus(
+        pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True)).info["info"])
+    init = info["init_pid"]
+    assert b"catatonit" in Path(f"/proc/{init}/cmdline").read_bytes()
+    shared = pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
+        namespace_options=pb.NamespaceOption(pid=pb.POD)))
+    sleeper = create(server, pod_id, config, "sleep", "60", name="sleeper", linux=shared)
+    start(server, sleeper)
+    looker = create(server, pod_id, config, "sh", "-c", "ps -o pid,args", name="looker", linux=shared)
+    start(server, looker)
+    seen = [t for _, _, t in log_lines(wait_exited(server, looker).log_path)]
+    assert any(line.split()[0] == "1" and "catatonit" in line for line in seen), seen
+    assert any("sleep 60" in line for line in seen), seen
+    server.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    from stockade.runtime.state import process_alive
+
+    assert not process_alive(init, info["init_start"])
