@@ -112,35 +112,26 @@ def unpin(paths: Iterable[str]) -> None:
             pass
 
 
-def _child(kinds: list[str], hostname: str, sysctls: dict[str, str], ready: int, go: int) -> None:
-    """Unshare, wait for the id maps, set the pod up, report, wait for the pins, exit."""
-    status = 0
-    try:
-        flags = 0
-        for kind in kinds:
-            flags |= FLAGS[kind]
-        sc.unshare(flags)
-        if "user" in kinds:
-            os.write(ready, b"u")
-            if os.read(go, 1) != b"g":
-                os._exit(1)
-            os.setresgid(0, 0, 0)
-            os.setresuid(0, 0, 0)
-        if "uts" in kinds and hostname:
-            sc.sethostname(hostname)
-        if "network" in kinds:
-            loopback_up()
-        for key, value in sysctls.items():
-            procfs.write(sysctl_path(key), value, f"sysctl {key}")
-        os.write(ready, b"r")
-        os.read(go, 1)  # EOF once the parent has pinned everything
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
-        try:
-            os.write(ready, str(exc).encode()[:4000] or b"error")
-        except OSError:
-            pass
-        status = 1
-    os._exit(status)
+def _pin_steps(kinds: list[str], hostname: str, sysctls: dict[str, str], ready: int, go: int) -> None:
+    """Unshare, wait for the id maps, set the pod up, report, wait for the pins."""
+    flags = 0
+    for kind in kinds:
+        flags |= FLAGS[kind]
+    sc.unshare(flags)
+    if "user" in kinds:
+        os.write(ready, b"u")
+        if os.read(go, 1) != b"g":
+            os._exit(1)
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+    if "uts" in kinds and hostname:
+        sc.sethostname(hostname)
+    if "network" in kinds:
+        loopback_up()
+    for key, value in sysctls.items():
+        procfs.write(sysctl_path(key), value, f"sysctl {key}")
+    os.write(ready, b"r")
+    os.read(go, 1)  # EOF once the parent has pinned everything
 
 
 def start_init(joins: dict[str, str], argv: list[str], forker: Forker | None = None) -> int:
@@ -168,36 +159,44 @@ def start_init(joins: dict[str, str], argv: list[str], forker: Forker | None = N
     return int(answer[1:])
 
 
-def _init_child(joins: dict[str, str], argv: list[str], ready: int) -> None:
+def _init_steps(joins: dict[str, str], argv: list[str], ready: int) -> None:
     """Join the pod's namespaces, unshare a PID namespace, fork its PID 1 and exec ARGV there;
-    report its pid (or why not) and exit, leaving it to its own."""
+    report its pid (or why not), leaving it to its own."""
     from stockade.runtime.namespaces import JOIN_ORDER
 
+    for kind in sorted(joins, key=JOIN_ORDER.index):
+        fd = os.open(joins[kind], os.O_RDONLY | os.O_CLOEXEC)
+        sc.setns(fd, FLAGS[kind])
+        os.close(fd)
+        if kind == "user":
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+    sc.unshare(sc.CLONE_NEWPID)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - PID 1 of the pod
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for target in (0, 1, 2):
+                os.dup2(null, target)
+            os.execv(argv[0], argv)
+        except OSError as exc:
+            os.write(err_w, f"{argv[0]}: {exc.strerror}".encode())
+        os._exit(127)
+    os.close(err_w)
+    failed = os.read(err_r, 4096)  # EOF: the exec happened (close-on-exec)
+    os.write(ready, failed or f"p{pid}".encode())
+
+
+def run_child(request: dict, ready: int, go: int) -> None:
+    """The child's steps for REQUEST; a failure is reported on READY. Never returns."""
     status = 0
     try:
-        for kind in sorted(joins, key=JOIN_ORDER.index):
-            fd = os.open(joins[kind], os.O_RDONLY | os.O_CLOEXEC)
-            sc.setns(fd, FLAGS[kind])
-            os.close(fd)
-            if kind == "user":
-                os.setresgid(0, 0, 0)
-                os.setresuid(0, 0, 0)
-        sc.unshare(sc.CLONE_NEWPID)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - PID 1 of the pod
-            try:
-                os.setsid()
-                null = os.open(os.devnull, os.O_RDWR)
-                for target in (0, 1, 2):
-                    os.dup2(null, target)
-                os.execv(argv[0], argv)
-            except OSError as exc:
-                os.write(err_w, f"{argv[0]}: {exc.strerror}".encode())
-            os._exit(127)
-        os.close(err_w)
-        failed = os.read(err_r, 4096)  # EOF: the exec happened (close-on-exec)
-        os.write(ready, failed or f"p{pid}".encode())
+        if "init" in request:
+            _init_steps(request["joins"], request["init"], ready)
+        else:
+            _pin_steps(request["kinds"], request["hostname"], request["sysctls"], ready, go)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
         try:
             os.write(ready, str(exc).encode()[:4000] or b"error")
@@ -205,12 +204,6 @@ def _init_child(joins: dict[str, str], argv: list[str], ready: int) -> None:
             pass
         status = 1
     os._exit(status)
-
-
-def run_child(request: dict, ready: int, go: int) -> None:
-    if "init" in request:
-        _init_child(request["joins"], request["init"], ready)
-    _child(request["kinds"], request["hostname"], request["sysctls"], ready, go)
 
 
 if __name__ == "__main__":  # the helper process pin() starts without a forker
