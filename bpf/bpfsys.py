@@ -185,10 +185,11 @@ def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
     bpf(PROG_DETACH, _attr("=IIIII", target_fd, prog_fd, attach_type, 0, 0))
 
 
-def prog_query(target_fd: int, attach_type: int) -> list[int]:
-    """IDs of the programs attached directly to a cgroup for one attach type."""
+def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> list[int]:
+    """IDs of the programs attached directly to a cgroup for one attach type; EFFECTIVE: those
+    that run for it, inherited from its ancestors too (BPF_F_QUERY_EFFECTIVE)."""
     ids = (ctypes.c_uint32 * 64)()
-    attr = _attr("=IIIIQI", target_fd, attach_type, 0, 0, ctypes.addressof(ids), 64)
+    attr = _attr("=IIIIQI", target_fd, attach_type, 1 if effective else 0, 0, ctypes.addressof(ids), 64)
     bpf(PROG_QUERY, attr)
     count = struct.unpack_from("=I", attr, 24)[0]
     return list(ids[:count])

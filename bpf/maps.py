@@ -66,13 +66,37 @@ def loaded_layers(pin_dir: str | None = None) -> set[str]:
     layers: set[str] = set()
     if not agent_running(d):
         return layers
-    layers |= {"cgroup_sock", "cgroup_sock_addr", "cgroup_sysctl", "cgroup_device"}
+    layers |= CGROUP_LAYERS
     try:
         if any(n.startswith("link_lsm_") for n in os.listdir(d)):
             layers.add("lsm")
     except OSError:
         pass
     return layers
+
+
+CGROUP_LAYERS = frozenset({"cgroup_sock", "cgroup_sock_addr", "cgroup_sysctl", "cgroup_device"})
+
+
+def covers(cgroup_dir: str, pin_dir: str | None = None) -> bool:
+    """True when the agent's cgroup programs run for the cgroup2 directory CGROUP_DIR: they are
+    attached to the agent's cgroup root, so a cgroup elsewhere (a kubelet pod's below
+    /kubepods, say) is not confined by them whatever the maps say."""
+    try:
+        prog = bpfsys.obj_get(pin_path("prog_stk_sock_create", pin_dir))
+    except OSError:
+        return False
+    try:
+        wanted = bpfsys.prog_info(prog)["id"]
+        fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return wanted in bpfsys.prog_query(fd, bpfsys.CGROUP_INET_SOCK_CREATE, effective=True)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(prog)
 
 
 def missing_layers(required: set[str], pin_dir: str | None = None) -> set[str]:

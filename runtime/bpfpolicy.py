@@ -24,7 +24,8 @@ POLICY_ANNOTATION = "io.stockade.bpf-policy"
 
 
 def install(
-    state: State, spec: Any, *, allow_degraded: bool, warn: Callable[[str], None] | None = None
+    state: State, spec: Any, *, allow_degraded: bool, warn: Callable[[str], None] | None = None,
+    cgroup_dir: str | None = None,
 ) -> bool:
     """Install the container's policy; True when map entries were written (remove() undoes them).
 
@@ -41,6 +42,10 @@ def install(
     missing = sorted(maps.missing_layers(required))
     if not state.cgroup_id:
         missing = sorted(required)
+    elif cgroup_dir and not maps.covers(cgroup_dir):
+        # Outside the agent's cgroup root its cgroup programs never run: those layers are missing
+        # for this container, whatever the agent provides to others.
+        missing = sorted(set(missing) | (set(required) & maps.CGROUP_LAYERS))
     if missing and not allow_degraded:
         fix = "start `stockade agent`" if not maps.agent_running() else "see `stockade doctor` (BPF-LSM)"
         raise NotSupported(

@@ -182,7 +182,7 @@ def _create_in(
         undo.append(lambda: launch.cgroup_move.wait(check=False))  # undone first: no move in flight
         state.pid, state.pid_start = pid, process_start_time(pid)
         _debug(opts, lambda: f"{container_id}: init pid {pid}")
-        _install_bpf(state, spec, opts, undo)
+        _install_bpf(state, spec, opts, undo, _birth_cgroup(cgroup))
         _debug(opts, lambda: f"{container_id}: BPF policy {state.bpf_policy or 'none'}, "
                f"degraded {state.degraded}")
         store.save(state)
@@ -256,13 +256,14 @@ def _compile_seccomp(spec: Any) -> bytes | None:
     return compile_program(spec.linux.seccomp, where="config.json: linux.seccomp")
 
 
-def _install_bpf(state: State, spec: Any, opts: CreateOptions, undo: list[Callable[[], None]]) -> None:
+def _install_bpf(state: State, spec: Any, opts: CreateOptions, undo: list[Callable[[], None]],
+                 cgroup_dir: str | None = None) -> None:
     """Put the container's BPF policy into the pinned maps while its init waits on the fifo."""
     if not spec.annotations or "io.stockade.bpf-policy" not in spec.annotations:
         return  # no policy named: not even the glue module to import
     from .bpfpolicy import install
 
-    if install(state, spec, allow_degraded=opts.allow_degraded, warn=opts.warn):
+    if install(state, spec, allow_degraded=opts.allow_degraded, warn=opts.warn, cgroup_dir=cgroup_dir):
         undo.append(lambda: _remove_bpf(state))
 
 

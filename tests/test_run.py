@@ -232,6 +232,33 @@ def test_default_bpf_policy_enforced_through_the_agent(tmp_path: Path) -> None:
     assert run("--", "python3", "-c", METADATA_CONNECT).stdout.split() != ["EPERM"] or maps_agent_running()
 
 
+def test_a_cgroup_outside_the_agents_root_is_not_called_covered(tmp_path: Path) -> None:
+    """The cgroup-BPF programs run only below the agent's cgroup root: a container elsewhere has
+    its policy's cgroup layers reported missing (refused without --allow-degraded), never
+    counted as enforced because the agent is up."""
+    from bpf_helpers import cleanup_agent, make_agent
+
+    agent = make_agent(tmp_path, "cover")
+    try:
+        agent.run("--load-only", "--no-lsm")
+        inside = dict(agent.env, STOCKADE_CGROUP_PARENT=Path(agent.cgroup_root).name)
+        outside = dict(agent.env, STOCKADE_CGROUP_PARENT=f"stockade-elsewhere-{tmp_path.name[-6:]}")
+        refused_inside = run("--", "true", env=inside, degraded=False)
+        refused_outside = run("--", "true", env=outside, degraded=False)
+        assert refused_inside.returncode != 0 and "cgroup_sock" not in refused_inside.stderr  # lsm only
+        assert refused_outside.returncode != 0 and "cgroup_sock, cgroup_sock_addr" in refused_outside.stderr
+        degraded = run("--", "python3", "-c", METADATA_CONNECT, env=outside)
+        assert "running without bpf:cgroup_sock" in degraded.stderr and degraded.stdout.split() != ["EPERM"]
+    finally:
+        cleanup_agent(agent)
+        for hierarchy in Path("/sys/fs/cgroup").iterdir():
+            for leftover in hierarchy.glob("stockade-elsewhere-*"):
+                for child in sorted(leftover.rglob("*"), reverse=True):
+                    if child.is_dir():
+                        child.rmdir()
+                leftover.rmdir()
+
+
 def maps_agent_running() -> bool:
     from stockade.bpf import maps
 
