@@ -146,7 +146,7 @@ def oci_config(spec: ContainerSpec, *, args: list[str], env: list[str], cwd: str
         "mounts": _mounts(spec, pod_dir),
         "linux": {
             "namespaces": namespaces,
-            "resources": resources(spec),
+            "resources": _within(resources(spec), pod),
             "cgroupsPath": f"{pod.cgroup_parent.rstrip('/')}/{cid}",
             "maskedPaths": list(MASKED_PATHS) if spec.masked_paths is None else spec.masked_paths,
             "readonlyPaths": list(READONLY_PATHS) if spec.readonly_paths is None else spec.readonly_paths,
@@ -236,6 +236,17 @@ def resources(spec: ContainerSpec) -> dict:
         res["cpu"] = cpu
     if spec.memory_limit:
         res["memory"] = {"limit": spec.memory_limit, "swap": spec.memory_limit}
+    return res
+
+
+def _within(res: dict, pod: Pod) -> dict:
+    """On a hybrid host a process outside a v1 controller's hierarchy escapes every limit in it:
+    a container of a pod with a memory or CPU limit joins those controllers (unlimited itself),
+    so that the pod's cgroup above it holds it."""
+    if pod.spec.get("memory_limit") and "memory" not in res:
+        res["memory"] = {"limit": -1}
+    if (pod.spec.get("cpu_quota") or pod.spec.get("cpu_shares")) and "cpu" not in res:
+        res["cpu"] = {"shares": 1024}
     return res
 
 

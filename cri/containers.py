@@ -182,7 +182,7 @@ class Containers:
         except (FileNotFoundError, ValueError):
             return c
         reason = "Completed" if code == 0 else "Error"
-        if self._oom_killed(c):
+        if self._oom_killed(c) or (code == 137 and self._pod_oom_killed(c)):
             reason = "OOMKilled"
         self._exited(c, code, reason, finished)
         return c
@@ -462,6 +462,19 @@ class Containers:
                 os.kill(pid, signal.SIGKILL)
                 deadline = time.monotonic() + 5
             time.sleep(0.01)
+
+    def _pod_oom_killed(self, c: Container) -> bool:
+        """The OOM killer struck in the pod's own cgroup (its limit is the pod's, not the
+        container's)."""
+        pod = self.pods.find(c.pod_id)
+        if pod is None or not pod.own_cgroup:
+            return False
+        try:
+            from stockade.runtime.cgroups import open_driver
+
+            return open_driver().open(pod.cgroup_parent).oom_kills() > 0
+        except (StockadeError, OSError):
+            return False
 
     def _kill_exec(self, pid_file: str) -> None:
         try:

@@ -35,7 +35,19 @@ def pod_spec(request: pb.RunPodSandboxRequest) -> PodSpec:
         pid_mode=MODES.get(options.pid, POD) if options.pid != pb.TARGET else CONTAINER,
         sysctls=dict(linux.sysctls),
         privileged=linux.security_context.privileged,
+        **_pod_limits(linux),
     )
+
+
+def _pod_limits(linux: pb.LinuxPodSandboxConfig) -> dict:
+    """The pod's limits: its resources plus its RuntimeClass overhead (limits with none unset)."""
+    res, extra = linux.resources, linux.overhead
+    memory = res.memory_limit_in_bytes + extra.memory_limit_in_bytes if res.memory_limit_in_bytes else 0
+    period = res.cpu_period or extra.cpu_period or (100000 if res.cpu_quota else 0)
+    quota = res.cpu_quota + extra.cpu_quota if res.cpu_quota else 0
+    shares = res.cpu_shares + extra.cpu_shares if res.cpu_shares else 0
+    return {"memory_limit": memory, "cpu_quota": quota, "cpu_period": period if quota else 0,
+            "cpu_shares": shares}
 
 
 def verbose(record: object, wanted: bool) -> dict[str, str]:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .forker import Forker
 
 READY, NOT_READY, CREATING = "ready", "notready", "creating"
+KEEPER = "stockade-pod"  # a child of a pod's own cgroup that holds it while containers come and go
 NODE, POD, CONTAINER = "node", "pod", "container"  # namespace modes, as the CRI names them
 
 
@@ -60,6 +61,11 @@ class PodSpec:
     pid_mode: str = CONTAINER
     sysctls: dict = field(default_factory=dict)
     privileged: bool = False
+    # pod-level limits: resources plus the RuntimeClass overhead (0: none)
+    memory_limit: int = 0
+    cpu_quota: int = 0
+    cpu_period: int = 0
+    cpu_shares: int = 0
 
 
 @dataclass
@@ -75,6 +81,7 @@ class Pod:
     namespaces: dict = field(default_factory=dict)  # OCI type -> pinned path
     init_pid: int = 0  # PID 1 of the pod's PID namespace, when its containers share one
     init_start: int = 0  # its start time (a reused pid is not it)
+    own_cgroup: bool = False  # its cgroup was made here (with the pod's limits), not by kubelet
 
     def pod_spec(self) -> PodSpec:
         return PodSpec(**self.spec)
@@ -131,6 +138,8 @@ class Pods:
             if pod is None:
                 return
             self._end_init(pod)
+            if pod.own_cgroup:
+                _remove_cgroup(pod.cgroup_parent)
             nspin.unpin(_pins(self.dir(pod.id)))  # also pins a killed RunPodSandbox made but did not record
             remove_tree(self.dir(pod.id))
 
@@ -182,7 +191,30 @@ class Pods:
             self._share_pids(pod, base)
         own = f"{self.config.cgroup_parent}/{pod.tenant}/pod-{pod.id[:12]}"
         pod.cgroup_parent = spec.cgroup_parent or own
+        if not spec.cgroup_parent and _limited(spec):
+            self._pod_cgroup(pod, spec)  # kubelet makes and limits the ones it names itself
         self._files(base, spec)
+
+    def _pod_cgroup(self, pod: Pod, spec: PodSpec) -> None:
+        """The pod's own cgroup with its limits (resources + overhead); its containers' cgroups
+        go below it, so the limit holds for all of them together."""
+        from stockade.runtime.cgroups import open_driver
+        from stockade.runtime.resources import Resources
+
+        res: dict = {}
+        if spec.memory_limit:
+            res["memory"] = {"limit": spec.memory_limit}
+        cpu = {k: v for k, v in (("quota", spec.cpu_quota), ("period", spec.cpu_period),
+                                 ("shares", spec.cpu_shares)) if v}
+        if cpu:
+            res["cpu"] = cpu
+        cgroup = open_driver().create(pod.cgroup_parent, Resources.from_oci(res, where="linux.resources"))
+        pod.own_cgroup = True
+        self.records.save(pod)
+        for directory in set(cgroup.hierarchy_dirs().values()):
+            # The runtime removes empty cgroups below "stockade" when a container goes; a child that
+            # never holds a process keeps the pod's (and its limits) until the pod goes.
+            os.mkdir(os.path.join(directory, KEEPER))
 
     def _share_pids(self, pod: Pod, base: str) -> None:
         """A PID namespace for the pod's containers, held by catatonit as its PID 1 (as the pause
@@ -242,6 +274,26 @@ def _check(spec: PodSpec, handler: object) -> None:
                 kind == "ipc" and spec.ipc_mode == NODE):
             raise SpecError(f"sysctl {key} would change the node, not the pod", where=f"linux.sysctls.{key}",
                             hint="only namespaced sysctls (net.*, kernel.shm*, kernel.msg*, fs.mqueue.*)")
+
+
+def _remove_cgroup(path: str) -> None:
+    from stockade.runtime.cgroups import open_driver
+    from stockade.runtime.errors import StockadeError
+
+    try:
+        cgroup = open_driver().open(path)
+    except StockadeError:
+        return  # gone already
+    for directory in set(cgroup.hierarchy_dirs().values()):
+        try:
+            os.rmdir(os.path.join(directory, KEEPER))
+        except FileNotFoundError:
+            pass
+    cgroup.destroy()
+
+
+def _limited(spec: PodSpec) -> bool:
+    return bool(spec.memory_limit or spec.cpu_quota or spec.cpu_shares)
 
 
 def _identity(spec: PodSpec) -> tuple[str, str, str, int]:

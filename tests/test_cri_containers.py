@@ -530,3 +530,30 @@ def test_a_pod_that_shares_its_pid_namespace(server: Server) -> None:
     from stockade.runtime.state import process_alive
 
     assert not process_alive(init, info["init_start"])
+
+
+def test_pod_level_limits_with_overhead_hold_for_its_containers(server: Server) -> None:
+    """A pod's resources plus its RuntimeClass overhead limit its own cgroup; a container with no
+    limit of its own is OOM-killed at the pod's."""
+    from stockade.runtime.cgroups import open_driver
+
+    config = pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name="limited", namespace="team-a", uid="uid-limited"),
+        log_directory=str(server.base / "logs" / f"limited-{os.urandom(3).hex()}"),
+        linux=pb.LinuxPodSandboxConfig(
+            security_context=pb.LinuxSandboxSecurityContext(namespace_options=pb.NamespaceOption(pid=pb.CONTAINER)),
+            resources=pb.LinuxContainerResources(memory_limit_in_bytes=48 << 20),
+            overhead=pb.LinuxContainerResources(memory_limit_in_bytes=4 << 20)))
+    pod_id = server.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    info = json.loads(server.runtime.PodSandboxStatus(
+        pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True)).info["info"])
+    assert open_driver().open(info["cgroup_parent"]).stats()["memory_limit"] == 52 << 20
+    cid = create(server, pod_id, config, "sh", "-c", "x=a; while :; do x=$x$x; done")
+    start(server, cid)
+    s = wait_exited(server, cid)
+    assert (s.exit_code, s.reason) == (137, "OOMKilled")
+    server.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))  # kubelet's restart
+    assert open_driver().open(info["cgroup_parent"]).stats()["memory_limit"] == 52 << 20
+    server.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert not any((Path(m) / info["cgroup_parent"]).exists() for m in ("/sys/fs/cgroup/memory",
+                                                                         "/sys/fs/cgroup/unified"))
