@@ -18,228 +18,24 @@ import sys
 import time
 from pathlib import Path
 
-from stockade.bpf import bpfsys, loader, maps, probe
-from stockade.runtime.errors import NotSupported, StockadeError
+from stockade.bpf import maps
+from stockade.bpf.attach import (  # noqa: F401 - the library's names, also reachable from here
+    _BPFFS_OWN_ENTRIES,
+    BPFFS,
+    BPFFS_SOURCE,
+    _bpffs_source,
+    _release_bpffs,
+    cgroup_level,
+    default_cgroup_root,
+    setup,
+    teardown,
+    unified_mount,
+)
+from stockade.bpf.events import EVENTS_FILE
+from stockade.runtime.errors import StockadeError
 from stockade.runtime.files import write_atomic
 
-BPFFS = "/sys/fs/bpf"
-KEEPER = "stockade-agent"  # child cgroup of the parent; never holds processes
 STATE_FILE = Path(os.environ.get("STOCKADE_AGENT_STATE", "/run/stockade/agent.json"))
-EVENTS_FILE = Path(os.environ.get("STOCKADE_EVENTS_FILE", "/run/stockade/events.jsonl"))
-
-
-# -- host facts ------------------------------------------------------------------------------
-
-def unified_mount() -> str:
-    """Where the cgroup2 hierarchy is mounted (hybrid hosts: /sys/fs/cgroup/unified)."""
-    with open("/proc/self/mounts") as f:
-        mounts = [line.split() for line in f]
-    points = [m[1] for m in mounts if m[2] == "cgroup2"]
-    for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
-        if preferred in points:
-            return preferred
-    if points:
-        return points[0]
-    raise NotSupported("no cgroup2 hierarchy is mounted", hint="mount -t cgroup2 none /sys/fs/cgroup/unified")
-
-
-def default_cgroup_root() -> str:
-    return os.environ.get("STOCKADE_BPF_CGROUP_ROOT") or os.path.join(unified_mount(), "stockade")
-
-
-def cgroup_id(path: str) -> int:
-    """A cgroup2 directory's id is its kernfs inode number (64-bit kernels)."""
-    return os.stat(path).st_ino
-
-
-def cgroup_level(path: str) -> int:
-    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(unified_mount()))
-    if rel == "." or rel.startswith(".."):
-        raise NotSupported("the Stockade parent cgroup must be below the cgroup2 root", where=path,
-                           hint="Stockade never attaches programs to the root cgroup")
-    return len(rel.split(os.sep))
-
-
-BPFFS_SOURCE = "stockade-bpffs"  # the name a bpffs the agent mounted itself carries
-# What every bpffs instance holds from the start (the kernel's preloaded iterators).
-_BPFFS_OWN_ENTRIES = {"maps.debug", "progs.debug"}
-
-
-def _bpffs_source() -> str | None:
-    """The source of the bpffs mounted at BPFFS, or None when there is none."""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            source, target, fstype = line.split()[:3]
-            if target == BPFFS and fstype == "bpf":
-                return source
-    return None
-
-
-def ensure_bpffs() -> None:
-    if _bpffs_source() is not None:
-        return
-    if os.system(f"mount -t bpf {BPFFS_SOURCE} {BPFFS}") != 0:  # noqa: S605 - fixed arguments
-        raise NotSupported(f"bpffs is not mounted at {BPFFS} and mounting it failed",
-                           hint=f"mount -t bpf bpf {BPFFS}")
-
-
-# -- load / attach / pin ---------------------------------------------------------------------
-
-def _pinned_prog_fd(pin_dir: str, name: str) -> int | None:
-    try:
-        return bpfsys.obj_get(maps.pin_path(f"prog_{name}", pin_dir))
-    except OSError:
-        return None
-
-
-def _attached_ids(cgroup_fd: int, attach_type: int) -> list[int]:
-    try:
-        return bpfsys.prog_query(cgroup_fd, attach_type)
-    except OSError:
-        return []
-
-
-def setup(pin_dir: str, cgroup_root: str, *, with_lsm: bool = True, use_cache: bool = True) -> dict:
-    """Make the pins and attachments exist; idempotent. Returns what it found and did."""
-    level = cgroup_level(cgroup_root)  # refuses the root cgroup before anything is made
-    ensure_bpffs()
-    os.makedirs(pin_dir, exist_ok=True)
-    created_cgroup = not os.path.isdir(cgroup_root)
-    os.makedirs(cgroup_root, exist_ok=True)
-    # an empty child keeps the parent from being rmdir'ed when its last container goes (the
-    # runtime prunes empty "stockade" parents); removing it would drop the attached programs
-    os.makedirs(os.path.join(cgroup_root, KEEPER), exist_ok=True)
-    if maps.create_maps(pin_dir):
-        # a new map layout: programs pinned by an older version still point at the old maps
-        _unpin_programs(cgroup_root, pin_dir)
-    maps.write_config(cgroup_id(cgroup_root), level, pin_dir)
-    report = {"pin_dir": pin_dir, "cgroup_root": cgroup_root, "cgroup_id": cgroup_id(cgroup_root),
-              "created_cgroup": created_cgroup, "cgroup_programs": "pinned"}
-    existing = {s.name: _pinned_prog_fd(pin_dir, s.name) for s in loader.CGROUP_PROGS}
-    try:
-        if any(fd is None for fd in existing.values()):
-            _drop_partial(cgroup_root, pin_dir, existing)
-            existing, how = loader.load_cgroup_programs(pin_dir, use_cache)
-            report["cgroup_programs"] = how
-            for name, fd in existing.items():
-                bpfsys.obj_pin(fd, maps.pin_path(f"prog_{name}", pin_dir))
-        _attach_cgroup_programs(cgroup_root, existing)
-    finally:
-        for fd in existing.values():
-            if fd is not None:
-                os.close(fd)
-    if with_lsm:
-        report["lsm"], report["lsm_programs"], report["lsm_reason"] = _setup_lsm(pin_dir, use_cache)
-    else:
-        report["lsm"], report["lsm_programs"], report["lsm_reason"] = False, "", "not requested (--no-lsm)"
-    return report
-
-
-def _detach_ours(cgroup_root: str) -> list[str]:
-    """Detach every Stockade cgroup program attached at the parent, found by name (pinned or not)."""
-    done = []
-    cg = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for spec in loader.CGROUP_PROGS:
-            for prog_id in _attached_ids(cg, spec.attach_type):
-                try:
-                    fd = bpfsys.prog_fd_by_id(prog_id)
-                except OSError:
-                    continue
-                try:
-                    if bpfsys.prog_info(fd)["name"] == spec.name[:15]:
-                        bpfsys.prog_detach(cg, fd, spec.attach_type)
-                        done.append(f"detached {spec.name}")
-                finally:
-                    os.close(fd)
-    finally:
-        os.close(cg)
-    return done
-
-
-def _unpin_programs(cgroup_root: str, pin_dir: str) -> None:
-    """Detach and unpin every program (cgroup and LSM) so that setup loads them afresh."""
-    pinned = {spec.name: _pinned_prog_fd(pin_dir, spec.name) for spec in loader.CGROUP_PROGS}
-    _drop_partial(cgroup_root, pin_dir, pinned)
-    _unpin_lsm(pin_dir)
-
-
-def _drop_partial(cgroup_root: str, pin_dir: str, fds: dict[str, int | None]) -> None:
-    """An incomplete set of pinned programs (an interrupted start): detach and unpin it."""
-    _detach_ours(cgroup_root)
-    for spec in loader.CGROUP_PROGS:
-        fd = fds.get(spec.name)
-        if fd is not None:
-            os.close(fd)
-            os.unlink(maps.pin_path(f"prog_{spec.name}", pin_dir))
-
-
-def _attach_cgroup_programs(cgroup_root: str, fds: dict[str, int]) -> None:
-    cg = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for spec in loader.CGROUP_PROGS:
-            prog_id = bpfsys.prog_info(fds[spec.name])["id"]
-            if prog_id not in _attached_ids(cg, spec.attach_type):
-                bpfsys.prog_attach(cg, fds[spec.name], spec.attach_type, bpfsys.F_ALLOW_MULTI)
-    finally:
-        os.close(cg)
-
-
-def _setup_lsm(pin_dir: str, use_cache: bool = True) -> tuple[bool, str, str]:
-    """Load and link the BPF-LSM programs, pinning each link; (loaded, how, reason if not)."""
-    hooks = loader.lsm_hooks()
-    if all(os.path.exists(maps.pin_path(f"link_lsm_{h}", pin_dir)) for h in hooks):
-        return True, "pinned", ""
-    _unpin_lsm(pin_dir)  # a partial set from an older run: start over
-    try:
-        links, how = loader.load_lsm_links(pin_dir, use_cache)
-    except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
-        ok, reason = probe.lsm()  # name the host's reason rather than bcc's wording
-        return False, "", reason if not ok else f"loading lsm.bpf.c failed: {e}"
-    try:
-        for hook, fd in links.items():
-            bpfsys.obj_pin(fd, maps.pin_path(f"link_lsm_{hook}", pin_dir))
-    except OSError as e:
-        _unpin_lsm(pin_dir)
-        return False, "", f"pinning LSM links failed: {e}"
-    finally:
-        for fd in links.values():
-            os.close(fd)
-    return True, how, ""
-
-
-def _unpin_lsm(pin_dir: str) -> None:
-    for name in os.listdir(pin_dir):
-        if name.startswith("link_lsm_"):
-            os.unlink(os.path.join(pin_dir, name))
-
-
-# -- stop ------------------------------------------------------------------------------------
-
-def teardown(pin_dir: str, cgroup_root: str) -> list[str]:
-    """Detach and unpin everything the agent made; returns what was removed."""
-    removed = _detach_ours(cgroup_root) if os.path.isdir(cgroup_root) else []
-    try:
-        os.rmdir(os.path.join(cgroup_root, KEEPER))
-        removed.append(f"removed {KEEPER} cgroup")
-    except OSError:
-        pass
-    if os.path.isdir(pin_dir):
-        for name in sorted(os.listdir(pin_dir)):
-            os.unlink(os.path.join(pin_dir, name))
-            removed.append(f"unpinned {name}")
-        os.rmdir(pin_dir)
-    if _release_bpffs():
-        removed.append(f"unmounted {BPFFS}")
-    return removed
-
-
-def _release_bpffs() -> bool:
-    """Unmount the bpffs ensure_bpffs mounted, once nothing is pinned in it any more: a bpffs
-    someone else mounted (systemd does at boot), or one still holding pins, stays."""
-    if _bpffs_source() != BPFFS_SOURCE or set(os.listdir(BPFFS)) - _BPFFS_OWN_ENTRIES:
-        return False
-    return os.system(f"umount {BPFFS}") == 0  # noqa: S605 - fixed arguments
 
 
 # -- state and process -----------------------------------------------------------------------

@@ -23,10 +23,12 @@ import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from stockade.bpf import bpfsys, maps
 from stockade.bpf.abi import AUDITED, EVENT, HOOKS, fields
 
+EVENTS_FILE = Path(os.environ.get("STOCKADE_EVENTS_FILE", "/run/stockade/events.jsonl"))  # the stream
 _CGID_AT = fields("stk_event")["cgid"][0]
 _BUSY, _DISCARD = 1 << 31, 1 << 30
 MAX_EVENTS_BYTES = 64 << 20
@@ -126,10 +128,11 @@ def boot_offset() -> float:
     return time.time() - time.monotonic()
 
 
-def pump(pin_dir: str, events_file: Path, *, once: bool = False) -> int:
-    """The agent's event loop: ring -> JSON lines, until SIGTERM/SIGINT (once: one drain)."""
+def pump(pin_dir: str, events_file: Path, *, once: bool = False, until: Any = None) -> int:
+    """The agent's event loop: ring -> JSON lines, until SIGTERM/SIGINT (once: one drain). UNTIL:
+    a threading.Event that ends it instead (a thread of a server, which keeps its own signals)."""
     stop: list[int] = []
-    if not once:
+    if not once and until is None:
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
         signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     reader = RingReader(maps.pin_path("stk_events", pin_dir))
@@ -137,7 +140,7 @@ def pump(pin_dir: str, events_file: Path, *, once: bool = False) -> int:
     events_file.parent.mkdir(parents=True, exist_ok=True)
     out = open(events_file, "a", buffering=1)
     try:
-        while not stop:
+        while not stop and not (until is not None and until.is_set()):
             if out.tell() > MAX_EVENTS_BYTES:  # keep one previous file, like logrotate's rotate 1
                 out.close()
                 os.replace(events_file, events_file.with_name(events_file.name + ".1"))

@@ -16,6 +16,8 @@ def main(argv: list[str]) -> int:
         if getattr(args, flag) is not None:
             setattr(config, flag, getattr(args, flag))
     config.insecure_registries += args.insecure_registry
+    if args.no_bpf_agent:
+        config.bpf_agent = False
     configmod.check(config, args.config or configmod.DEFAULT_FILE)
     from .server import serve
 
@@ -34,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--image-store", help="image store (default /var/lib/stockade/images)")
     serve.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
                        help="plain HTTP for this registry (repeatable; adds to the configuration's)")
+    serve.add_argument("--no-bpf-agent", action="store_true",
+                       help="no BPF agent in this process (another runs it, or no policy needs it)")
     serve.add_argument("--log-level", choices=configmod.LOG_LEVELS)
     serve.add_argument("--log-format", choices=("text", "json"))
     return p

@@ -11,6 +11,7 @@ plain data. Every key is checked; a misspelt one is an error that names the file
     default_handler = "stockade"
     tenant_annotation = ""        # a pod annotation that may name the tenant ("" : the namespace)
     network = "none"
+    bpf_agent = true              # the BPF agent runs in the server (its cgroup root: cgroup_parent)
 
     [stockade.registries]
     insecure = ["localhost:5000"]
@@ -59,6 +60,7 @@ class Config:
     default_handler: str = "stockade"
     tenant_annotation: str = ""
     network: str = "none"
+    bpf_agent: bool = True  # load, attach and pin the BPF programs in this process, stream their events
     insecure_registries: list[str] = field(default_factory=list)
     handlers: dict[str, Handler] = field(default_factory=dict)
 
@@ -79,7 +81,8 @@ def default_handlers() -> dict[str, Handler]:
 
 
 _TOP = {"socket": str, "state_dir": str, "image_store": str, "cgroup_parent": str, "log_level": str,
-        "log_format": str, "default_handler": str, "tenant_annotation": str, "network": str}
+        "log_format": str, "default_handler": str, "tenant_annotation": str, "network": str,
+        "bpf_agent": bool}
 _HANDLER = {"profile": str, "bpf_policy": str, "user_namespace": bool, "host_namespaces": bool,
             "privileged": bool, "allow_degraded": bool}
 

@@ -44,6 +44,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.config = config
         self.pod_cidr = ""
         self.lock = threading.Lock()
+        self.agent: dict = {}  # what the in-process BPF agent set up (server.serve fills it)
         self.forker = Forker()
         self.pods = Pods(config, self.forker)
         self.events = Events()
@@ -80,7 +81,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
             from stockade.runtime._lite import json
 
             info["config"] = json.dumps({"handlers": sorted(self.config.handlers), "pod_cidr": self.pod_cidr,
-                                         "network": self.config.network})
+                                         "network": self.config.network, "bpf_agent": self.agent})
         return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), runtime_handlers=handlers,
                                  info=info)
 

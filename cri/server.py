@@ -50,9 +50,10 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     runtime = RuntimeService(config, store)
     pb_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
     pb_grpc.add_ImageServiceServicer_to_server(ImageService(config, store), server)
+    stop = threading.Event()
+    runtime.agent = _start_agent(config, stop)  # before the socket: no pod before its programs
     if server.add_insecure_port(f"unix://{config.socket}") == 0:
         raise StockadeError("cannot listen on the socket", where=config.socket)
-    stop = threading.Event()
     watch_exits(runtime.containers.exits, runtime.containers.on_exit_file, stop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -72,6 +73,24 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
         except FileNotFoundError:
             pass
     return 0
+
+
+def _start_agent(config: Config, stop: threading.Event) -> dict:
+    """The BPF agent in this process: programs loaded (from the cache when it has them), attached
+    at the cgroup the pods go below, pinned; a thread streams their events until STOP. What it
+    leaves pinned outlives the server, as the agent's does (`stockade agent --stop` removes it)."""
+    if not config.bpf_agent:
+        return {"running": False, "reason": "bpf_agent = false (another agent, or none needed)"}
+    from stockade.bpf import attach, events, maps
+
+    root = os.environ.get("STOCKADE_BPF_CGROUP_ROOT") or os.path.join(
+        attach.unified_mount(), config.cgroup_parent.strip("/").split("/")[0])
+    report = attach.setup(maps.PIN_DIR, root)
+    threading.Thread(target=events.pump, args=(maps.PIN_DIR, events.EVENTS_FILE), kwargs={"until": stop},
+                     name="bpf-events", daemon=True).start()
+    log.info("BPF agent: programs at %s (%s), LSM %s%s", root, report["cgroup_programs"],
+             "on" if report["lsm"] else "off", "" if report["lsm"] else f" ({report['lsm_reason']})")
+    return {"running": True, **report}
 
 
 def _claim_socket(path: str) -> None:

@@ -21,7 +21,10 @@ class Server:
     """`stockade cri serve` with its socket, state and image store under BASE (made searchable by
     others: a container's root reaches its root filesystem through the store's parents)."""
 
-    def __init__(self, base: Path, *flags: str, config: Path | None = None) -> None:
+    def __init__(self, base: Path, *flags: str, config: Path | None = None, bpf_agent: bool = False,
+                 env: dict | None = None) -> None:
+        """BPF_AGENT: run the agent in the server (then ENV should point it at pins and a cgroup
+        root of the test's own, as bpf_helpers.make_agent does)."""
         base.mkdir(parents=True, exist_ok=True)
         base.chmod(0o711)
         self.base, self.socket = base, base / "cri.sock"
@@ -30,8 +33,10 @@ class Server:
                 "--image-store", str(base / "images"), *flags]
         if config is not None:
             argv += ["--config", str(config)]
+        if not bpf_agent:
+            argv.append("--no-bpf-agent")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=open(self.log, "ab"),  # noqa: SIM115
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while not self._listening():
             if self.proc.poll() is not None or time.monotonic() > deadline:

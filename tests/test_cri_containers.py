@@ -557,3 +557,37 @@ def test_pod_level_limits_with_overhead_hold_for_its_containers(server: Server) 
     server.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     assert not any((Path(m) / info["cgroup_parent"]).exists() for m in ("/sys/fs/cgroup/memory",
                                                                          "/sys/fs/cgroup/unified"))
+
+
+def test_the_bpf_agent_runs_in_the_server_and_confines_its_pods(server: Server, tmp_path: Path) -> None:
+    """`stockade cri serve` loads, attaches and pins the BPF programs itself (pins and a cgroup
+    root of the test's own): a pod's container is refused the cloud metadata address by the
+    cgroup connect4 program, and the denial is in the event stream."""
+    from bpf_helpers import cleanup_agent, make_agent
+
+    agent = make_agent(tmp_path, "cri-")
+    base = fast_tmp()
+    config = tmp_path / "agent.toml"
+    config.write_text(CONFIG.replace('default_handler = "stockade"', f'default_handler = "restricted"\n'
+                                     f'cgroup_parent = "{Path(agent.cgroup_root).name}"'))
+    own = None
+    try:
+        own = Server(base, "--image-store", str(server.base / "images"), config=config, bpf_agent=True,
+                     env=agent.env)
+        assert "BPF agent: programs at " + agent.cgroup_root in own.log.read_text()
+        pod_id, pod_cfg = pod(own, "bpf")
+        cid = create(own, pod_id, pod_cfg, "sh", "-c", "nc -w 2 169.254.169.254 80 </dev/null; echo rc=$?")
+        start(own, cid)
+        text = " ".join(t for _, _, t in log_lines(wait_exited(own, cid).log_path))
+        assert "Operation not permitted" in text, text
+        deadline = time.monotonic() + 10
+        events = tmp_path / "events.jsonl"
+        while not (events.exists() and "169.254.169.254" in events.read_text()):
+            assert time.monotonic() < deadline, "no denial event"
+            time.sleep(0.1)
+        own.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    finally:
+        if own is not None:
+            assert own.stop() == 0
+        cleanup_agent(agent)
+        shutil.rmtree(base, ignore_errors=True)
