@@ -591,3 +591,70 @@ def test_the_bpf_agent_runs_in_the_server_and_confines_its_pods(server: Server, 
             assert own.stop() == 0
         cleanup_agent(agent)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_mounts_read_only_and_propagation(server: Server) -> None:
+    """Host directories bind-mounted as kubelet asks: read-only or not; with HOST_TO_CONTAINER a
+    mount made on the host afterwards appears inside. (The sources' parents must be searchable by
+    the pod's mapped root: the init mounts them from inside its user namespace.)"""
+    import subprocess
+
+    tmp_path = server.base / f"mounts-{os.urandom(3).hex()}"
+    tmp_path.mkdir(mode=0o711)
+    data, shared = tmp_path / "data", tmp_path / "shared"
+    data.mkdir()
+    (data / "file").write_text("from the host\n")
+    shared.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "stockade-test-shared", str(shared)], check=True)
+    subprocess.run(["mount", "--make-shared", str(shared)], check=True)
+    try:
+        mounts = [pb.Mount(container_path="/data", host_path=str(data), readonly=True),
+                  pb.Mount(container_path="/rw", host_path=str(tmp_path / "rw")),
+                  pb.Mount(container_path="/shared", host_path=str(shared),
+                           propagation=pb.PROPAGATION_HOST_TO_CONTAINER)]
+        pod_id, config = pod(server, "mounts")
+        info = json.loads(server.runtime.PodSandboxStatus(
+            pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True)).info["info"])
+        (tmp_path / "rw").mkdir()
+        os.chown(tmp_path / "rw", info["uid_map"][0], info["uid_map"][0])  # the pod's root, as fsGroup would
+        wait = "i=0; while [ ! -e /shared/late/marker ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done"
+        script = ("cat /data/file; touch /data/x 2>/dev/null || echo data-ro; touch /rw/y && echo rw-ok; "
+                  f"{wait}; cat /shared/late/marker")
+        cid = create(server, pod_id, config, "sh", "-c", script, mounts=mounts)
+        start(server, cid)
+        time.sleep(0.5)
+        (shared / "late").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "stockade-test-late", str(shared / "late")],
+                       check=True)
+        (shared / "late" / "marker").write_text("propagated\n")
+        s = wait_exited(server, cid)
+        text = [t for stream, _, t in log_lines(s.log_path) if stream == "stdout"]
+        assert text == ["from the host", "data-ro", "rw-ok", "propagated"], text
+        assert (tmp_path / "rw" / "y").stat().st_uid == info["uid_map"][0]
+    finally:
+        subprocess.run(["umount", "-R", str(shared)], check=False)
+
+
+def test_the_tenant_comes_from_an_allowed_annotation(server: Server, tmp_path: Path) -> None:
+    """With tenant_annotation set, a pod's tenant (and so its id range) is the annotation's, not
+    its namespace's."""
+    config = tmp_path / "tenant.toml"
+    allowed = 'default_handler = "stockade"\ntenant_annotation = "stockade.io/tenant"'
+    config.write_text(CONFIG.replace('default_handler = "stockade"', allowed))
+    base = fast_tmp()
+    own = Server(base, "--image-store", str(server.base / "images"), config=config)
+    try:
+        ranges = {}
+        for name, annotations in (("plain", {}), ("moved", {"stockade.io/tenant": "team-b"})):
+            cfg = pb.PodSandboxConfig(metadata=pb.PodSandboxMetadata(name=name, namespace="team-a", uid=name),
+                                      annotations=annotations, linux=pb.LinuxPodSandboxConfig())
+            pod_id = own.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg)).pod_sandbox_id
+            info = json.loads(own.runtime.PodSandboxStatus(
+                pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True)).info["info"])
+            ranges[name] = (info["tenant"], info["uid_map"][0])
+            own.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+        assert ranges["plain"][0] == "team-a" and ranges["moved"][0] == "team-b"
+        assert ranges["plain"][1] != ranges["moved"][1]
+    finally:
+        assert own.stop() == 0
+        shutil.rmtree(base, ignore_errors=True)
