@@ -137,10 +137,12 @@ class Pods:
             pod = self.find(pod_id)
             if pod is None:
                 return
-            self._end_init(pod)
-            if pod.own_cgroup:
-                _remove_cgroup(pod.cgroup_parent)
-            nspin.unpin(_pins(self.dir(pod.id)))  # also pins a killed RunPodSandbox made but did not record
+            try:
+                self._end_init(pod)
+                if pod.own_cgroup:
+                    _remove_cgroup(pod.cgroup_parent)
+            finally:  # the namespaces go whatever failed; the record stays for kubelet's retry
+                nspin.unpin(_pins(self.dir(pod.id)))  # also those of a killed RunPodSandbox
             remove_tree(self.dir(pod.id))
 
     def reconcile(self) -> list[str]:
