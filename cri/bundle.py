@@ -165,9 +165,10 @@ def oci_config(spec: ContainerSpec, *, args: list[str], env: list[str], cwd: str
     if spec.oom_score_adj:
         config["process"]["oomScoreAdj"] = _oom_score_adj(spec.oom_score_adj)
     for container_path, host_path, permissions in spec.devices:
-        config["linux"].setdefault("devices", []).append(_device(container_path, host_path))
+        device = _device(container_path, host_path)
+        config["linux"].setdefault("devices", []).append(device)
         config["linux"]["resources"].setdefault("devices", []).append(
-            {"allow": True, "type": "c" if _is_char(host_path) else "b", **_numbers(host_path),
+            {"allow": True, "type": device["type"], "major": device["major"], "minor": device["minor"],
              "access": permissions or "rwm"})
     return config
 
@@ -262,23 +263,13 @@ def _oom_score_adj(wanted: int) -> int:
 
 
 def _device(container_path: str, host_path: str) -> dict:
-    st = _stat(host_path)
+    """linux.devices entry for the host device HOST_PATH (one stat: type, numbers, mode)."""
     import stat
 
+    st = _stat(host_path)
     return {"path": container_path, "type": "c" if stat.S_ISCHR(st.st_mode) else "b",
             "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
             "fileMode": stat.S_IMODE(st.st_mode), "uid": 0, "gid": 0}
-
-
-def _numbers(host_path: str) -> dict:
-    st = _stat(host_path)
-    return {"major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev)}
-
-
-def _is_char(host_path: str) -> bool:
-    import stat
-
-    return stat.S_ISCHR(_stat(host_path).st_mode)
 
 
 def _stat(host_path: str) -> os.stat_result:

@@ -230,11 +230,10 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     @rpc
     def ListContainerStats(self, request: pb.ListContainerStatsRequest, context: grpc.ServicerContext
                            ) -> pb.ListContainerStatsResponse:
-        found = [self.containers.refresh(c) for c in self.containers.list()]
-        f = request.filter
-        found = [c for c in found if (not f.id or c.id.startswith(f.id))
-                 and (not f.pod_sandbox_id or c.pod_id.startswith(f.pod_sandbox_id))
-                 and all(c.spec["labels"].get(k) == v for k, v in f.label_selector.items())]
+        f = request.filter  # the list filter's fields, without state: one matcher for both
+        wanted = pb.ContainerFilter(id=f.id, pod_sandbox_id=f.pod_sandbox_id, label_selector=f.label_selector)
+        found = [c for c in map(self.containers.refresh, self.containers.list())
+                 if messages.container_matches(c, wanted)]
         return pb.ListContainerStatsResponse(stats=[self._stats(c) for c in found])
 
     @rpc
@@ -245,9 +244,8 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     @rpc
     def ListPodSandboxStats(self, request: pb.ListPodSandboxStatsRequest, context: grpc.ServicerContext
                             ) -> pb.ListPodSandboxStatsResponse:
-        f = request.filter
-        pods = [p for p in self.pods.list() if (not f.id or p.id.startswith(f.id))
-                and all(p.spec["labels"].get(k) == v for k, v in f.label_selector.items())]
+        wanted = pb.PodSandboxFilter(id=request.filter.id, label_selector=request.filter.label_selector)
+        pods = [p for p in self.pods.list() if messages.pod_matches(p, wanted)]
         return pb.ListPodSandboxStatsResponse(stats=[self._pod_stats(p) for p in pods])
 
     def _stats(self, c: Container) -> pb.ContainerStats:
