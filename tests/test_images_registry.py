@@ -51,6 +51,17 @@ def store(tmp_path: Path) -> Store:
     return Store(str(tmp_path / "store"))
 
 
+def _partial_blob(root: Path) -> bool:
+    """A blob more than 1 MiB into its download (a temporary may be renamed while we look)."""
+    for path in (root / "blobs/sha256").glob("*.tmp"):
+        try:
+            if path.stat().st_size > (1 << 20):
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
 def _layer_descriptors(store: Store, image) -> list:  # noqa: ANN001 - an Image
     from stockade.runtime.images import manifest
 
@@ -170,7 +181,7 @@ def test_a_killed_pull_leaves_the_store_consistent(registry: Registry, tmp_path:
                "--quiet", "--insecure-registry", registry.host, f"{registry.host}/test/big:v1"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not [p for p in (root / "blobs/sha256").glob("*.tmp") if p.stat().st_size > (1 << 20)]:
+    while not _partial_blob(root):
         assert proc.poll() is None and time.monotonic() < deadline, "the pull ended before it was killed"
         time.sleep(0.01)
     proc.kill()
