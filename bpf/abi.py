@@ -46,7 +46,7 @@ HOOKS = (
 
 # struct layouts: native byte order, no implicit padding (the header spells out its pads); one
 # format item per field ("4I" is a u32[4], "16s" a char[16]), named in FIELDS
-CONFIG = struct.Struct("=QII")
+CONFIG = struct.Struct("=QIIQ")
 NET_INLINE_RULE = struct.Struct("=4I4IHHI")
 POLICY_HEAD = struct.Struct("=IIQQIHH64s32sII")  # stk_policy up to net[NET_INLINE] (NET_INLINE_RULE)
 POLICY_SIZE = POLICY_HEAD.size + NET_INLINE * NET_INLINE_RULE.size
@@ -58,7 +58,7 @@ EVENT = struct.Struct("=QQIIIIII16s16s128s")
 EVENTS_RING_BYTES = 256 * 4096    # stk_events.max_entries
 
 FIELDS = {  # C struct name: (layout, field names)
-    "stk_config": (CONFIG, ("root_cgid", "root_level", "pad")),
+    "stk_config": (CONFIG, ("root_cgid", "root_level", "alt_level", "alt_cgid")),
     "stk_net_inline": (NET_INLINE_RULE, ("addr", "mask", "port_min", "port_max", "action")),
     "stk_policy": (POLICY_HEAD, ("flags", "mode", "families", "cap_deny", "sock_type_deny",
                                  "bind_port_min", "bind_port_max", "container_id", "tenant",

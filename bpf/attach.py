@@ -204,11 +204,68 @@ def _unpin_lsm(pin_dir: str) -> None:
             os.unlink(os.path.join(pin_dir, name))
 
 
+def add_parent(pin_dir: str, cgroup_dir: str) -> bool:
+    """Govern containers below a second parent too: the cgroup kubelet puts its pods below
+    (/kubepods), which the CRI server does not choose. Attaches the pinned cgroup programs there
+    and names it in the config for the LSM; idempotent, True when something changed. Refused
+    while another second parent that still exists is set."""
+    level = cgroup_level(cgroup_dir)
+    os.makedirs(cgroup_dir, exist_ok=True)
+    cgid = cgroup_id(cgroup_dir)
+    cfg = maps.read_config(pin_dir)
+    if not cfg["root_cgid"]:
+        raise NotSupported("the BPF programs are not set up", where=pin_dir, hint="start `stockade agent`")
+    if cfg["alt_cgid"] == cgid:
+        return False
+    other = find_cgroup(cfg["alt_cgid"]) if cfg["alt_cgid"] else None
+    if other:
+        raise NotSupported(f"the BPF programs already govern a second parent cgroup, {other}",
+                           where=cgroup_dir, hint="give every pod one cgroup root (kubelet's --cgroup-root)")
+    fds = {spec.name: _pinned_prog_fd(pin_dir, spec.name) for spec in loader.CGROUP_PROGS}
+    try:
+        if None in fds.values():
+            raise NotSupported("the BPF cgroup programs are not pinned", where=pin_dir,
+                               hint="start `stockade agent`")
+        _attach_cgroup_programs(cgroup_dir, fds)
+    finally:
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
+    maps.write_config(cfg["root_cgid"], cfg["root_level"], pin_dir, alt=(cgid, level))
+    return True
+
+
+def find_cgroup(cgid: int, max_depth: int = 4) -> str | None:
+    """The cgroup2 directory with id CGID, searched breadth-first near the top (parents live there)."""
+    level = [unified_mount()]
+    for _ in range(max_depth):
+        below = []
+        for top in level:
+            try:
+                entries = list(os.scandir(top))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.inode() == cgid:
+                        return entry.path
+                    below.append(entry.path)
+        level = below
+    return None
+
+
 # -- stop ------------------------------------------------------------------------------------
 
 def teardown(pin_dir: str, cgroup_root: str) -> list[str]:
     """Detach and unpin everything the agent made; returns what was removed."""
     removed = _detach_ours(cgroup_root) if os.path.isdir(cgroup_root) else []
+    try:
+        alt = maps.read_config(pin_dir)["alt_cgid"]
+    except (NotSupported, OSError):
+        alt = 0
+    second = find_cgroup(alt) if alt else None
+    if second:
+        removed += [f"{line} at {second}" for line in _detach_ours(second)]
     try:
         os.rmdir(os.path.join(cgroup_root, KEEPER))
         removed.append(f"removed {KEEPER} cgroup")

@@ -79,14 +79,17 @@ CGROUP_LAYERS = frozenset({"cgroup_sock", "cgroup_sock_addr", "cgroup_sysctl", "
 
 
 def covers(cgroup_dir: str, pin_dir: str | None = None) -> bool:
-    """True when the agent's cgroup programs run for the cgroup2 directory CGROUP_DIR: they are
-    attached to the agent's cgroup root, so a cgroup elsewhere (a kubelet pod's below
-    /kubepods, say) is not confined by them whatever the maps say."""
+    """True when the programs govern the cgroup2 directory CGROUP_DIR: it is below a parent the
+    config names (what the LSM asks) and the cgroup programs run for it. A cgroup elsewhere (a
+    kubelet pod's below a /kubepods no parent names) is confined by neither, whatever the maps say."""
     try:
+        cfg = read_config(pin_dir)
         prog = bpfsys.obj_get(pin_path("prog_stk_sock_create", pin_dir))
-    except OSError:
+    except (NotSupported, OSError):
         return False
     try:
+        if not _below(cgroup_dir, {cfg["root_cgid"], cfg["alt_cgid"]} - {0}):
+            return False
         wanted = bpfsys.prog_info(prog)["id"]
         fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -97,6 +100,19 @@ def covers(cgroup_dir: str, pin_dir: str | None = None) -> bool:
         return False
     finally:
         os.close(prog)
+
+
+def _below(cgroup_dir: str, parents: set[int]) -> bool:
+    path = os.path.realpath(cgroup_dir)
+    dev = os.stat(path).st_dev
+    while path != "/":
+        path = os.path.dirname(path)
+        st = os.stat(path)
+        if st.st_dev != dev:  # left the cgroup2 mount: ids are only unique inside it
+            return False
+        if st.st_ino in parents:
+            return True
+    return False
 
 
 def missing_layers(required: set[str], pin_dir: str | None = None) -> set[str]:
@@ -202,8 +218,8 @@ def _file_rule(rule: FileRule) -> bytes:
     return FILE_RULE.pack(rule.deny, rule.allow)
 
 
-def _config(root_cgid: int, root_level: int) -> bytes:
-    return CONFIG.pack(root_cgid, root_level, 0)
+def _config(root_cgid: int, root_level: int, alt_cgid: int = 0, alt_level: int = 0) -> bytes:
+    return CONFIG.pack(root_cgid, root_level, alt_level, alt_cgid)
 
 
 def _by_network(rules: tuple[NetRule, ...]) -> dict[tuple[bytes, int], NetRule]:
@@ -421,9 +437,25 @@ def create_maps(pin_dir: str | None = None) -> list[str]:
     return replaced
 
 
-def write_config(root_cgid: int, root_level: int, pin_dir: str | None = None) -> None:
+def read_config(pin_dir: str | None = None) -> dict[str, int]:
+    """The parents the programs govern below: root_cgid/root_level and alt_cgid/alt_level."""
     fd = open_map("stk_config", pin_dir)
     try:
-        bpfsys.map_update(fd, struct.pack("=I", 0), _config(root_cgid, root_level))
+        raw = bpfsys.map_lookup(fd, struct.pack("=I", 0), CONFIG.size)
+    finally:
+        os.close(fd)
+    root_cgid, root_level, alt_level, alt_cgid = CONFIG.unpack(raw)
+    return {"root_cgid": root_cgid, "root_level": root_level, "alt_cgid": alt_cgid, "alt_level": alt_level}
+
+
+def write_config(root_cgid: int, root_level: int, pin_dir: str | None = None, *,
+                 alt: tuple[int, int] | None = None) -> None:
+    """Set the runtime's parent; ALT (cgid, level) sets the second one, None keeps it."""
+    if alt is None:
+        old = read_config(pin_dir)
+        alt = (old["alt_cgid"], old["alt_level"])
+    fd = open_map("stk_config", pin_dir)
+    try:
+        bpfsys.map_update(fd, struct.pack("=I", 0), _config(root_cgid, root_level, *alt))
     finally:
         os.close(fd)

@@ -57,7 +57,8 @@ enum stk_hook {
 struct stk_config {
     u64 root_cgid;      /* id of the Stockade parent cgroup */
     u32 root_level;     /* its depth in the unified hierarchy (root = 0) */
-    u32 pad;
+    u32 alt_level;
+    u64 alt_cgid;       /* a second parent, 0 if none: the cgroup kubelet puts its pods below */
 };
 
 /* One egress rule inside the policy value: address and mask in network byte order, IPv4 mapped
@@ -159,13 +160,15 @@ struct stk_events_table_t stk_events = { .max_entries = 256 * 4096 };
 /* The policy that governs the current task, or 0 outside containers.
  *
  * CHECK_ROOT (a constant at every call site): BPF-LSM hooks run for every task on the host, so
- * they first ask whether the task is below the Stockade parent at all, the cheapest exit for
- * host processes. cgroup programs are attached to that parent and run only for sockets created
- * in its subtree; they skip that helper call. Either way a task is governed only through a
- * registered cgroup at most STK_MAX_DEPTH levels below the parent, and the outermost one wins
- * (a container cannot shed its policy by nesting): the walk starts with the parent's direct
- * child, the container's cgroup in the runtime's layout, so a container costs one helper call
- * and one hash lookup; a pod level in between costs one more of each. */
+ * they first ask whether the task is below a Stockade parent at all, the cheapest exit for host
+ * processes. There are at most two parents: the runtime's own, and the one kubelet puts its pods
+ * below (/kubepods) once the CRI server has a pod there. cgroup programs are attached to the
+ * parents and run only for sockets created below them; with one parent they skip the check.
+ * Either way a task is governed only through a registered cgroup at most STK_MAX_DEPTH levels
+ * below its parent, and the outermost one wins (a container cannot shed its policy by
+ * nesting): the walk starts with the parent's direct child, the container's cgroup in the
+ * runtime's layout, so a container costs one helper call and one hash lookup; each level in
+ * between (a pod, kubelet's QoS class) costs one more of each. */
 static __always_inline struct stk_policy *stk_policy_lookup(u64 *cgid, const int check_root)
 {
     u32 zero = 0;
@@ -173,8 +176,11 @@ static __always_inline struct stk_policy *stk_policy_lookup(u64 *cgid, const int
     if (!cfg || !cfg->root_cgid)
         return 0;
     u32 level = cfg->root_level;
-    if (check_root && bpf_get_current_ancestor_cgroup_id(level) != cfg->root_cgid)
-        return 0;
+    if ((check_root || cfg->alt_cgid) && bpf_get_current_ancestor_cgroup_id(level) != cfg->root_cgid) {
+        level = cfg->alt_level;
+        if (!cfg->alt_cgid || bpf_get_current_ancestor_cgroup_id(level) != cfg->alt_cgid)
+            return 0;
+    }
 #pragma unroll
     for (int i = 1; i <= STK_MAX_DEPTH; i++) {
         u64 id = bpf_get_current_ancestor_cgroup_id(level + i);

@@ -13,13 +13,14 @@ when the server starts belongs to a RunPodSandbox the server did not finish (it 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 import time
 
 from stockade.runtime._lite.dataclasses import asdict, dataclass, field
-from stockade.runtime.errors import SpecError
+from stockade.runtime.errors import SpecError, StockadeError
 from stockade.runtime.files import write_atomic
 from stockade.runtime.sandbox import tenant_range
 from stockade.runtime.spec import IDMapping, sysctl_namespace
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .forker import Forker
 
+log = logging.getLogger("stockade.cri")
 READY, NOT_READY, CREATING = "ready", "notready", "creating"
 KEEPER = "stockade-pod"  # a child of a pod's own cgroup that holds it while containers come and go
 NODE, POD, CONTAINER = "node", "pod", "container"  # namespace modes, as the CRI names them
@@ -193,6 +195,8 @@ class Pods:
             self._share_pids(pod, base)
         own = f"{self.config.cgroup_parent}/{pod.tenant}/pod-{pod.id[:12]}"
         pod.cgroup_parent = spec.cgroup_parent or own
+        if spec.cgroup_parent:
+            _govern(spec.cgroup_parent, self.config.cgroup_parent)
         if not spec.cgroup_parent and _limited(spec):
             self._pod_cgroup(pod, spec)  # kubelet makes and limits the ones it names itself
         self._files(base, spec)
@@ -276,6 +280,24 @@ def _check(spec: PodSpec, handler: object) -> None:
                 kind == "ipc" and spec.ipc_mode == NODE):
             raise SpecError(f"sysctl {key} would change the node, not the pod", where=f"linux.sysctls.{key}",
                             hint="only namespaced sysctls (net.*, kernel.shm*, kernel.msg*, fs.mqueue.*)")
+
+
+def _govern(cgroup_parent: str, own_parent: str) -> None:
+    """Have the BPF programs govern below the cgroup kubelet puts its pods in: they are attached
+    at the server's own parent, and a container below /kubepods would run unconfined. Failing
+    here is not the pod's end: a container whose policy then lacks layers is refused at create,
+    with the reason, unless its handler allows degraded layers."""
+    from stockade.bpf import attach, maps
+
+    parts = [p for p in cgroup_parent.split("/") if p]
+    if not maps.agent_running() or parts[:1] == [p for p in own_parent.split("/") if p][:1]:
+        return
+    top = next((i + 1 for i, part in enumerate(parts) if part.startswith("kubepods")), max(len(parts) - 1, 1))
+    try:
+        if attach.add_parent(maps.PIN_DIR, os.path.join(attach.unified_mount(), *parts[:top])):
+            log.info("BPF programs now govern below %s too", "/".join(parts[:top]))
+    except (StockadeError, OSError) as e:
+        log.warning("BPF programs cannot govern below %s: %s", "/".join(parts[:top]), e)
 
 
 def _remove_cgroup(path: str) -> None:

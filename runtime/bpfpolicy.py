@@ -43,9 +43,9 @@ def install(
     if not state.cgroup_id:
         missing = sorted(required)
     elif cgroup_dir and not maps.covers(cgroup_dir):
-        # Outside the agent's cgroup root its cgroup programs never run: those layers are missing
-        # for this container, whatever the agent provides to others.
-        missing = sorted(set(missing) | (set(required) & maps.CGROUP_LAYERS))
+        # Below no parent the programs know, neither they nor the LSM ever look at this container:
+        # every layer is missing for it, whatever the agent provides to others.
+        missing = sorted(required)
     if missing and not allow_degraded:
         fix = "start `stockade agent`" if not maps.agent_running() else "see `stockade doctor` (BPF-LSM)"
         raise NotSupported(

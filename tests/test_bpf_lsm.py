@@ -575,3 +575,41 @@ def test_agent_restart_reuses_pins_and_cache(tmp_path):
             os.rmdir(path)
     finally:
         cleanup_agent(a)
+
+
+def test_a_second_parent_kubelets_is_governed_too(agent, tmp_path):
+    """Kubelet puts its pods below /kubepods, not below the runtime's parent: once the CRI
+    server names it as the second parent, a container there is confined by the LSM and the
+    cgroup programs alike, a sibling cgroup that is no container is not, and another second
+    parent is refused while this one exists."""
+    from stockade.bpf import attach
+
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    kube = os.path.join(os.path.dirname(agent.cgroup_root), f"kubepods-t{os.getpid()}")
+    ctr = os.path.join(kube, "burstable", "pod1", "ctr")
+    other = os.path.join(os.path.dirname(agent.cgroup_root), f"kubepods-u{os.getpid()}")
+    os.makedirs(ctr)
+    cgid = os.stat(ctr).st_ino
+    try:
+        assert not maps.covers(ctr, agent.pin_dir)
+        assert attach.add_parent(agent.pin_dir, kube) and not attach.add_parent(agent.pin_dir, kube)
+        assert maps.covers(ctr, agent.pin_dir) and maps.covers(os.path.dirname(ctr), agent.pin_dir)
+        with pytest.raises(Exception, match="already govern a second parent"):
+            attach.add_parent(agent.pin_dir, other)
+        text = f"name: t\nfile:\n  deny:\n    - {{path: {secret}}}\nnetwork:\n  families: [inet, unix]\n"
+        compiled = compile_policy(parse_policy(text, "t.yaml"))
+        maps.install_policy(cgid, "kube-ctr", compiled, pin_dir=agent.pin_dir)
+
+        def ops(_: dict) -> dict:
+            return {"secret": _py(lambda: open(secret).close()),
+                    "inet6": _py(lambda: socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close())}
+
+        assert in_cgroup(ctr, ops, netns=False) == {"secret": "EPERM", "inet6": "EPERM"}
+        assert in_cgroup(os.path.dirname(ctr), ops, netns=False) == {"secret": "ok", "inet6": "ok"}
+    finally:
+        maps.remove_policy(cgid, agent.pin_dir)
+        for path in (ctr, os.path.dirname(ctr), os.path.dirname(os.path.dirname(ctr)), kube, other):
+            if os.path.isdir(path):
+                _remove_cgroup(path)
+    assert maps.read_config(agent.pin_dir)["alt_cgid"]  # the gone parent stays named, harmlessly

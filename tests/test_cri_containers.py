@@ -85,12 +85,13 @@ def security(**kw) -> pb.LinuxContainerSecurityContext:  # noqa: ANN003
 
 
 def pod(server: Server, name: str = "p", namespace: str = "team-a",
-        handler: str = "") -> tuple[str, pb.PodSandboxConfig]:
+        handler: str = "", cgroup_parent: str = "") -> tuple[str, pb.PodSandboxConfig]:
     config = pb.PodSandboxConfig(
         metadata=pb.PodSandboxMetadata(name=name, namespace=namespace, uid=f"uid-{namespace}-{name}"),
         hostname=name, log_directory=str(server.base / "logs" / f"{namespace}_{name}_{os.urandom(4).hex()}"),
-        linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
-            namespace_options=pb.NamespaceOption(pid=pb.CONTAINER))))
+        linux=pb.LinuxPodSandboxConfig(
+            cgroup_parent=cgroup_parent,
+            security_context=pb.LinuxSandboxSecurityContext(namespace_options=pb.NamespaceOption(pid=pb.CONTAINER))))
     request = pb.RunPodSandboxRequest(config=config, runtime_handler=handler)
     return server.runtime.RunPodSandbox(request).pod_sandbox_id, config
 
@@ -562,10 +563,12 @@ def test_pod_level_limits_with_overhead_hold_for_its_containers(server: Server) 
 def test_the_bpf_agent_runs_in_the_server_and_confines_its_pods(server: Server, tmp_path: Path) -> None:
     """`stockade cri serve` loads, attaches and pins the BPF programs itself (pins and a cgroup
     root of the test's own): a pod's container is refused the cloud metadata address by the
-    cgroup connect4 program, and the denial is in the event stream."""
+    cgroup connect4 program, and the denial is in the event stream; so is one in a pod whose cgroup
+    kubelet names below its own root (/kubepods), where the programs were not attached at start."""
     from bpf_helpers import cleanup_agent, make_agent
 
     agent = make_agent(tmp_path, "cri-")
+    kube = f"kubepods-t{os.getpid()}"  # kubelet's cgroup root, one of the test's own
     base = fast_tmp()
     config = tmp_path / "agent.toml"
     config.write_text(CONFIG.replace('default_handler = "stockade"', f'default_handler = "restricted"\n'
@@ -586,11 +589,35 @@ def test_the_bpf_agent_runs_in_the_server_and_confines_its_pods(server: Server, 
             assert time.monotonic() < deadline, "no denial event"
             time.sleep(0.1)
         own.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+        # kubelet names the pod's cgroup, below its own /kubepods: governed all the same
+        pod_id, pod_cfg = pod(own, "kubelet", cgroup_parent=f"/{kube}/burstable/pod-uid-kubelet")
+        cid = create(own, pod_id, pod_cfg, "sh", "-c", "nc -w 2 169.254.169.254 80 </dev/null; echo rc=$?")
+        start(own, cid)
+        text = " ".join(t for _, _, t in log_lines(wait_exited(own, cid).log_path))
+        assert "Operation not permitted" in text, text
+        assert f"BPF programs now govern below {kube} too" in own.log.read_text()
+        own.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     finally:
         if own is not None:
             assert own.stop() == 0
         cleanup_agent(agent)
         shutil.rmtree(base, ignore_errors=True)
+        _remove_cgroup_everywhere(kube)
+    assert not any(p.name == kube for m in _cgroup_mounts() for p in Path(m).iterdir())
+
+
+def _cgroup_mounts() -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[2] in ("cgroup", "cgroup2")]
+
+
+def _remove_cgroup_everywhere(name: str) -> None:
+    """What kubelet does with its pod cgroups: rmdir the tree, deepest first, in every hierarchy."""
+    for mount in _cgroup_mounts():
+        top = os.path.join(mount, name)
+        for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+            os.rmdir(dirpath)
 
 
 def test_mounts_read_only_and_propagation(server: Server) -> None:
