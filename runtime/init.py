@@ -108,6 +108,13 @@ def _clone_namespaces(launch: Launch) -> int:
     return namespaces.new_flags(linux.namespaces, exclude=("user", *late))
 
 
+def _root_ids(linux) -> tuple[int, int] | None:  # noqa: ANN001 - spec.Linux
+    """The host uid and gid the container's root maps to, when the spec names them."""
+    uid = next((m.host_id for m in linux.uid_mappings if m.container_id == 0), None)
+    gid = next((m.host_id for m in linux.gid_mappings if m.container_id == 0), None)
+    return None if uid is None or gid is None else (uid, gid)
+
+
 def _preload_hooks(launch: Launch) -> None:
     """The startContainer callback runs after pivot_root: load the hook runner it imports now."""
     if launch.run_start_container_hooks is not None or launch.run_create_container_hooks is not None:
@@ -140,6 +147,7 @@ class _Init:
         self.cloned = cloned  # CLONE_NEW* flags the init was born with (spawn_.fork_child)
         self.host_pid = 0  # as the runtime sees it; the init may know itself only as 1
         self.late_cgroupns = False
+        self.detached: dict[int, int] = {}  # mounts.detach_sources
 
     def run(self) -> None:
         process = self.spec.process
@@ -200,10 +208,12 @@ class _Init:
     def _join_and_unshare(self) -> bool:
         linux = self.spec.linux
         runtime_ns = {kind: namespaces.inode("self", kind) for kind in ("uts", "ipc", "network")}
+        userns = linux.namespace("user")
+        if userns is not None:  # while still host root: sources the container's root cannot reach
+            self.detached = mounts.detach_sources(self.spec.mounts, str(self.launch.bundle), _root_ids(linux))
         # Namespaces given by path first (user first), as runc does, so that e.g. a netns owned by
         # the host user namespace can still be joined before we create a new user namespace.
         namespaces.join(namespaces.open_paths(linux.namespaces))
-        userns = linux.namespace("user")
         if userns is not None and not userns.path:
             namespaces.unshare(sc.CLONE_NEWUSER)
             self.channel.ask(MAP)
@@ -269,7 +279,8 @@ class _Init:
         mounts.prepare_root(str(launch.rootfs), spec.linux.rootfs_propagation)
         rootfd = mounts.open_root(str(launch.rootfs))
         try:
-            mounts.mount_all(spec.mounts, rootfd, str(launch.bundle), launch.cgroup_mounts or {})
+            cgroups = launch.cgroup_mounts or {}
+            mounts.mount_all(spec.mounts, rootfd, str(launch.bundle), cgroups, self.detached)
             devices.setup(rootfd, spec.linux.devices, in_userns)
             return self._open_console(rootfd) if spec.process.terminal else None
         finally:

@@ -107,34 +107,80 @@ def remount_bind(path: str, flags: int) -> None:
     sc.mount(None, path, None, sc.MS_BIND | sc.MS_REMOUNT | flags | locked_flags(path, flags))
 
 
-def mount_all(mounts: list[Mount], rootfd: int, bundle: str, cgroups: dict[str, str]) -> None:
-    """`cgroups`: hierarchy name -> the container's cgroup directory (see _mount_cgroup)."""
-    for i, m in enumerate(mounts):
-        try:
-            _mount_one(m, rootfd, bundle, cgroups)
-        except StockadeError as exc:
-            raise StockadeError(exc.what, where=exc.where or f"mounts[{i}]", hint=exc.hint) from None
-        except OSError as exc:
-            raise StockadeError(
-                f"cannot mount {m.type} on {m.destination}: {exc.strerror}",
-                where=f"mounts[{i}]",
-                hint=_hint(m, exc),
-            ) from None
+def detach_sources(mounts: list[Mount], bundle: str, root_ids: tuple[int, int] | None) -> dict[int, int]:
+    """Bind sources the container's mapped root could not reach ({mount index: fd}), taken by the
+    init while it is still host root, before it enters the user namespace: kubelet's volumes
+    live below /var/lib/kubelet (0700). Each is a detached copy of the source's mount tree
+    (open_tree OPEN_TREE_CLONE) that mount_all attaches in place of a bind by path.
+
+    Only where needed: mounts below such a copy are not locked to it in the user namespace as a
+    bind's are (the kernel locks only what a namespace copy brings in), so the container could
+    unmount them and see the directory under them."""
+    detached: dict[int, int] = {}
+    try:
+        for i, m in enumerate(mounts):
+            source = os.path.join(bundle, m.source)
+            if m.type == "bind" and os.path.exists(source) and not _reachable(source, root_ids):
+                try:
+                    detached[i] = sc.clone_tree(source, recursive=bool(m.flags & sc.MS_REC))
+                except OSError as exc:
+                    raise StockadeError(f"cannot take the bind source {source}: {exc.strerror}",
+                                        where=f"mounts[{i}]") from None
+    except BaseException:
+        for fd in detached.values():
+            os.close(fd)
+        raise
+    return detached
+
+
+def _reachable(path: str, ids: tuple[int, int] | None) -> bool:
+    """Whether uid/gid IDS (host ids; None: unmapped root, the overflow ids) may search every
+    directory on PATH's way."""
+    uid, gid = ids if ids is not None else (-1, -1)
+    parts = os.path.realpath(path).split("/")[1:-1]
+    for n in range(len(parts) + 1):
+        st = os.stat("/" + "/".join(parts[:n]))
+        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+def mount_all(mounts: list[Mount], rootfd: int, bundle: str, cgroups: dict[str, str],
+              detached: dict[int, int] | None = None) -> None:
+    """`cgroups`: hierarchy name -> the container's cgroup directory (see _mount_cgroup);
+    `detached`: detach_sources' fds, each attached and closed here."""
+    detached = detached or {}
+    try:
+        for i, m in enumerate(mounts):
+            try:
+                _mount_one(m, rootfd, bundle, cgroups, detached.pop(i, None))
+            except StockadeError as exc:
+                raise StockadeError(exc.what, where=exc.where or f"mounts[{i}]", hint=exc.hint) from None
+            except OSError as exc:
+                raise StockadeError(
+                    f"cannot mount {m.type} on {m.destination}: {exc.strerror}",
+                    where=f"mounts[{i}]",
+                    hint=_hint(m, exc),
+                ) from None
+    finally:
+        for fd in detached.values():
+            os.close(fd)
 
 
 def _hint(m: Mount, exc: OSError) -> str:
     if exc.errno == errno.EPERM and m.type in ("proc", "sysfs", "mqueue", "cgroup"):
         return f"{m.type} needs the matching namespace (pid/network/ipc/cgroup) owned by the container"
     if exc.errno in (errno.ENOENT, errno.EACCES) and m.type == "bind":
-        # In a user namespace the source is looked up as the container's mapped root, for whom a
-        # path under a 0700 directory is as good as missing.
-        return ("the bind source must exist on the host (relative sources are relative to the bundle) and, "
-                "with a user namespace, every directory on its path must be searchable by the mapped root")
+        return "the bind source must exist on the host (relative sources are relative to the bundle)"
     return ""
 
 
-def _mount_one(m: Mount, rootfd: int, bundle: str, cgroups: dict[str, str]) -> None:
-    if m.type == "bind":
+def _mount_one(m: Mount, rootfd: int, bundle: str, cgroups: dict[str, str], tree: int | None) -> None:
+    if tree is not None:
+        create = "dir" if stat.S_ISDIR(os.fstat(tree).st_mode) else "file"
+        source = ""
+    elif m.type == "bind":
         source = os.path.join(bundle, m.source)
         create = "dir" if os.path.isdir(source) else "file"
         if not os.path.exists(source):
@@ -145,7 +191,12 @@ def _mount_one(m: Mount, rootfd: int, bundle: str, cgroups: dict[str, str]) -> N
         _refuse_symlinks(rootfd, m.destination)
     fd = open_in_root(rootfd, m.destination, create)
     try:
-        if m.type == "bind":
+        if tree is not None:
+            try:
+                sc.move_mount(tree, fd)
+            finally:
+                os.close(tree)
+        elif m.type == "bind":
             sc.mount(source, fd_path(fd), None, m.flags & (sc.MS_BIND | sc.MS_REC))
         elif m.type == "cgroup":
             _mount_cgroup(fd, rootfd, m, cgroups)

@@ -24,6 +24,7 @@ from .linux import (  # noqa: F401 - the flags callers pass, re-exported
     MNT_DETACH,
     MOUNT_ATTR_IDMAP,
     MOVE_MOUNT_F_EMPTY_PATH,
+    MOVE_MOUNT_T_EMPTY_PATH,
     MS_BIND,
     MS_DIRSYNC,
     MS_I_VERSION,
@@ -210,11 +211,22 @@ def idmapped_tree(path: str, userns_fd: int) -> int:
     seen through USERNS_FD's id maps (mount_setattr MOUNT_ATTR_IDMAP, Linux 5.12+): a file owned
     by 0 on disk shows as the host id the namespace maps 0 to. Returns its fd; attach it with
     move_mount."""
-    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE
-    fd = _check(_syscall(_SYS_OPEN_TREE, -100, _b(path), flags), path)  # AT_FDCWD
-    attr = _MountAttr(attr_set=MOUNT_ATTR_IDMAP, userns_fd=userns_fd)
+    return _tree(path, AT_RECURSIVE, _MountAttr(attr_set=MOUNT_ATTR_IDMAP, userns_fd=userns_fd))
+
+
+def clone_tree(path: str, recursive: bool) -> int:
+    """A detached copy of the mount at PATH (with the mounts below it when RECURSIVE): what a
+    bind would show, held by an fd (close-on-exec) to attach anywhere with move_mount. The copy
+    of a shared mount would be the host's peer, so it is made a slave: host mounts still reach
+    it, none made on it reach the host."""
+    return _tree(path, AT_RECURSIVE if recursive else 0, _MountAttr(propagation=MS_SLAVE))
+
+
+def _tree(path: str, recursive: int, attr: _MountAttr) -> int:
+    """open_tree(OPEN_TREE_CLONE) of PATH, then mount_setattr ATTR on the copy; its fd."""
+    fd = _check(_syscall(_SYS_OPEN_TREE, -100, _b(path), OPEN_TREE_CLONE | os.O_CLOEXEC | recursive), path)
     try:
-        _check(_syscall(_SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH | AT_RECURSIVE, ctypes.byref(attr),
+        _check(_syscall(_SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH | recursive, ctypes.byref(attr),
                         ctypes.sizeof(attr)), path)
     except OSError:
         os.close(fd)
@@ -222,9 +234,14 @@ def idmapped_tree(path: str, userns_fd: int) -> int:
     return fd
 
 
-def move_mount(fd: int, target: str) -> None:
-    """Attach the detached mount FD at TARGET."""
-    _check(_syscall(_SYS_MOVE_MOUNT, fd, b"", -100, _b(target), MOVE_MOUNT_F_EMPTY_PATH), target)
+def move_mount(fd: int, target: str | int) -> None:
+    """Attach the detached mount FD at TARGET: a path, or an fd (O_PATH) naming the mount point
+    (not /proc/self/fd/N, whose magic link move_mount would not follow)."""
+    if isinstance(target, int):
+        flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+        _check(_syscall(_SYS_MOVE_MOUNT, fd, b"", target, b"", flags), f"fd {target}")
+    else:
+        _check(_syscall(_SYS_MOVE_MOUNT, fd, b"", -100, _b(target), MOVE_MOUNT_F_EMPTY_PATH), target)
 
 
 class _StatFs(ctypes.Structure):

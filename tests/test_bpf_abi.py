@@ -216,8 +216,8 @@ def test_values_the_python_side_packs_land_where_the_programs_read(c: dict[str, 
     assert [_at(c, fkey, "stk_file_key", f) for f in ("cgid", "ino", "dev")] == [
         cgid, st.st_ino, (os.major(st.st_dev) << 20) | os.minor(st.st_dev)]
     config = maps._config(cgid, 3, cgid + 1, 2)
-    assert [_at(c, config, "stk_config", f) for f in ("root_cgid", "root_level", "alt_cgid", "alt_level")] == [
-        cgid, 3, cgid + 1, 2]
+    fields = ("root_cgid", "root_level", "alt_cgid", "alt_level")
+    assert [_at(c, config, "stk_config", f) for f in fields] == [cgid, 3, cgid + 1, 2]
 
 
 def test_events_are_read_where_the_programs_write(c: dict[str, int]) -> None:

@@ -622,12 +622,12 @@ def _remove_cgroup_everywhere(name: str) -> None:
 
 def test_mounts_read_only_and_propagation(server: Server) -> None:
     """Host directories bind-mounted as kubelet asks: read-only or not; with HOST_TO_CONTAINER a
-    mount made on the host afterwards appears inside. (The sources' parents must be searchable by
-    the pod's mapped root: the init mounts them from inside its user namespace.)"""
+    mount made on the host afterwards appears inside. The sources are below a 0700 directory, as
+    kubelet's are below /var/lib/kubelet: the pod's mapped root could not look them up itself."""
     import subprocess
 
     tmp_path = server.base / f"mounts-{os.urandom(3).hex()}"
-    tmp_path.mkdir(mode=0o711)
+    tmp_path.mkdir(mode=0o700)
     data, shared = tmp_path / "data", tmp_path / "shared"
     data.mkdir()
     (data / "file").write_text("from the host\n")

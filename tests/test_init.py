@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -349,6 +351,43 @@ def test_bad_mount_fails_create_cleanly(bundle: Path) -> None:
 
 def _userns_ok() -> bool:
     return Path("/proc/sys/user/max_user_namespaces").read_text().strip() != "0"
+
+
+def test_user_namespace_binds_sources_its_root_cannot_reach(bundle: Path) -> None:
+    """kubelet's volumes live below /var/lib/kubelet (0700): the container's mapped root could
+    not look the source up, so the init takes it as host root before entering the user
+    namespace. Directories and files, recursive and not, read-only honoured; a shared source
+    stays a one-way street (a mount made inside does not reach the host)."""
+    require(_userns_ok(), "user namespaces disabled")
+    private = Path(tempfile.mkdtemp(prefix="stockade-test-private-", dir="/var/tmp"))
+    vol = private / "vol"
+    vol.mkdir()
+    tmpfs = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0777"]
+    subprocess.run([*tmpfs, "stockade-test-vol", str(vol)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(vol)], check=True)
+        (vol / "data").write_text("from the volume\n")
+        (private / "token").write_text("secret-token\n")
+        script = ("cat /tmp/data /etc/group; touch /tmp/new && echo wrote; "
+                  "touch /root/x 2>/dev/null || echo ro; "
+                  "mkdir /tmp/m && mount -t tmpfs inner /tmp/m && echo mounted")
+        cfg = sh(script, userns_config())
+        caps = cfg["process"]["capabilities"]
+        cfg["process"]["capabilities"] = {k: [*v, "CAP_SYS_ADMIN"] for k, v in caps.items()}
+        # onto what the rootfs has: its root cannot make new mount points in a host-owned rootfs
+        binds = (("/tmp", "vol", ["rbind", "rw"]), ("/etc/group", "token", ["bind", "ro"]),
+                 ("/root", "vol", ["rbind", "ro"]))
+        cfg["mounts"] += [{"destination": dest, "type": "bind", "source": str(private / src), "options": opts}
+                          for dest, src, opts in binds]
+        code, out = run(bundle, cfg)
+        assert code == 0, out
+        assert out.splitlines() == ["from the volume", "secret-token", "wrote", "ro", "mounted"], out
+        assert (vol / "new").exists() and (vol / "m").is_dir()
+        assert " inner " not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        subprocess.run(["umount", "-R", str(vol)], check=False)
+        shutil.rmtree(private)
+    assert "stockade-test-private" not in Path("/proc/self/mountinfo").read_text()
 
 
 def test_user_namespace_maps(bundle: Path) -> None:
