@@ -95,21 +95,29 @@ def arguments(spec: ContainerSpec, entrypoint: list[str], cmd: list[str]) -> lis
 def user_text(spec: ContainerSpec, image_user: str) -> str:
     """The user to resolve in the image: run_as_user/run_as_username, else the image's."""
     user = str(spec.run_as_user) if spec.run_as_user is not None else spec.run_as_username
-    if user and spec.run_as_group is not None:
+    if spec.run_as_group is not None:
+        if not user:  # the CRI's rule: a group alone would pair with whichever user the image has
+            raise SpecError("run_as_group is set without run_as_user or run_as_username",
+                            where="config.linux.security_context.run_as_group", hint="name the user too")
         return f"{user}:{spec.run_as_group}"
-    if not user:
-        user = image_user or "0"
-        if spec.run_as_group is not None:
-            return f"{user.partition(':')[0]}:{spec.run_as_group}"
-    return user
+    return user or image_user or "0"
+
+
+def held_capabilities() -> list[str]:
+    """What "ALL" and privileged mean: every capability this server holds (containerd's rule),
+    not every one the kernel knows: a node may withhold some (CAP_SYS_RESOURCE, say)."""
+    from stockade.runtime.capabilities import held_bounding
+
+    held = held_bounding()
+    return [name for name, number in CAPABILITIES.items() if number in held]
 
 
 def capabilities(spec: ContainerSpec, uid: int) -> dict:
-    caps = list(DEFAULT_CAPS)
+    caps = held_capabilities() if spec.privileged else list(DEFAULT_CAPS)
     for name in spec.add_caps:
         full = _cap(name, "add_capabilities")
         if full == "ALL":
-            caps = list(CAPABILITIES)
+            caps = held_capabilities()
         elif full not in caps:
             caps.append(full)
     for name in spec.drop_caps:
@@ -160,6 +168,13 @@ def oci_config(spec: ContainerSpec, *, args: list[str], env: list[str], cwd: str
             "io.kubernetes.container.name": spec.name,
         },
     }
+    kinds = {m.propagation for m in spec.mounts}
+    if kinds & {"bidirectional", "host_to_container"}:
+        # a mount's propagation reaches no further than its parents': the root must be shared
+        # for a bidirectional mount's events to leave the container (containerd and CRI-O agree)
+        config["linux"]["rootfsPropagation"] = "rshared" if "bidirectional" in kinds else "rslave"
+    if spec.privileged:
+        _privileged(config)
     if seccomp is not None:
         config["linux"]["seccomp"] = seccomp
     if spec.oom_score_adj:
@@ -173,12 +188,17 @@ def oci_config(spec: ContainerSpec, *, args: list[str], env: list[str], cwd: str
     return config
 
 
+def groups(spec: ContainerSpec, user: User) -> list[int]:
+    """The supplementary groups: the image's /etc/group entries for the user and the pod's."""
+    return sorted(set(user.additional_gids) | set(spec.supplemental_groups))
+
+
 def _process(spec: ContainerSpec, args: list[str], env: list[str], cwd: str, user: User) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    groups = sorted(set(user.additional_gids) | set(spec.supplemental_groups))
+    extra = groups(spec, user)
     return {
         "terminal": spec.tty,
-        "user": {"uid": user.uid, "gid": user.gid, **({"additionalGids": groups} if groups else {})},
+        "user": {"uid": user.uid, "gid": user.gid, **({"additionalGids": extra} if extra else {})},
         "args": args,
         "env": env,
         "cwd": cwd,
@@ -186,6 +206,36 @@ def _process(spec: ContainerSpec, args: list[str], env: list[str], cwd: str, use
         "rlimits": [{"type": "RLIMIT_NOFILE", "hard": hard, "soft": min(soft, hard)}],
         "noNewPrivileges": spec.no_new_privs,
     }
+
+
+def _privileged(config: dict) -> None:
+    """What kubelet's privileged means (as runc under containerd or CRI-O gives it): nothing
+    masked or read-only below /proc and /sys, sysfs writable, every host device. Capabilities
+    and seccomp are the callers'."""
+    linux = config["linux"]
+    linux["maskedPaths"], linux["readonlyPaths"] = [], []
+    for m in config["mounts"]:
+        if m["type"] in ("sysfs", "cgroup"):
+            m["options"] = [o for o in m["options"] if o != "ro"] + ["rw"]
+    linux["devices"] = host_devices()
+    linux["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
+
+
+def host_devices() -> list[dict]:
+    """Every character and block device directly below the host's /dev (not pts, shm, mqueue:
+    the container has its own), as linux.devices entries."""
+    import stat
+
+    found = []
+    for name in sorted(os.listdir("/dev")):
+        path = os.path.join("/dev", name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) and name not in ("console", "ptmx", "tty"):
+            found.append(_device(path, path, st))
+    return found
 
 
 def environment(image_env: list[str], spec: ContainerSpec, hostname: str) -> list[str]:
@@ -262,11 +312,11 @@ def _oom_score_adj(wanted: int) -> int:
     return max(wanted, own)
 
 
-def _device(container_path: str, host_path: str) -> dict:
+def _device(container_path: str, host_path: str, st: os.stat_result | None = None) -> dict:
     """linux.devices entry for the host device HOST_PATH (one stat: type, numbers, mode)."""
     import stat
 
-    st = _stat(host_path)
+    st = st or _stat(host_path)
     return {"path": container_path, "type": "c" if stat.S_ISCHR(st.st_mode) else "b",
             "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
             "fileMode": stat.S_IMODE(st.st_mode), "uid": 0, "gid": 0}

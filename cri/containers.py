@@ -21,7 +21,7 @@ import time
 
 from stockade.runtime import container as oci
 from stockade.runtime._lite import json
-from stockade.runtime._lite.dataclasses import asdict, dataclass
+from stockade.runtime._lite.dataclasses import asdict, dataclass, field
 from stockade.runtime.errors import ContainerError, SpecError, StockadeError
 from stockade.runtime.files import write_atomic
 from stockade.runtime.images import passwd
@@ -49,6 +49,9 @@ OCI_BIN = os.path.join(os.path.dirname(sys.executable), "stockade-oci")
 CONMON_WAIT = 60.0  # seconds for conmon to report the container created
 
 
+LOG_REOPEN_WAIT = 5.0  # seconds conmon gets to make the new log file
+
+
 @dataclass
 class Container:
     id: str
@@ -64,6 +67,7 @@ class Container:
     reason: str = ""
     message: str = ""
     pid: int = 0
+    user: list = field(default_factory=list)  # [uid, gid, *groups] the process runs as
 
     def container_spec(self) -> bundlemod.ContainerSpec:
         data = dict(self.spec)
@@ -221,6 +225,13 @@ class Containers:
             os.write(fd, b"2 0 0\n")  # conmon: reopen the log file
         finally:
             os.close(fd)
+        # kubelet renamed the file and reads the new one once this returns (CRI-O waits too)
+        deadline = time.monotonic() + LOG_REOPEN_WAIT
+        while not os.path.exists(c.log_path):
+            if time.monotonic() > deadline:
+                raise ContainerError(f"conmon did not reopen the log of container {cid[:12]}",
+                                     where=c.log_path, hint="see the server's log for conmon's errors")
+            time.sleep(0.005)
 
     def update(self, cid: str, changes: dict) -> Container:
         """New resource limits (CHANGES: ContainerSpec fields) for a running container."""
@@ -300,6 +311,7 @@ class Containers:
         if pod.uid_map and not (0 <= user.uid < pod.uid_map[1] and 0 <= user.gid < pod.uid_map[1]):
             raise SpecError(f"user {user.uid}:{user.gid} is outside the pod's id range", where="run_as_user")
         caps = bundlemod.capabilities(spec, user.uid)["bounding"]
+        c.user = [user.uid, user.gid, *bundlemod.groups(spec, user)]
         pod_dir = self.pods.dir(pod.id)
         config = bundlemod.oci_config(
             spec, args=bundlemod.arguments(spec, cfg.entrypoint, cfg.cmd),
@@ -362,16 +374,15 @@ class Containers:
         from stockade.profiles import load_profile, profile_seccomp
 
         kind = spec.seccomp
-        if kind in ("", "runtime/default", "docker/default"):
+        if spec.privileged or (kind in ("", "unconfined") and handler.privileged):
+            return None  # as runc under containerd and CRI-O: privileged means unconfined
+        if kind in ("", "unconfined", "runtime/default", "docker/default"):
+            # A sandboxing handler confines what kubelet leaves unconfined by default (its
+            # --seccomp-default is off): never weaker than the handler's profile.
             key = (handler.profile, tuple(caps))
             if key not in self._filters:  # resolving a profile costs more than a container start
                 self._filters[key] = profile_seccomp(load_profile(handler.profile), caps=caps)
             return self._filters[key]
-        if kind == "unconfined":
-            if not handler.privileged:
-                raise SpecError(f"handler {handler.name!r} refuses an unconfined seccomp profile",
-                                where="linux.security_context.seccomp", hint="RuntimeDefault or Localhost")
-            return None
         if kind.startswith("localhost/"):
             path = kind.removeprefix("localhost/")
             try:

@@ -8,7 +8,7 @@ import functools
 import logging
 
 import grpc
-from stockade.runtime.errors import ContainerError, SpecError, StockadeError
+from stockade.runtime.errors import ContainerError, NotSupported, SpecError, StockadeError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def code_of(exc: StockadeError) -> grpc.StatusCode:
     if isinstance(exc, RegistryError):
         return {404: grpc.StatusCode.NOT_FOUND, 401: grpc.StatusCode.UNAUTHENTICATED,
                 403: grpc.StatusCode.PERMISSION_DENIED}.get(exc.status, grpc.StatusCode.UNAVAILABLE)
-    if isinstance(exc, ContainerError):
+    if isinstance(exc, (ContainerError, NotSupported)):  # the state, or what this host can enforce
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, SpecError):
         return grpc.StatusCode.INVALID_ARGUMENT

@@ -35,8 +35,19 @@ def pod_spec(request: pb.RunPodSandboxRequest) -> PodSpec:
         pid_mode=MODES.get(options.pid, POD) if options.pid != pb.TARGET else CONTAINER,
         sysctls=dict(linux.sysctls),
         privileged=linux.security_context.privileged,
+        **_userns(options),
         **_pod_limits(linux),
     )
+
+
+def _userns(options: pb.NamespaceOption) -> dict:
+    """userns_options as kubelet sends it: a mode, and for POD the id mappings it chose."""
+    if not options.HasField("userns_options"):
+        return {}
+    u = options.userns_options
+    return {"userns_mode": USERNS_MODES.get(u.mode, str(u.mode)),
+            "userns_uids": [[m.container_id, m.host_id, m.length] for m in u.uids],
+            "userns_gids": [[m.container_id, m.host_id, m.length] for m in u.gids]}
 
 
 def _pod_limits(linux: pb.LinuxPodSandboxConfig) -> dict:
@@ -104,6 +115,7 @@ STATES = {"creating": pb.CONTAINER_UNKNOWN, "created": pb.CONTAINER_CREATED, "ru
           "exited": pb.CONTAINER_EXITED}
 PROPAGATIONS = {pb.PROPAGATION_PRIVATE: "private", pb.PROPAGATION_HOST_TO_CONTAINER: "host_to_container",
                 pb.PROPAGATION_BIDIRECTIONAL: "bidirectional"}
+USERNS_MODES = {pb.POD: "pod", pb.CONTAINER: "container", pb.NODE: "node", pb.TARGET: "target"}
 SECCOMP = {pb.SecurityProfile.RuntimeDefault: "runtime/default", pb.SecurityProfile.Unconfined: "unconfined"}
 
 
@@ -140,7 +152,7 @@ def _seccomp(sec: pb.LinuxContainerSecurityContext) -> str:
         if sec.seccomp.profile_type == pb.SecurityProfile.Localhost:
             return "localhost/" + sec.seccomp.localhost_ref
         return SECCOMP[sec.seccomp.profile_type]
-    return sec.seccomp_profile_path or "runtime/default"  # the deprecated field kubelet still fills
+    return sec.seccomp_profile_path  # the deprecated field kubelet still fills; "": none asked for
 
 
 def container_metadata(c: Container) -> pb.ContainerMetadata:
@@ -157,8 +169,15 @@ def container_status(c: Container) -> pb.ContainerStatus:
         started_at=c.started_at, finished_at=c.finished_at, exit_code=c.exit_code,
         image=pb.ImageSpec(image=s["image"]), image_ref=c.image_id, image_id=c.image_id,
         reason=c.reason, message=c.message, labels=s["labels"], annotations=s["annotations"],
-        mounts=mounts, log_path=c.log_path,
+        mounts=mounts, log_path=c.log_path, user=_user(c.user),
     )
+
+
+def _user(ids: list) -> pb.ContainerUser | None:
+    if not ids:
+        return None
+    uid, gid, *groups = ids
+    return pb.ContainerUser(linux=pb.LinuxContainerUser(uid=uid, gid=gid, supplemental_groups=groups))
 
 
 def container_item(c: Container) -> pb.Container:

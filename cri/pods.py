@@ -63,6 +63,11 @@ class PodSpec:
     pid_mode: str = CONTAINER
     sysctls: dict = field(default_factory=dict)
     privileged: bool = False
+    # userns_options: "" (none sent), "node" (the handler decides) or "pod" with kubelet's mappings,
+    # each [container id, host id, length]
+    userns_mode: str = ""
+    userns_uids: list = field(default_factory=list)
+    userns_gids: list = field(default_factory=list)
     # pod-level limits: resources plus the RuntimeClass overhead (0: none)
     memory_limit: int = 0
     cpu_quota: int = 0
@@ -184,8 +189,10 @@ class Pods:
         if spec.ipc_mode != NODE:
             kinds.append("ipc")
         maps = None
+        if spec.userns_mode == POD:  # kubelet chose this pod's ids (hostUsers: false)
+            userns = True
         if userns:
-            host, size = tenant_range(pod.tenant)
+            host, size = tenant_range(pod.tenant) if spec.userns_mode != POD else spec.userns_uids[0][1:]
             pod.uid_map = [host, size]
             maps = [IDMapping(container_id=0, host_id=host, size=size)]
             kinds.insert(0, "user")
@@ -271,6 +278,7 @@ def _check(spec: PodSpec, handler: object) -> None:
         raise SpecError(f"the host's {', '.join(host)} namespace is not allowed by handler "
                         f"{getattr(handler, 'name', '')!r}", where="linux.security_context.namespace_options",
                         hint="use a handler with host_namespaces = true")
+    _check_userns(spec)
     if spec.privileged and not getattr(handler, "privileged", False):
         raise SpecError(f"privileged pods are refused by handler {getattr(handler, 'name', '')!r}",
                         where="linux.security_context.privileged")
@@ -280,6 +288,22 @@ def _check(spec: PodSpec, handler: object) -> None:
                 kind == "ipc" and spec.ipc_mode == NODE):
             raise SpecError(f"sysctl {key} would change the node, not the pod", where=f"linux.sysctls.{key}",
                             hint="only namespaced sysctls (net.*, kernel.shm*, kernel.msg*, fs.mqueue.*)")
+
+
+def _check_userns(spec: PodSpec) -> None:
+    where = "linux.security_context.namespace_options.userns_options"
+    if spec.userns_mode in ("", NODE):
+        return
+    if spec.userns_mode != POD:
+        raise SpecError(f"user namespace mode {spec.userns_mode!r} is not supported", where=f"{where}.mode",
+                        hint="POD (kubelet's hostUsers: false) or NODE")
+    uids, gids = spec.userns_uids, spec.userns_gids
+    if len(uids) != 1 or len(gids) != 1:
+        raise SpecError("a pod's user namespace takes exactly one uid and one gid mapping", where=where,
+                        hint="kubelet sends one of each")
+    if uids != gids or uids[0][0] != 0 or uids[0][2] < 1:
+        raise SpecError("the uid and gid mappings must be the same range, starting at container id 0",
+                        where=where, hint="map container ids 0..length-1")
 
 
 def _govern(cgroup_parent: str, own_parent: str) -> None:

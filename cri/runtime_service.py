@@ -71,7 +71,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         ]
         handlers = [
             pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures(
-                recursive_read_only_mounts=False, user_namespaces=h.user_namespace))
+                recursive_read_only_mounts=False, user_namespaces=True))  # kubelet's own mappings: any
             for name, h in sorted(self.config.handlers.items())
         ]
         handlers.append(pb.RuntimeHandler(name="", features=handlers[[h.name for h in handlers].index(

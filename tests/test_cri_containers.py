@@ -36,6 +36,11 @@ allow_degraded = true
 profile = "restricted"
 bpf_policy = "audit"
 allow_degraded = true
+[stockade.handlers.privileged]
+profile = "runtime-default"
+privileged = true
+user_namespace = false
+host_namespaces = true
 """
 IMAGE = "localhost/test/busybox:1"
 USER_IMAGE = "localhost/test/app-user:1"
@@ -230,6 +235,7 @@ def test_security_context_user_caps_readonly_root_and_no_new_privs(server: Serve
     text = [t for _, _, t in lines]
     assert s.exit_code == 0, text
     assert text[0].startswith("uid=1234 gid=5678 groups=") and "42" in text[0]
+    assert (s.user.linux.uid, s.user.linux.gid, list(s.user.linux.supplemental_groups)) == (1234, 5678, [42])
     assert text[1] == "read-only"
     fields = dict(t.split(":\t") for t in text[2:])
     assert fields == {"CapEff": "0000000000000000", "CapBnd": "0000000000000000", "NoNewPrivs": "1",
@@ -252,6 +258,72 @@ def test_security_context_capability_add_and_the_restricted_handler(server: Serv
     assert [t for stream, _, t in lines if stream == "stdout"] == ["allowed"]
 
 
+def test_seccomp_as_kubelet_sends_it_by_default(server: Server) -> None:
+    """kubelet sends Unconfined unless --seccomp-default is on, and critest sends nothing: a
+    sandboxing handler confines both with its profile (as CRI-O's seccomp_use_default_when_empty);
+    only a privileged handler leaves them unconfined, as runc does."""
+    script = "grep Seccomp: /proc/self/status"
+    unconfined = security(seccomp=pb.SecurityProfile(profile_type=pb.SecurityProfile.Unconfined))
+    for ctx, handler, mode in ((unconfined, "", "2"), (security(), "", "2"), (unconfined, "privileged", "0"),
+                               (security(), "privileged", "0")):
+        linux = pb.LinuxContainerConfig(security_context=ctx)
+        s, lines = run_once(server, script, handler=handler, linux=linux)
+        assert [t.split()[-1] for stream, _, t in lines if stream == "stdout"] == [mode], (handler, lines)
+
+
+def test_privileged_containers_under_a_privileged_handler(server: Server) -> None:
+    """As runc gives them: every capability the server holds, nothing masked, sysfs writable,
+    the host's devices, no seccomp; the same request under a sandboxing handler is refused."""
+    from stockade.cri.bundle import held_capabilities
+    from stockade.runtime.linux import CAPABILITIES
+
+    held = sum(1 << CAPABILITIES[c] for c in held_capabilities())
+    ctx = security(privileged=True)
+    script = ("grep -E '^(CapEff|Seccomp):' /proc/self/status; "
+              "[ -n \"$(head -c9 /proc/timer_list)\" ] && echo timer-list-unmasked; "
+              "grep ' /sys ' /proc/mounts | cut -d' ' -f4 | cut -d, -f1; test -c /dev/kmsg && echo kmsg")
+    linux = pb.LinuxContainerConfig(security_context=ctx)
+    s, lines = run_once(server, script, handler="privileged", linux=linux)
+    text = [t for stream, _, t in lines if stream == "stdout"]
+    assert text[:2] == [f"CapEff:\t{held:016x}", "Seccomp:\t0"], lines
+    assert text[2:] == ["timer-list-unmasked", "rw", "kmsg"], lines
+
+
+def test_user_namespace_mappings_kubelet_chose(server: Server) -> None:
+    """hostUsers: false: kubelet sends mode POD with the pod's own id range, which the pod gets
+    (even under a handler without user namespaces: never weaker); malformed mappings and the
+    modes no runtime supports (CONTAINER, TARGET) are INVALID_ARGUMENT and leave nothing."""
+    def config(name: str, mode: int, uids: list, gids: list | None = None) -> pb.PodSandboxConfig:
+        m = [pb.IDMapping(container_id=c, host_id=h, length=n) for c, h, n in uids]
+        g = m if gids is None else [pb.IDMapping(container_id=c, host_id=h, length=n) for c, h, n in gids]
+        userns = pb.UserNamespace(mode=mode, uids=m, gids=g)
+        options = pb.NamespaceOption(pid=pb.CONTAINER, userns_options=userns)
+        return pb.PodSandboxConfig(
+            metadata=pb.PodSandboxMetadata(name=name, namespace="team-a", uid=f"uid-{name}"),
+            log_directory=str(server.base / "logs" / name),
+            linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(namespace_options=options)))
+
+    for handler in ("", "privileged"):
+        cfg = config(f"userns-{handler or 'default'}", pb.POD, [(0, 3_000_000, 65536)])
+        request = pb.RunPodSandboxRequest(config=cfg, runtime_handler=handler)
+        pod_id = server.runtime.RunPodSandbox(request).pod_sandbox_id
+        cid = create(server, pod_id, cfg, "cat", "/proc/self/uid_map", "/proc/self/gid_map")
+        start(server, cid)
+        lines = [t.split() for _, _, t in log_lines(wait_exited(server, cid).log_path)]
+        assert lines == [["0", "3000000", "65536"]] * 2, (handler, lines)
+        server.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    for mode, uids, gids, words in (
+            (pb.POD, [(0, 1000, 100), (0, 2000, 100)], None, "exactly one uid and one gid"),
+            (pb.POD, [(1, 1000, 100)], None, "starting at container id 0"),
+            (pb.POD, [(0, 1000, 100)], [(0, 2000, 100)], "same range"),
+            (pb.CONTAINER, [], None, "'container' is not supported"),
+            (pb.TARGET, [], None, "'target' is not supported")):
+        got, message = status_code(server.runtime.RunPodSandbox,
+                                   pb.RunPodSandboxRequest(config=config("bad-userns", mode, uids, gids)))
+        assert got == grpc.StatusCode.INVALID_ARGUMENT and words in message, message
+    assert server.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items == []
+
+
 def test_oom_killed_container_reports_oomkilled_and_137(server: Server) -> None:
     limit = 32 << 20
     res = pb.LinuxContainerResources(memory_limit_in_bytes=limit)
@@ -270,8 +342,9 @@ def test_reopen_container_log_starts_a_new_file(server: Server) -> None:
     time.sleep(0.3)
     path.rename(path.with_suffix(".rotated"))
     server.runtime.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=cid))
+    assert path.exists()  # when the call returns: kubelet (and critest) look right away
     deadline = time.monotonic() + 10
-    while not path.exists() or "line" not in path.read_text():
+    while "line" not in path.read_text():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     server.runtime.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=0))
@@ -301,7 +374,7 @@ def _config_of(server: Server) -> Path:
     ({"command": [], "image": PLAIN_IMAGE}, grpc.StatusCode.INVALID_ARGUMENT, "names a command"),
     ({"command": ["/bin/not-there"]}, grpc.StatusCode.FAILED_PRECONDITION, "not-there"),
     ({"seccomp": "localhost"}, grpc.StatusCode.INVALID_ARGUMENT, "Localhost seccomp profile"),
-    ({"seccomp": "unconfined"}, grpc.StatusCode.INVALID_ARGUMENT, "refuses an unconfined"),
+    ({"group_only": 5}, grpc.StatusCode.INVALID_ARGUMENT, "run_as_group is set without run_as_user"),
     ({"privileged": True}, grpc.StatusCode.INVALID_ARGUMENT, "privileged containers are refused"),
     ({"user": "nobody-here"}, grpc.StatusCode.INVALID_ARGUMENT, "not in the image's /etc/passwd"),
 ])
@@ -314,8 +387,8 @@ def test_bad_containers_are_refused_and_leave_nothing(server: Server, tmp_path: 
         bad.write_text("{not json")
         ctx.seccomp.CopyFrom(pb.SecurityProfile(profile_type=pb.SecurityProfile.Localhost,
                                                 localhost_ref=str(bad)))
-    elif change.get("seccomp") == "unconfined":
-        ctx.seccomp.CopyFrom(pb.SecurityProfile(profile_type=pb.SecurityProfile.Unconfined))
+    if "group_only" in change:
+        ctx.run_as_group.value = change["group_only"]
     ctx.privileged = change.get("privileged", False)
     if "user" in change:
         ctx.run_as_username = change["user"]
@@ -658,6 +731,28 @@ def test_mounts_read_only_and_propagation(server: Server) -> None:
         text = [t for stream, _, t in log_lines(s.log_path) if stream == "stdout"]
         assert text == ["from the host", "data-ro", "rw-ok", "propagated"], text
         assert (tmp_path / "rw" / "y").stat().st_uid == info["uid_map"][0]
+    finally:
+        subprocess.run(["umount", "-R", str(shared)], check=False)
+
+
+def test_a_bidirectional_mount_reaches_the_host(server: Server) -> None:
+    """BIDIRECTIONAL (a CSI driver's, say; privileged only): a mount the container makes below
+    it appears on the host, which needs the container's root to be shared as well."""
+    import subprocess
+
+    shared = server.base / f"bidi-{os.urandom(3).hex()}"
+    shared.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "stockade-test-bidi", str(shared)], check=True)
+    try:
+        subprocess.run(["mount", "--make-rshared", str(shared)], check=True)
+        bidi = pb.PROPAGATION_BIDIRECTIONAL
+        mounts = [pb.Mount(container_path="/bidi", host_path=str(shared), propagation=bidi)]
+        ctx = security(privileged=True)
+        script = "mkdir /bidi/inner && mount -t tmpfs stockade-test-inner /bidi/inner && echo mounted"
+        s, lines = run_once(server, script, handler="privileged", mounts=mounts,
+                            linux=pb.LinuxContainerConfig(security_context=ctx))
+        assert [t for stream, _, t in lines if stream == "stdout"] == ["mounted"], lines
+        assert f"stockade-test-inner {shared}/inner " in Path("/proc/self/mounts").read_text()
     finally:
         subprocess.run(["umount", "-R", str(shared)], check=False)
 
