@@ -35,6 +35,7 @@ from stockade.bpf.maps import CompiledPolicy, FileRule, NetRule
 from stockade.runtime._lite.dataclasses import asdict, dataclass, field
 from stockade.runtime.errors import SpecError
 from stockade.runtime.linux import CAPABILITIES
+from stockade.runtime.yamldoc import YamlDoc, ports
 
 # The built-in policies are data of the profiles package, whose folder sits next to this one in
 # every layout (checkout, editable or wheel install); found by path, not by importing profiles.
@@ -96,83 +97,7 @@ class Policy:
     device_mknod: str = "allow"
 
 
-# -- YAML with line numbers ------------------------------------------------------------------
-
-class _Doc:
-    def __init__(self, text: str, source: str) -> None:
-        import yaml  # lazy: a cached compiled policy needs no YAML at all
-
-        self.yaml = yaml
-        self.source = source
-        self.loader = yaml.SafeLoader(text)
-        try:
-            self.root = self.loader.get_single_node()
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise SpecError(f"invalid YAML: {getattr(e, 'problem', e)}", where=f"{source}{line}") from None
-
-    def where(self, node) -> str:
-        return f"{self.source}:{node.start_mark.line + 1}"
-
-    def value(self, node):
-        return self.loader.construct_object(node, deep=True)
-
-    def mapping(self, node, allowed: set[str], what: str) -> dict:
-        if not isinstance(node, self.yaml.MappingNode):
-            raise SpecError(f"{what} must be a mapping", where=self.where(node))
-        out = {}
-        for key_node, value_node in node.value:
-            key = self.value(key_node)
-            if key not in allowed:
-                raise SpecError(f"unknown key {key!r} in {what}", where=self.where(key_node),
-                                hint=f"allowed: {', '.join(sorted(allowed))}")
-            if key in out:
-                raise SpecError(f"duplicate key {key!r} in {what}", where=self.where(key_node))
-            out[key] = value_node
-        return out
-
-    def seq(self, node, what: str) -> list:
-        if not isinstance(node, self.yaml.SequenceNode):
-            raise SpecError(f"{what} must be a list", where=self.where(node))
-        return list(node.value)
-
-    def choice(self, node, choices: tuple[str, ...], what: str) -> str:
-        value = self.value(node)
-        if value is False and "deny" in choices:
-            value = "deny"
-        if value is True and "allow" in choices:
-            value = "allow"
-        if value not in choices:
-            raise SpecError(f"{what} must be one of {', '.join(choices)}, not {value!r}",
-                            where=self.where(node))
-        return value
-
-    def string(self, node, what: str) -> str:
-        value = self.value(node)
-        if not isinstance(value, str) or not value:
-            raise SpecError(f"{what} must be a non-empty string", where=self.where(node))
-        return value
-
-
-def _ports(doc: _Doc, node, what: str) -> tuple[int, int]:
-    value = doc.value(node)
-    if isinstance(value, int) and not isinstance(value, bool):
-        lo = hi = value
-    elif isinstance(value, str) and "-" in value:
-        try:
-            lo, hi = (int(p) for p in value.split("-", 1))
-        except ValueError:
-            raise SpecError(f"{what} must be a port or a range like 1024-65535",
-                            where=doc.where(node)) from None
-    else:
-        raise SpecError(f"{what} must be a port or a range like 1024-65535", where=doc.where(node))
-    if not 0 <= lo <= hi <= 65535:
-        raise SpecError(f"{what} {value!r} is outside 0-65535 or reversed", where=doc.where(node))
-    return lo, hi
-
-
-def _abs_path(doc: _Doc, node, what: str) -> str:
+def _abs_path(doc: YamlDoc, node, what: str) -> str:
     path = doc.string(node, what)
     if not path.startswith("/"):
         raise SpecError(f"{what} must be an absolute path, not {path!r}", where=doc.where(node))
@@ -183,7 +108,7 @@ ALLOW_DENY = ("allow", "deny")
 
 
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
-    doc = _Doc(text, source)
+    doc = YamlDoc(text, source)
     if doc.root is None:
         raise SpecError("the policy is empty", where=source)
     top = doc.mapping(doc.root, {"name", "description", "mode", "file", "exec", "mount", "process",
@@ -230,7 +155,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     return p
 
 
-def _parse_file(doc: _Doc, node, p: Policy) -> None:
+def _parse_file(doc: YamlDoc, node, p: Policy) -> None:
     sec = doc.mapping(node, {"deny"}, "file")
     for item in doc.seq(sec["deny"], "file.deny") if "deny" in sec else []:
         rule = doc.mapping(item, {"path", "access"}, "a file.deny rule")
@@ -246,7 +171,7 @@ def _parse_file(doc: _Doc, node, p: Policy) -> None:
                                           frozenset(access or _ACCESS), item.start_mark.line + 1))
 
 
-def _parse_exec(doc: _Doc, node, p: Policy) -> None:
+def _parse_exec(doc: YamlDoc, node, p: Policy) -> None:
     sec = doc.mapping(node, {"deny", "allow_only", "from_writable_mounts"}, "exec")
     if "deny" in sec:
         p.exec_deny = [_abs_path(doc, n, "exec.deny entry") for n in doc.seq(sec["deny"], "exec.deny")]
@@ -258,7 +183,7 @@ def _parse_exec(doc: _Doc, node, p: Policy) -> None:
                                           "exec.from_writable_mounts")
 
 
-def _parse_network(doc: _Doc, node, p: Policy) -> None:
+def _parse_network(doc: YamlDoc, node, p: Policy) -> None:
     import ipaddress  # lazy, like yaml: the start path reads compiled policies from the cache
 
     keys = {"families", "raw_sockets", "egress", "bind_ports", "unix_host_sockets"}
@@ -276,7 +201,7 @@ def _parse_network(doc: _Doc, node, p: Policy) -> None:
     if "unix_host_sockets" in sec:
         p.unix_host_sockets = doc.choice(sec["unix_host_sockets"], ALLOW_DENY, "network.unix_host_sockets")
     if "bind_ports" in sec:
-        p.bind_ports = _ports(doc, sec["bind_ports"], "network.bind_ports")
+        p.bind_ports = ports(doc, sec["bind_ports"], "network.bind_ports")
     if "egress" in sec:
         eg = doc.mapping(sec["egress"], {"default", "rules"}, "network.egress")
         if "default" in eg:
@@ -296,7 +221,7 @@ def _parse_network(doc: _Doc, node, p: Policy) -> None:
                 raise SpecError(f"{net} already has a rule at line {seen[str(net)]}", where=doc.where(item),
                                 hint="one rule per network; the longest matching prefix decides")
             seen[str(net)] = item.start_mark.line + 1
-            lo, hi = _ports(doc, rule["ports"], "ports") if "ports" in rule else (0, 65535)
+            lo, hi = ports(doc, rule["ports"], "ports") if "ports" in rule else (0, 65535)
             p.egress_rules.append(EgressRule(str(net), doc.choice(rule["action"], ALLOW_DENY, "action"),
                                              lo, hi, item.start_mark.line + 1))
 

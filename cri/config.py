@@ -10,8 +10,14 @@ plain data. Every key is checked; a misspelt one is an error that names the file
     log_format = "text"           # or "json"
     default_handler = "stockade"
     tenant_annotation = ""        # a pod annotation that may name the tenant ("" : the namespace)
-    network = "none"
+    network = "none"              # or "bridge": every pod its address, tenants segmented (network.py)
     bpf_agent = true              # the BPF agent runs in the server (its cgroup root: cgroup_parent)
+
+    [stockade.pod_network]         # (TOML: `network` above is the backend's name)
+    pod_cidr = "10.88.0.0/16"     # the node's pod addresses (kubelet's UpdateRuntimeConfig may set it)
+    tenant_prefix = 24            # each tenant gets a subnet of this size out of pod_cidr
+    node_allow = []               # node addresses pods may reach: "ADDR[/LEN]:PORT[-PORT]/tcp|udp|sctp"
+    policy_dir = "/etc/stockade/tenants"   # <tenant>.yaml: egress allows, who may reach the tenant
 
     [stockade.registries]
     insecure = ["localhost:5000"]
@@ -50,6 +56,14 @@ class Handler:
 
 
 @dataclass
+class NetworkConfig:
+    pod_cidr: str = "10.88.0.0/16"
+    tenant_prefix: int = 24
+    node_allow: list[str] = field(default_factory=list)
+    policy_dir: str = "/etc/stockade/tenants"
+
+
+@dataclass
 class Config:
     socket: str = "/run/stockade/stockade.sock"
     state_dir: str = "/var/lib/stockade/cri"
@@ -63,6 +77,7 @@ class Config:
     bpf_agent: bool = True  # load, attach and pin the BPF programs in this process, stream their events
     insecure_registries: list[str] = field(default_factory=list)
     handlers: dict[str, Handler] = field(default_factory=dict)
+    net: NetworkConfig = field(default_factory=NetworkConfig)
 
     def handler(self, name: str) -> Handler:
         """The handler a RuntimeClass names ("" : the default one)."""
@@ -83,6 +98,9 @@ def default_handlers() -> dict[str, Handler]:
 _TOP = {"socket": str, "state_dir": str, "image_store": str, "cgroup_parent": str, "log_level": str,
         "log_format": str, "default_handler": str, "tenant_annotation": str, "network": str,
         "bpf_agent": bool}
+_TABLES = ("registries", "handlers", "pod_network")
+_NETWORK = {"pod_cidr": str, "tenant_prefix": int, "node_allow": list, "policy_dir": str}
+NETWORKS = ("none", "bridge")
 _HANDLER = {"profile": str, "bpf_policy": str, "user_namespace": bool, "host_namespaces": bool,
             "privileged": bool, "allow_degraded": bool}
 
@@ -119,11 +137,13 @@ def parse(doc: dict, where: str) -> Config:
             config.insecure_registries = _registries(value, f"{where}: stockade.registries")
         elif key == "handlers":
             config.handlers = _handlers(value, f"{where}: stockade.handlers")
+        elif key == "pod_network":
+            config.net = _network(value, f"{where}: stockade.pod_network")
         elif key in _TOP:
             setattr(config, key, _typed(value, _TOP[key], f"{where}: stockade.{key}"))
         else:
             raise SpecError(f"unknown key {key!r}", where=f"{where}: [stockade]",
-                            hint=f"known: {', '.join(sorted([*_TOP, 'registries', 'handlers']))}")
+                            hint=f"known: {', '.join(sorted([*_TOP, *_TABLES]))}")
     if not config.handlers:
         config.handlers = default_handlers()
     check(config, where)
@@ -143,9 +163,15 @@ def check(config: Config, where: str) -> None:
     for key in ("socket", "state_dir", "image_store"):
         if not os.path.isabs(getattr(config, key)):
             raise SpecError(f"{key} must be an absolute path", where=where)
+    if config.network not in NETWORKS:
+        raise SpecError(f"network {config.network!r}", where=where, hint=f"one of {', '.join(NETWORKS)}")
     if config.network != "none":
-        raise SpecError(f"network {config.network!r} is not available yet", where=where,
-                        hint="network = \"none\" (tenant networking is its own milestone)")
+        from .ipam import check_cidr
+        from .netrules import node_allow
+
+        check_cidr(config.net.pod_cidr, config.net.tenant_prefix, where)
+        for item in config.net.node_allow:
+            node_allow(item, where)
 
 
 def _handlers(value: object, where: str) -> dict[str, Handler]:
@@ -163,6 +189,20 @@ def _handlers(value: object, where: str) -> dict[str, Handler]:
             setattr(handler, key, _typed(item, _HANDLER[key], f"{where}.{name}.{key}"))
         out[name] = handler
     return out
+
+
+def _network(value: object, where: str) -> NetworkConfig:
+    """[stockade.pod_network]: the bridge backend's addresses and rules."""
+    if not isinstance(value, dict):
+        raise SpecError("must be a table", where=where)
+    net = NetworkConfig()
+    for key, item in value.items():
+        if key not in _NETWORK:
+            raise SpecError(f"unknown key {key!r}", where=where, hint=f"known: {', '.join(sorted(_NETWORK))}")
+        setattr(net, key, _typed(item, _NETWORK[key], f"{where}.{key}"))
+    if not all(isinstance(item, str) for item in net.node_allow):
+        raise SpecError("node_allow must be a list of strings", where=f"{where}.node_allow")
+    return net
 
 
 def _registries(value: object, where: str) -> list[str]:

@@ -34,6 +34,8 @@ def pod_spec(request: pb.RunPodSandboxRequest) -> PodSpec:
         ipc_mode=MODES.get(options.ipc, POD),
         pid_mode=MODES.get(options.pid, POD) if options.pid != pb.TARGET else CONTAINER,
         sysctls=dict(linux.sysctls),
+        port_mappings=[[p.host_port, p.container_port, PROTOCOLS[p.protocol], p.host_ip]
+                       for p in config.port_mappings if p.host_port],
         privileged=linux.security_context.privileged,
         **_userns(options),
         **_pod_limits(linux),
@@ -86,7 +88,7 @@ def pod_status(pod: Pod) -> pb.PodSandboxStatus:
                                  pid=MODE_VALUES[s["pid_mode"]])
     return pb.PodSandboxStatus(
         id=pod.id, metadata=pod_metadata(pod), state=pod_state(pod), created_at=pod.created_at,
-        network=pb.PodSandboxNetworkStatus(ip=""),  # tenant networking gives pods addresses
+        network=pb.PodSandboxNetworkStatus(ip=pod.ip),
         linux=pb.LinuxPodSandboxStatus(namespaces=pb.Namespace(options=options)),
         labels=s["labels"], annotations=s["annotations"], runtime_handler=pod.handler,
     )
@@ -115,6 +117,7 @@ STATES = {"creating": pb.CONTAINER_UNKNOWN, "created": pb.CONTAINER_CREATED, "ru
           "exited": pb.CONTAINER_EXITED}
 PROPAGATIONS = {pb.PROPAGATION_PRIVATE: "private", pb.PROPAGATION_HOST_TO_CONTAINER: "host_to_container",
                 pb.PROPAGATION_BIDIRECTIONAL: "bidirectional"}
+PROTOCOLS = {pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"}
 USERNS_MODES = {pb.POD: "pod", pb.CONTAINER: "container", pb.NODE: "node", pb.TARGET: "target"}
 SECCOMP = {pb.SecurityProfile.RuntimeDefault: "runtime/default", pb.SecurityProfile.Unconfined: "unconfined"}
 

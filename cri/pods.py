@@ -34,6 +34,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .config import Config
     from .forker import Forker
+    from .network import Network, PodNet
 
 log = logging.getLogger("stockade.cri")
 READY, NOT_READY, CREATING = "ready", "notready", "creating"
@@ -65,6 +66,7 @@ class PodSpec:
     privileged: bool = False
     # userns_options: "" (none sent), "node" (the handler decides) or "pod" with kubelet's mappings,
     # each [container id, host id, length]
+    port_mappings: list = field(default_factory=list)  # [host_port, container_port, protocol, host_ip]
     userns_mode: str = ""
     userns_uids: list = field(default_factory=list)
     userns_gids: list = field(default_factory=list)
@@ -89,6 +91,7 @@ class Pod:
     init_pid: int = 0  # PID 1 of the pod's PID namespace, when its containers share one
     init_start: int = 0  # its start time (a reused pid is not it)
     own_cgroup: bool = False  # its cgroup was made here (with the pod's limits), not by kubelet
+    ip: str = ""  # its address (network = "bridge")
 
     def pod_spec(self) -> PodSpec:
         return PodSpec(**self.spec)
@@ -97,8 +100,8 @@ class Pod:
 class Pods:
     """The pods of one server: records under STATE_DIR/pods, one lock for changes."""
 
-    def __init__(self, config: Config, forker: Forker | None = None) -> None:
-        self.config, self.forker = config, forker
+    def __init__(self, config: Config, forker: Forker | None = None, network: Network | None = None) -> None:
+        self.config, self.forker, self.network = config, forker, network
         self.records = Records(os.path.join(config.state_dir, "pods"), "pod.json", Pod, "pod sandbox",
                                "pod_sandbox_id")
         self.lock = threading.RLock()
@@ -146,6 +149,8 @@ class Pods:
                 return
             try:
                 self._end_init(pod)
+                if self.network is not None and pod.pod_spec().network_mode != NODE:
+                    self.network.detach(self.pod_net(pod))  # before its namespace can go
                 if pod.own_cgroup:
                     _remove_cgroup(pod.cgroup_parent)
             finally:  # the namespaces go whatever failed; the record stays for kubelet's retry
@@ -164,6 +169,19 @@ class Pods:
                 pod.state = NOT_READY  # its namespaces (or the init holding its PIDs) did not survive
                 self.records.save(pod)
         return removed
+
+    # -- networks
+
+    def pod_net(self, pod: Pod) -> PodNet:
+        from .network import PodNet
+
+        spec = pod.pod_spec()
+        return PodNet(id=pod.id, tenant=pod.tenant, netns=pod.namespaces.get("network", ""),
+                      dns=list(spec.dns_servers), hostports=list(spec.port_mappings), ip=pod.ip)
+
+    def nets(self) -> list[PodNet]:
+        """Every pod with a network of its own (what Network rebuilds its rules from)."""
+        return [self.pod_net(p) for p in self.list() if "network" in p.namespaces and p.state != CREATING]
 
     # -- lookups
 
@@ -198,6 +216,10 @@ class Pods:
             kinds.insert(0, "user")
         pod.namespaces = nspin.pin(os.path.join(base, "ns"), kinds, hostname=spec.hostname or spec.name[:63],
                                    sysctls=spec.sysctls, maps=maps, forker=self.forker)
+        if self.network is not None and spec.network_mode != NODE:
+            net = self.pod_net(pod)
+            self.records.save(pod)  # the namespaces are pinned: a killed server's reconcile finds them
+            pod.ip = self.network.attach(net)
         if spec.pid_mode == POD:
             self._share_pids(pod, base)
         own = f"{self.config.cgroup_parent}/{pod.tenant}/pod-{pod.id[:12]}"

@@ -46,14 +46,20 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.lock = threading.Lock()
         self.agent: dict = {}  # what the in-process BPF agent set up (server.serve fills it)
         self.forker = Forker()
-        self.pods = Pods(config, self.forker)
+        self.network = None
+        if config.network == "bridge":
+            from .network import Network
+
+            self.network = Network(config)
+        self.pods = Pods(config, self.forker, self.network)
         self.events = Events()
         self.containers = Containers(config, self.pods, store, self.events.emit)
         for cid in self.containers.reconcile():
             log.info("removed container %s: its CreateContainer did not finish", cid)
         for pod_id in self.pods.reconcile():
             log.info("removed pod %s: its RunPodSandbox did not finish", pod_id)
-
+        if self.network is not None:
+            self.network.start(self.pods.nets)
     def close(self) -> None:
         self.forker.close()
 
@@ -64,11 +70,14 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
 
     @rpc
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
-        conditions = [
-            pb.RuntimeCondition(type="RuntimeReady", status=True),
-            pb.RuntimeCondition(type="NetworkReady", status=False, reason="NetworkNotConfigured",
-                                message=f"network = {self.config.network!r}: pods get no network yet"),
-        ]
+        if self.network is None:
+            net = pb.RuntimeCondition(type="NetworkReady", status=False, reason="NetworkNotConfigured",
+                                      message=f"network = {self.config.network!r}: pods get loopback only")
+        else:
+            net = pb.RuntimeCondition(type="NetworkReady", status=self.network.ready,
+                                      reason="" if self.network.ready else "NetworkNotReady",
+                                      message=self.network.reason)
+        conditions = [pb.RuntimeCondition(type="RuntimeReady", status=True), net]
         handlers = [
             pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures(
                 recursive_read_only_mounts=False, user_namespaces=True))  # kubelet's own mappings: any

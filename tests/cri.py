@@ -22,9 +22,11 @@ class Server:
     others: a container's root reaches its root filesystem through the store's parents)."""
 
     def __init__(self, base: Path, *flags: str, config: Path | None = None, bpf_agent: bool = False,
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, netns: str | None = None) -> None:
         """BPF_AGENT: run the agent in the server (then ENV should point it at pins and a cgroup
-        root of the test's own, as bpf_helpers.make_agent does)."""
+        root of the test's own, as bpf_helpers.make_agent does). NETNS: a network namespace (a
+        path) the server runs in, the test's "node" (only the network namespace: its pins must
+        stay visible, so not `ip netns exec`, which also gives a mount namespace of its own)."""
         base.mkdir(parents=True, exist_ok=True)
         base.chmod(0o711)
         self.base, self.socket = base, base / "cri.sock"
@@ -35,6 +37,8 @@ class Server:
             argv += ["--config", str(config)]
         if not bpf_agent:
             argv.append("--no-bpf-agent")
+        if netns is not None:
+            argv = ["nsenter", f"--net={netns}", "--", *argv]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=open(self.log, "ab"),  # noqa: SIM115
                                      stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30

@@ -10,7 +10,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 FOLDERS = {name: f"stockade.{name}" for name in ("runtime", "bpf", "profiles", "cri")}
 
 # Layers, lowest first. A module may import its own layer and the layers below it.
-BASE = tuple(f"stockade.runtime.{name}" for name in ("errors", "_lite", "linux", "files"))
+BASE = tuple(f"stockade.runtime.{name}" for name in ("errors", "_lite", "linux", "files", "yamldoc"))
 CLIS = (
     "stockade.runtime.cli",
     "stockade.runtime.oci_cli",

@@ -1,0 +1,258 @@
+"""Tenant network rules as plain data: tenant policy files in, one nftables ruleset (libnftables
+JSON) out. Nothing here touches the kernel; network.py applies what `ruleset` returns in one
+transaction, so a rebuild from state is atomic and idempotent.
+
+A tenant policy, <policy_dir>/<tenant>.yaml:
+
+    egress:                       # what the tenant's pods may reach beyond the tenant
+      - cidr: 203.0.113.0/24
+        except: [203.0.113.7/32]
+        ports: [443, "8000-8100"] # none: every port
+        protocol: tcp             # tcp, udp or sctp; none: tcp and udp
+    ingress_from: [team-b]        # other tenants whose pods may reach this one's
+
+With no file a tenant gets the defaults: its own pods, replies, DNS to the resolvers its pods
+were given, and nothing else; the node reaches every pod (kubelet's probes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+
+from stockade.runtime._lite.dataclasses import dataclass, field
+from stockade.runtime.errors import SpecError
+from stockade.runtime.yamldoc import YamlDoc, ports
+
+TABLE = "stockade"
+BRIDGE_PREFIX = "stkt-"  # one bridge per tenant: stkt-<10 hex of the tenant's hash>
+VETH_PREFIX = "stkp-"  # the node's end of a pod's veth: stkp-<10 hex of the pod id>
+PROTOCOLS = ("tcp", "udp", "sctp")
+LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")  # the cloud metadata address among them
+
+
+@dataclass
+class Egress:
+    cidr: str
+    exceptions: list[str] = field(default_factory=list)
+    ports: list[tuple[int, int]] = field(default_factory=list)  # empty: every port
+    protocols: list[str] = field(default_factory=lambda: ["tcp", "udp"])
+
+
+@dataclass
+class Policy:
+    egress: list[Egress] = field(default_factory=list)
+    ingress_from: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HostPort:
+    host_port: int
+    pod_ip: str
+    container_port: int
+    protocol: str = "tcp"
+    host_ip: str = ""  # "": every node address
+
+
+@dataclass
+class Tenant:
+    name: str
+    subnet: str
+    policy: Policy = field(default_factory=Policy)
+    dns: list[str] = field(default_factory=list)  # resolvers its pods were given
+
+
+def bridge_name(tenant: str) -> str:
+    return BRIDGE_PREFIX + hashlib.sha256(tenant.encode()).hexdigest()[:10]
+
+
+def veth_name(pod_id: str) -> str:
+    return VETH_PREFIX + pod_id[:10]
+
+
+# -- policy files ------------------------------------------------------------------------------
+
+def parse_policy(text: str, source: str) -> Policy:
+    doc = YamlDoc(text, source)
+    if doc.root is None:
+        return Policy()
+    top = doc.mapping(doc.root, {"egress", "ingress_from"}, "the tenant policy")
+    policy = Policy()
+    for node in doc.seq(top["egress"], "egress") if "egress" in top else []:
+        policy.egress.append(_egress(doc, node))
+    for node in doc.seq(top["ingress_from"], "ingress_from") if "ingress_from" in top else []:
+        policy.ingress_from.append(doc.string(node, "a tenant in ingress_from"))
+    return policy
+
+
+def _egress(doc: YamlDoc, node) -> Egress:  # noqa: ANN001 - a YAML node
+    rule = doc.mapping(node, {"cidr", "except", "ports", "protocol"}, "an egress rule")
+    if "cidr" not in rule:
+        raise SpecError("an egress rule needs a cidr", where=doc.where(node), hint="cidr: 203.0.113.0/24")
+    cidr = _network(doc, rule["cidr"])
+    out = Egress(str(cidr))
+    for item in doc.seq(rule["except"], "except") if "except" in rule else []:
+        inner = _network(doc, item)
+        if not inner.subnet_of(cidr):
+            raise SpecError(f"except {inner} is not inside {cidr}", where=doc.where(item))
+        out.exceptions.append(str(inner))
+    if "ports" in rule:
+        out.ports = [ports(doc, item, "a port") for item in doc.seq(rule["ports"], "ports")]
+    if "protocol" in rule:
+        out.protocols = [doc.choice(rule["protocol"], PROTOCOLS, "protocol")]
+    return out
+
+
+def _network(doc: YamlDoc, node) -> ipaddress.IPv4Network:  # noqa: ANN001 - a YAML node
+    text = doc.string(node, "a CIDR")
+    try:
+        return ipaddress.IPv4Network(text)
+    except ValueError as exc:
+        raise SpecError(f"{text!r} is not an IPv4 CIDR: {exc}", where=doc.where(node),
+                        hint="e.g. 10.0.0.0/8, host bits zero") from None
+
+
+def load_policy(policy_dir: str, tenant: str) -> Policy:
+    """The tenant's policy file, or the defaults when it has none."""
+    path = os.path.join(policy_dir, f"{tenant}.yaml")
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return Policy()
+    return parse_policy(text, path)
+
+
+def node_allow(item: str, where: str) -> tuple[str, int, int, str]:
+    """"ADDR[/LEN]:PORT[-PORT]/PROTO" -> (network, lo, hi, protocol)."""
+    hint = 'e.g. "10.0.0.10:53/udp" or "10.0.0.0/24:8000-8100/tcp"'
+    try:
+        addr, _, rest = item.rpartition(":")
+        span, _, proto = rest.partition("/")
+        lo, _, hi = span.partition("-")
+        net = ipaddress.IPv4Network(addr)
+        low, high = int(lo), int(hi or lo)
+    except ValueError:
+        raise SpecError(f"node_allow entry {item!r} does not parse", where=where, hint=hint) from None
+    if proto not in PROTOCOLS or not 0 < low <= high <= 65535:
+        raise SpecError(f"node_allow entry {item!r}: protocol or ports", where=where, hint=hint)
+    return str(net), low, high, proto
+
+
+# -- the ruleset -------------------------------------------------------------------------------
+
+def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostports: list[HostPort]) -> list:
+    """libnftables JSON commands that replace the Stockade table with one built from state."""
+    table = {"family": "inet", "name": TABLE}
+    cmds: list = [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
+
+    def chain(name: str, **hook: object) -> None:
+        cmds.append({"add": {"chain": {"family": "inet", "table": TABLE, "name": name, **hook}}})
+
+    def rule(chain_name: str, *expr: dict, comment: str = "") -> None:
+        body = {"family": "inet", "table": TABLE, "chain": chain_name, "expr": list(expr)}
+        if comment:
+            body["comment"] = comment
+        cmds.append({"add": {"rule": body}})
+
+    from_pods = _match("meta", "iifname", BRIDGE_PREFIX + "*")
+    chain("pod_egress")
+    chain("pod_to_node")
+    chain("forward", type="filter", hook="forward", prio=-1, policy="accept")
+    rule("forward", _match("ct", "state", ["established", "related"]), {"accept": None})
+    for t in tenants:  # a tenant's own traffic, should br_netfilter show bridged packets here
+        own = _match("payload", ("ip", "saddr"), _prefix(t.subnet))
+        rule("forward", own, _daddr(t.subnet), {"accept": None})
+    rule("forward", from_pods, {"jump": {"target": "pod_egress"}})
+    chain("input", type="filter", hook="input", prio=-1, policy="accept")
+    rule("input", _match("ct", "state", ["established", "related"]), {"accept": None})
+    rule("input", from_pods, {"jump": {"target": "pod_to_node"}})
+    for item in node_allows:
+        net, lo, hi, proto = node_allow(item, "pod_network.node_allow")
+        rule("pod_to_node", _daddr(net), *_l4(proto, lo, hi), {"accept": None}, comment="node_allow")
+    for t in tenants:
+        tchain = f"tenant_{bridge_name(t.name)[len(BRIDGE_PREFIX):]}"
+        chain(tchain)
+        rule("pod_egress", _match("meta", "iifname", bridge_name(t.name)), {"jump": {"target": tchain}})
+        _tenant_rules(t, tenants, pod_cidr, lambda *e, comment="", c=tchain: rule(c, *e, comment=comment))
+        for server in t.dns:  # the resolvers kubelet gave its pods, wherever they are
+            for proto in ("udp", "tcp"):
+                rule("pod_to_node", _match("meta", "iifname", bridge_name(t.name)), _daddr(server),
+                     *_l4(proto, 53, 53), {"accept": None}, comment=f"dns {t.name}")
+    rule("pod_egress", {"counter": None}, {"drop": None}, comment="from no known tenant")
+    rule("pod_to_node", {"counter": None}, {"drop": None}, comment="pod to node")
+    _nat(cmds, chain, rule, pod_cidr, hostports)
+    return cmds
+
+
+def _tenant_rules(t: Tenant, tenants: list[Tenant], pod_cidr: str, rule) -> None:  # noqa: ANN001
+    accept, drop = {"accept": None}, [{"counter": None}, {"drop": None}]
+    rule(_daddr(t.subnet), accept, comment="own tenant")
+    for server in t.dns:  # as addressed: a Service address kube-proxy rewrote, a node-local cache
+        original = {"ct": {"key": "ip daddr", "dir": "original"}}
+        for proto in ("udp", "tcp"):
+            rule({"match": {"op": "==", "left": original, "right": server}}, *_l4(proto, 53, 53), accept,
+                 comment="dns")
+    rule(_daddr(str(LINK_LOCAL)), *drop, comment="link-local, metadata")
+    for other in tenants:
+        if other.name != t.name and t.name in other.policy.ingress_from:
+            rule(_daddr(other.subnet), accept, comment=f"{other.name} admits {t.name}")
+    rule(_daddr(pod_cidr), *drop, comment="other tenants")
+    for i, e in enumerate(t.policy.egress):
+        outside = [_match("payload", ("ip", "daddr"), _prefix(x), op="!=") for x in e.exceptions]
+        for proto in e.protocols:
+            for lo, hi in e.ports or [(0, 65535)]:
+                rule(_daddr(e.cidr), *outside, *_l4(proto, lo, hi), accept, comment=f"egress[{i}]")
+    rule(*drop, comment="egress default deny")
+
+
+def _nat(cmds: list, chain, rule, pod_cidr: str, hostports: list[HostPort]) -> None:  # noqa: ANN001
+    chain("postrouting", type="nat", hook="postrouting", prio=100, policy="accept")
+    rule("postrouting", _match("payload", ("ip", "saddr"), _prefix(pod_cidr)),
+         _match("payload", ("ip", "daddr"), _prefix(pod_cidr), op="!="),
+         _match("meta", "oifname", BRIDGE_PREFIX + "*", op="!="), {"masquerade": None}, comment="pods out")
+    # a hostPort reached from the node's own 127.0.0.1 leaves with that source: make it the bridge's
+    rule("postrouting", _match("payload", ("ip", "saddr"), _prefix("127.0.0.0/8")),
+         _match("payload", ("ip", "daddr"), _prefix(pod_cidr)), {"masquerade": None}, comment="hostport lo")
+    if not hostports:
+        return
+    chain("prerouting", type="nat", hook="prerouting", prio=-100, policy="accept")
+    chain("output", type="nat", hook="output", prio=-100, policy="accept")
+    for hp in hostports:
+        where = [_match("payload", ("ip", "daddr"), hp.host_ip)] if hp.host_ip else [
+            _match("fib", "daddr", "local")]
+        dnat = {"dnat": {"family": "ip", "addr": hp.pod_ip, "port": hp.container_port}}
+        for hook in ("prerouting", "output"):
+            rule(hook, *where, *_l4(hp.protocol, hp.host_port, hp.host_port), dnat,
+                 comment=f"hostport {hp.host_port}/{hp.protocol}")
+
+
+def _match(kind: str, key: object, right: object, op: str = "==") -> dict:
+    if kind == "payload":
+        protocol, fieldname = key  # type: ignore[misc]
+        left: dict = {"payload": {"protocol": protocol, "field": fieldname}}
+    elif kind == "fib":
+        left = {"fib": {"flags": [key], "result": "type"}}
+    else:
+        left = {kind: {"key": key}}
+    if kind == "ct":
+        op = "in"
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _prefix(cidr: str) -> object:
+    net = ipaddress.IPv4Network(cidr)
+    if net.prefixlen == 32:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _daddr(cidr: str) -> dict:
+    return _match("payload", ("ip", "daddr"), _prefix(cidr))
+
+
+def _l4(proto: str, lo: int, hi: int) -> list[dict]:
+    if (lo, hi) == (0, 65535):
+        return [_match("meta", "l4proto", proto)]
+    return [_match("payload", (proto, "dport"), lo if lo == hi else {"range": [lo, hi]})]

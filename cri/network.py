@@ -1,0 +1,209 @@
+"""Pod networking in the kernel (`network = "bridge"`): a bridge per tenant with the tenant's
+gateway address, a veth per pod (eth0 inside, its node end on the tenant's bridge), addresses
+from ipam, and the nftables ruleset netrules builds, rebuilt in one transaction whenever a pod
+comes or goes and at every start. All in the server's own network namespace, with pyroute2 and
+libnftables in this process: no command is run per pod.
+
+A bridge per tenant rather than one bridge with per-tenant rules: traffic between tenants is
+routed by the node, where the inet forward hook sees it, so segmentation needs no bridge-family
+rules and no br_netfilter; a tenant's own traffic stays on its bridge (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import socket
+import threading
+
+from stockade.runtime._lite.dataclasses import dataclass, field
+from stockade.runtime.errors import StockadeError
+
+from . import netrules
+from .ipam import Ipam
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .config import Config
+
+log = logging.getLogger("stockade.cri")
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class NetworkError(StockadeError):
+    """The kernel refused a step of a pod's network (the step and its errno say which)."""
+
+
+@dataclass
+class PodNet:
+    """What the network needs to know about a pod (pods.Pod carries it)."""
+
+    id: str
+    tenant: str
+    netns: str  # the pinned network namespace
+    dns: list[str] = field(default_factory=list)
+    hostports: list[list] = field(default_factory=list)  # [host_port, container_port, protocol, host_ip]
+    ip: str = ""
+
+
+class Network:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ipam = Ipam(os.path.join(config.state_dir, "network"), config.net.pod_cidr,
+                         config.net.tenant_prefix)
+        self.lock = threading.RLock()
+        self.ready, self.reason = False, "not started"
+
+    # -- lifecycle
+
+    def start(self, pods: Callable[[], list[PodNet]]) -> None:
+        """At server start: forwarding on, leftovers of pods that are gone removed, the rules
+        rebuilt from the pods that are."""
+        self.pods = pods
+        _sysctl("net/ipv4/ip_forward", "1")
+        with self.lock:
+            alive = {p.id for p in pods()}
+            for pod_id in {owner for owner in self.ipam.leases().values()} - alive:
+                self.ipam.release(pod_id)
+            with _iproute() as ipr:
+                for link in ipr.get_links():
+                    name = link.get_attr("IFLA_IFNAME")
+                    if name.startswith(netrules.VETH_PREFIX) and not any(
+                            netrules.veth_name(p) == name for p in alive):
+                        ipr.link("del", index=link["index"])
+            self._rebuild()
+        self.ready, self.reason = True, ""
+
+    def attach(self, pod: PodNet) -> str:
+        """The pod's eth0, address and default route; its tenant's bridge and rules. Undone
+        entirely when a step fails."""
+        with self.lock:
+            try:
+                address, gateway = self.ipam.lease(pod.tenant, pod.id)
+                pod.ip = str(address.ip)
+                bridge = self._bridge(pod.tenant, f"{gateway}/{address.network.prefixlen}")
+                self._veth(pod, bridge, str(address), str(gateway))
+                self._rebuild(extra=pod)
+            except BaseException:
+                self.detach(pod)
+                raise
+        return pod.ip
+
+    def detach(self, pod: PodNet) -> None:
+        """Everything attach made for the pod; what is already gone is fine (kubelet retries)."""
+        with self.lock:
+            with _iproute() as ipr:
+                found = ipr.link_lookup(ifname=netrules.veth_name(pod.id))
+                if found:
+                    ipr.link("del", index=found[0])
+            self.ipam.release(pod.id)
+            others = [p for p in self._live() if p.id != pod.id]
+            if not any(p.tenant == pod.tenant for p in others):
+                self._drop_bridge(pod.tenant)
+            self._rebuild(without=pod.id)
+
+    # -- steps
+
+    def _bridge(self, tenant: str, gateway: str) -> str:
+        name = netrules.bridge_name(tenant)
+        with _iproute() as ipr:
+            if not ipr.link_lookup(ifname=name):
+                ipr.link("add", ifname=name, kind="bridge")
+            index = ipr.link_lookup(ifname=name)[0]
+            address, prefix = gateway.split("/")
+            if not any(a.get_attr("IFA_ADDRESS") == address for a in ipr.get_addr(index=index)):
+                ipr.addr("add", index=index, address=address, prefixlen=int(prefix))
+            ipr.link("set", index=index, state="up")
+        _sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")  # hostPorts reached from 127.0.0.1
+        return name
+
+    def _drop_bridge(self, tenant: str) -> None:
+        with _iproute() as ipr:
+            found = ipr.link_lookup(ifname=netrules.bridge_name(tenant))
+            if found:
+                ipr.link("del", index=found[0])
+
+    def _veth(self, pod: PodNet, bridge: str, address: str, gateway: str) -> None:
+        host, peer = netrules.veth_name(pod.id), "stkq-" + pod.id[:10]
+        netns = os.open(pod.netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with _iproute() as ipr:
+                ipr.link("add", ifname=host, kind="veth", peer=peer)
+                master = ipr.link_lookup(ifname=bridge)[0]
+                index = ipr.link_lookup(ifname=host)[0]
+                ipr.link("set", index=index, master=master, state="up")
+                ipr.link("set", index=ipr.link_lookup(ifname=peer)[0], net_ns_fd=netns)
+            with _iproute(netns) as inside:
+                index = inside.link_lookup(ifname=peer)[0]
+                inside.link("set", index=index, ifname="eth0")
+                ip, prefix = address.split("/")
+                inside.addr("add", index=index, address=ip, prefixlen=int(prefix))
+                inside.link("set", index=index, state="up")
+                inside.route("add", dst="0.0.0.0/0", gateway=gateway)
+        finally:
+            os.close(netns)
+
+    def _live(self) -> list[PodNet]:
+        return [p for p in self.pods() if p.ip]
+
+    def _rebuild(self, extra: PodNet | None = None, without: str = "") -> None:
+        pods = [p for p in self._live() if p.id != without and (extra is None or p.id != extra.id)]
+        pods += [extra] if extra is not None else []
+        subnets = self.ipam.tenants()
+        tenants = []
+        for name in sorted({p.tenant for p in pods}):
+            dns = sorted({s for p in pods if p.tenant == name for s in p.dns if ":" not in s})
+            policy = netrules.load_policy(self.config.net.policy_dir, name)
+            tenants.append(netrules.Tenant(name, str(subnets[name]), policy, dns))
+        hostports = [netrules.HostPort(hp[0], p.ip, hp[1], hp[2], hp[3]) for p in pods for hp in p.hostports]
+        apply(netrules.ruleset(tenants, self.config.net.pod_cidr, self.config.net.node_allow, hostports))
+
+
+def apply(commands: list) -> None:
+    """One libnftables transaction: all of it or nothing."""
+    import nftables
+
+    nft = nftables.Nftables()
+    rc, _, err = nft.json_cmd({"nftables": [{"metainfo": {"json_schema_version": 1}}, *commands]})
+    if rc != 0:
+        raise NetworkError(f"nftables refused the ruleset: {err.strip()}",
+                           where=f"table inet {netrules.TABLE}")
+
+
+def remove_rules() -> None:
+    table = {"family": "inet", "name": netrules.TABLE}
+    apply([{"add": {"table": table}}, {"delete": {"table": table}}])
+
+
+def _iproute(netns_fd: int | None = None):  # noqa: ANN202 - a pyroute2 IPRoute
+    """IPRoute on a netlink socket of the server's network namespace or of NETNS_FD's: a thread
+    enters the namespace only to open the socket (setns changes the calling thread alone)."""
+    from pyroute2 import IPRoute
+
+    if netns_fd is None:
+        return IPRoute()
+    box: dict = {}
+
+    def open_inside() -> None:
+        try:
+            if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns into the pod's network namespace")
+            box["sock"] = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
+        except OSError as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=open_inside, name="netns-socket")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise NetworkError(f"cannot enter the pod's network namespace: {box['error']}", where="netns")
+    return IPRoute(use_socket=box["sock"])
+
+
+def _sysctl(key: str, value: str) -> None:
+    with open(f"/proc/sys/{key}", "w") as f:
+        f.write(value)

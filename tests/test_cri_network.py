@@ -1,0 +1,225 @@
+"""Tenant networking (network = "bridge"), tested inside a "node" network namespace of the test's
+own: the server runs there with its bridges and nft table, an "ext" namespace behind it stands
+for the world beyond the node (an egress target and the cloud metadata address), and every
+probe runs in a pod's or the node's namespace. The host's own namespace is never touched;
+deleting the two namespaces removes every kernel object the server made there."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cri_api.v1 import api_pb2 as pb
+from kernel import needs_root, require  # noqa: F401 (needs_root: a fixture, used by name)
+
+from cri import Server, fast_tmp
+
+pytestmark = pytest.mark.usefixtures("needs_root")
+
+PROBE = str(Path(__file__).parent / "netprobe.py")
+TCP, UDP = 8080, 8081
+POD_CIDR = "10.213.0.0/16"
+EXT_ALLOWED, EXT_OTHER, METADATA = ("192.0.2.2", 9000), ("192.0.2.2", 9001), "169.254.169.254"
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+class Node:
+    """The node namespace, the ext namespace behind it, and listeners started in either or in pods."""
+
+    def __init__(self) -> None:
+        tag = os.urandom(3).hex()
+        self.name, self.ext = f"stk-node-{tag}", f"stk-ext-{tag}"
+        self.listeners: list[subprocess.Popen] = []
+        for ns in (self.name, self.ext):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.name, "link", "add", "to-ext", "type", "veth", "peer", "name", "to-node",
+           "netns", self.ext)
+        sh("ip", "-n", self.name, "addr", "add", "192.0.2.1/24", "dev", "to-ext")
+        sh("ip", "-n", self.name, "link", "set", "to-ext", "up")
+        sh("ip", "-n", self.ext, "addr", "add", "192.0.2.2/24", "dev", "to-node")
+        sh("ip", "-n", self.ext, "addr", "add", f"{METADATA}/32", "dev", "lo")
+        sh("ip", "-n", self.ext, "link", "set", "to-node", "up")
+        sh("ip", "-n", self.name, "route", "add", f"{METADATA}/32", "via", "192.0.2.2")
+        self.path = f"/run/netns/{self.name}"
+
+    def listen(self, netns: str, tcp: int = TCP, udp: int = UDP) -> None:
+        argv = ["nsenter", f"--net={netns}", sys.executable, PROBE, "serve", str(tcp), str(udp)]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        self.listeners.append(proc)
+
+    def remove(self) -> None:
+        for proc in self.listeners:
+            proc.kill()
+            proc.wait()
+        for ns in (self.name, self.ext):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def reach(netns: str, targets: list[tuple[str, str, int]]) -> list[bool]:
+    out = sh("nsenter", f"--net={netns}", sys.executable, PROBE, "probe", json.dumps(targets))
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[Node]:
+    require(shutil.which("conmon"), "conmon (setup)")
+    require(shutil.which("nsenter"), "nsenter (util-linux)")
+    n = Node()
+    yield n
+    n.remove()
+    assert n.name not in sh("ip", "netns", "list")
+
+
+@pytest.fixture(scope="module")
+def server(node: Node) -> Iterator[Server]:
+    base = fast_tmp()
+    policies = base / "tenants"
+    policies.mkdir()
+    (policies / "team-a.yaml").write_text(
+        f"egress:\n  - cidr: {EXT_ALLOWED[0]}/32\n    ports: [{EXT_ALLOWED[1]}]\n    protocol: tcp\n")
+    config = base / "stockade.toml"
+    config.write_text(f'[stockade]\nnetwork = "bridge"\ndefault_handler = "plain"\n'
+                      f'[stockade.handlers.plain]\nprofile = "runtime-default"\nallow_degraded = true\n'
+                      f'[stockade.pod_network]\npod_cidr = "{POD_CIDR}"\npolicy_dir = "{policies}"\n')
+    srv = Server(base, config=config, netns=node.path)
+    yield srv
+    srv.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def run_pod(server: Server, name: str, namespace: str, **config) -> tuple[str, str, str]:  # noqa: ANN003
+    """(pod id, its address, its pinned network namespace)."""
+    metadata = pb.PodSandboxMetadata(name=name, namespace=namespace, uid=f"uid-{name}")
+    cfg = pb.PodSandboxConfig(metadata=metadata, hostname=name, **config)
+    pod_id = server.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg)).pod_sandbox_id
+    status = server.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
+    return pod_id, status.network.ip, str(server.base / "state/pods" / pod_id / "ns/network")
+
+
+def remove_pod(server: Server, pod_id: str) -> None:
+    server.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    server.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+
+def every_protocol(pods: list[tuple[str, str, str]]) -> list[tuple[str, str, int]]:
+    return [(p, ip, UDP if p == "udp" else TCP) for _, ip, _ in pods for p in ("tcp", "udp", "icmp")]
+
+
+def rules(node: Node) -> str:
+    return sh("nsenter", f"--net={node.path}", "nft", "list", "table", "inet", "stockade")
+
+
+def links(node: Node) -> set[str]:
+    listing = sh("ip", "-n", node.name, "-o", "link").splitlines()
+    return {line.split(":")[1].strip().split("@")[0] for line in listing}
+
+
+def test_network_ready_and_the_reachability_matrix(server: Server, node: Node) -> None:
+    """Three pods in two tenants: TCP, UDP and ICMP allowed inside a tenant, refused across
+    tenants and to the node; the metadata address refused; the node reaches every pod; the
+    egress rule of team-a opens exactly 192.0.2.2:9000/tcp, and only for team-a."""
+    conditions = server.runtime.Status(pb.StatusRequest()).status.conditions
+    assert [(c.type, c.status) for c in conditions] == [("RuntimeReady", True), ("NetworkReady", True)]
+    pods = [run_pod(server, name, ns) for name, ns in (("a1", "team-a"), ("a2", "team-a"), ("b1", "team-b"))]
+    try:
+        for _, ip, netns in pods:
+            assert ip.startswith("10.213.")
+            node.listen(netns)
+        node.listen(node.path)  # the node's own addresses answer too, when anything reaches them
+        node.listen(f"/run/netns/{node.ext}", EXT_ALLOWED[1], EXT_ALLOWED[1])
+        node.listen(f"/run/netns/{node.ext}", EXT_OTHER[1], EXT_OTHER[1])
+        gateway_a = pods[0][1].rsplit(".", 1)[0] + ".1"
+        for i, (_, _, netns) in enumerate(pods):
+            got = reach(netns, every_protocol(pods))
+            same = [j < 2 if i < 2 else j == 2 for j in range(3)]
+            assert got == [s for s in same for _ in range(3)], (i, got)
+            to_node = reach(netns, [("tcp", gateway_a, TCP), ("udp", "192.0.2.1", UDP),
+                                    ("icmp", "192.0.2.1", 0), ("tcp", METADATA, TCP), ("icmp", METADATA, 0)])
+            assert to_node == [False] * 5, (i, to_node)
+            egress = reach(netns, [("tcp", *EXT_ALLOWED), ("tcp", *EXT_OTHER), ("udp", *EXT_ALLOWED)])
+            assert egress == ([True, False, False] if i < 2 else [False, False, False]), (i, egress)
+        assert reach(node.path, every_protocol(pods)) == [True] * 9
+    finally:
+        for pod_id, _, _ in pods:
+            remove_pod(server, pod_id)
+
+
+def test_removing_a_pod_removes_its_link_address_and_rules(server: Server, node: Node) -> None:
+    pod_id, ip, _ = run_pod(server, "gone", "team-c")
+    before = links(node)
+    assert any(n.startswith("stkp-") for n in before) and any(n.startswith("stkt-") for n in before)
+    assert "tenant_" in rules(node)
+    remove_pod(server, pod_id)
+    remove_pod(server, pod_id)  # kubelet retries: fine
+    after = links(node)
+    assert not any(n.startswith(("stkp-", "stkt-")) for n in after), after
+    assert not (server.base / "state/network/addrs" / ip).exists()
+    assert "tenant_" not in rules(node)
+
+
+def test_fifty_pods_get_fifty_addresses(server: Server, node: Node) -> None:
+    pods = [run_pod(server, f"many-{i}", "team-many") for i in range(50)]
+    try:
+        addresses = [ip for _, ip, _ in pods]
+        assert len(set(addresses)) == 50 and all(addresses)
+        leases = {p.name: p.read_text() for p in (server.base / "state/network/addrs").iterdir()}
+        assert {leases[ip] for ip in addresses} == {pod_id for pod_id, _, _ in pods}
+    finally:
+        for pod_id, _, _ in pods:
+            remove_pod(server, pod_id)
+    assert list((server.base / "state/network/addrs").iterdir()) == []
+
+
+def test_a_host_port_reaches_its_pod_from_the_nodes_loopback(server: Server, node: Node) -> None:
+    mapping = pb.PortMapping(protocol=pb.TCP, container_port=TCP, host_port=18080)
+    udp = pb.PortMapping(protocol=pb.UDP, container_port=UDP, host_port=18081)
+    pod_id, _, netns = run_pod(server, "web", "team-d", port_mappings=[mapping, udp])
+    try:
+        node.listen(netns)
+        assert reach(node.path, [("tcp", "127.0.0.1", 18080), ("udp", "127.0.0.1", 18081),
+                                 ("tcp", "192.0.2.1", 18080)]) == [True, True, True]
+    finally:
+        remove_pod(server, pod_id)
+    assert reach(node.path, [("tcp", "127.0.0.1", 18080)]) == [False]
+
+
+def test_a_killed_server_keeps_every_rule_and_address(node: Node, server: Server) -> None:
+    """SIGKILL, then a new server on the same state: the pods' addresses, links and rules are
+    as they were (a cross-tenant probe is still refused, a same-tenant one still answered),
+    and the next pod gets an address no other has."""
+    a, b, c = (run_pod(server, name, ns) for name, ns in (("k1", "team-k"), ("k2", "team-k"),
+                                                          ("k3", "team-l")))
+    for _, _, netns in (a, b, c):
+        node.listen(netns)
+    table = rules(node)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    argv = json.loads(json.dumps(server.proc.args))
+    restarted = Server(server.base, config=Path(argv[argv.index("--config") + 1]), netns=node.path)
+    server.__dict__.update(restarted.__dict__)  # the module's other tests go on with this one
+    time.sleep(0.2)
+    assert _without_counters(rules(node)) == _without_counters(table)
+    assert reach(a[2], [("tcp", b[1], TCP), ("tcp", c[1], TCP)]) == [True, False]
+    d = run_pod(server, "k4", "team-k")
+    assert d[1] not in {a[1], b[1], c[1]}
+    for pod_id, _, _ in (a, b, c, d):
+        remove_pod(server, pod_id)
+
+
+def _without_counters(text: str) -> str:
+    import re
+
+    return re.sub(r"counter packets \d+ bytes \d+", "counter", text)
