@@ -62,6 +62,10 @@ def code_of(exc: StockadeError) -> grpc.StatusCode:
     if isinstance(exc, RegistryError):
         return {404: grpc.StatusCode.NOT_FOUND, 401: grpc.StatusCode.UNAUTHENTICATED,
                 403: grpc.StatusCode.PERMISSION_DENIED}.get(exc.status, grpc.StatusCode.UNAVAILABLE)
+    from .ipam import Exhausted
+
+    if isinstance(exc, Exhausted):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, (ContainerError, NotSupported)):  # the state, or what this host can enforce
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, SpecError):

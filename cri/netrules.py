@@ -174,7 +174,8 @@ def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostpo
     for t in tenants:
         tchain = f"tenant_{bridge_name(t.name)[len(BRIDGE_PREFIX):]}"
         chain(tchain)
-        rule("pod_egress", _match("meta", "iifname", bridge_name(t.name)), {"jump": {"target": tchain}})
+        rule("pod_egress", _match("meta", "iifname", bridge_name(t.name)), {"jump": {"target": tchain}},
+             comment=t.name)  # doctor names the tenant chains by it
         _tenant_rules(t, tenants, pod_cidr, lambda *e, comment="", c=tchain: rule(c, *e, comment=comment))
         for server in t.dns:  # the resolvers kubelet gave its pods, wherever they are
             for proto in ("udp", "tcp"):
@@ -256,3 +257,26 @@ def _l4(proto: str, lo: int, hi: int) -> list[dict]:
     if (lo, hi) == (0, 65535):
         return [_match("meta", "l4proto", proto)]
     return [_match("payload", (proto, "dport"), lo if lo == hi else {"range": [lo, hi]})]
+
+
+def summary(listing: dict) -> dict[str, dict[str, int]]:
+    """From `nft -j list table inet stockade`: {tenant: {"rules": n, "denied": packets}} and, as
+    "(node)", the pod-to-node chain's."""
+    items = listing.get("nftables", [])
+    rules = [i["rule"] for i in items if "rule" in i]
+    names = {}
+    for r in rules:
+        jump = next((e["jump"]["target"] for e in r["expr"] if "jump" in e), "")
+        if r["chain"] == "pod_egress" and jump.startswith("tenant_"):
+            names[jump] = r.get("comment", jump)
+    names["pod_to_node"] = "(node)"
+    out: dict[str, dict[str, int]] = {}
+    for r in rules:
+        if r["chain"] not in names:
+            continue
+        entry = out.setdefault(names[r["chain"]], {"rules": 0, "denied": 0})
+        entry["rules"] += 1
+        if any("drop" in e for e in r["expr"]):
+            counters = [e["counter"] or {} for e in r["expr"] if "counter" in e]
+            entry["denied"] += sum(c.get("packets", 0) for c in counters)
+    return out

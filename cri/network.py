@@ -18,7 +18,7 @@ import socket
 import threading
 
 from stockade.runtime._lite.dataclasses import dataclass, field
-from stockade.runtime.errors import StockadeError
+from stockade.runtime.errors import SpecError, StockadeError
 
 from . import netrules
 from .ipam import Ipam
@@ -57,6 +57,7 @@ class Network:
                          config.net.tenant_prefix)
         self.lock = threading.RLock()
         self.ready, self.reason = False, "not started"
+        self.policies: dict[str, netrules.Policy] = {}  # the last good one of each tenant
 
     # -- lifecycle
 
@@ -64,8 +65,15 @@ class Network:
         """At server start: forwarding on, leftovers of pods that are gone removed, the rules
         rebuilt from the pods that are."""
         self.pods = pods
+        _refuse_overlap(self.ipam.net)
         _sysctl("net/ipv4/ip_forward", "1")
         with self.lock:
+            broken = []
+            for tenant in {p.tenant for p in pods()}:
+                try:
+                    self.policies[tenant] = netrules.load_policy(self.config.net.policy_dir, tenant)
+                except StockadeError as exc:  # its pods keep the defaults: the strictest there is
+                    broken.append(str(exc))
             alive = {p.id for p in pods()}
             for pod_id in {owner for owner in self.ipam.leases().values()} - alive:
                 self.ipam.release(pod_id)
@@ -76,12 +84,15 @@ class Network:
                             netrules.veth_name(p) == name for p in alive):
                         ipr.link("del", index=link["index"])
             self._rebuild()
-        self.ready, self.reason = True, ""
+        self.ready, self.reason = not broken, "; ".join(broken)
 
     def attach(self, pod: PodNet) -> str:
         """The pod's eth0, address and default route; its tenant's bridge and rules. Undone
         entirely when a step fails."""
         with self.lock:
+            # read whenever a pod of the tenant comes: a file that does not parse fails this pod
+            # (naming file and line), not the tenants' pods already running
+            self.policies[pod.tenant] = netrules.load_policy(self.config.net.policy_dir, pod.tenant)
             try:
                 address, gateway = self.ipam.lease(pod.tenant, pod.id)
                 pod.ip = str(address.ip)
@@ -157,7 +168,7 @@ class Network:
         tenants = []
         for name in sorted({p.tenant for p in pods}):
             dns = sorted({s for p in pods if p.tenant == name for s in p.dns if ":" not in s})
-            policy = netrules.load_policy(self.config.net.policy_dir, name)
+            policy = self.policies.get(name) or netrules.Policy()
             tenants.append(netrules.Tenant(name, str(subnets[name]), policy, dns))
         hostports = [netrules.HostPort(hp[0], p.ip, hp[1], hp[2], hp[3]) for p in pods for hp in p.hostports]
         apply(netrules.ruleset(tenants, self.config.net.pod_cidr, self.config.net.node_allow, hostports))
@@ -202,6 +213,20 @@ def _iproute(netns_fd: int | None = None):  # noqa: ANN202 - a pyroute2 IPRoute
     if "error" in box:
         raise NetworkError(f"cannot enter the pod's network namespace: {box['error']}", where="netns")
     return IPRoute(use_socket=box["sock"])
+
+
+def _refuse_overlap(pod_cidr) -> None:  # noqa: ANN001 - an IPv4Network
+    """Pod addresses must not shadow the node's own (a route to them would go to the pods)."""
+    import ipaddress
+
+    with _iproute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for addr in ipr.get_addr(family=socket.AF_INET):
+            name, ip = names.get(addr["index"], "?"), addr.get_attr("IFA_ADDRESS")
+            net = ipaddress.IPv4Network(f"{ip}/{addr['prefixlen']}", strict=False)
+            if not name.startswith(netrules.BRIDGE_PREFIX) and net.overlaps(pod_cidr) and not net.is_loopback:
+                raise SpecError(f"pod_cidr {pod_cidr} overlaps {ip}/{addr['prefixlen']} on {name}",
+                                where="pod_network.pod_cidr", hint="choose addresses the node does not use")
 
 
 def _sysctl(key: str, value: str) -> None:

@@ -318,6 +318,33 @@ def check_nftables(report: Report) -> None:
         )
 
 
+def check_tenant_network(report: Report, cri_config: str | None) -> None:
+    """The CRI server's network backend and, in this network namespace, its tenants' rules."""
+    from stockade.cri import config as cri
+    from stockade.cri import netrules
+    from stockade.runtime.errors import StockadeError
+
+    try:
+        backend = cri.load(cri_config, explicit=cri_config is not None).network
+    except StockadeError as exc:
+        report.checks.append(Check("tenant network", MISSING, str(exc), "fix the CRI configuration"))
+        return
+    if backend == "none":
+        report.checks.append(Check("tenant network", INFO, "network = \"none\": pods get loopback only",
+                                   'network = "bridge" in /etc/stockade/stockade.toml'))
+        return
+    listing = ["nft", "-j", "list", "table", "inet", netrules.TABLE]
+    proc = subprocess.run(listing, capture_output=True, text=True)
+    if proc.returncode != 0:
+        report.checks.append(Check("tenant network", DEGRADED, f"{backend}: no Stockade nft table here",
+                                   "start stockade cri serve (run doctor in its network namespace)"))
+        return
+    tenants = netrules.summary(json.loads(proc.stdout))
+    detail = "; ".join(f"{name}: {t['rules']} rules, {t['denied']} packets denied"
+                       for name, t in sorted(tenants.items()))
+    report.checks.append(Check("tenant network", OK, f"{backend}: {len(tenants) - 1} tenants ({detail})"))
+
+
 def check_bpffs(report: Report) -> None:
     mounted = any(
         line.split()[2] == "bpf"
@@ -406,7 +433,7 @@ def layers(report: Report, v2: list[str]) -> list[Layer]:
     return out
 
 
-def diagnose() -> Report:
+def diagnose(cri_config: str | None = None) -> Report:
     report = Report(kernel=f"{platform.release()} {platform.version()}")
     report.checks.append(Check("kernel", INFO, platform.release()))
     lsms = check_lsm(report)
@@ -419,6 +446,7 @@ def diagnose() -> Report:
     check_overlay(report)
     check_nftables(report)
     check_bpffs(report)
+    check_tenant_network(report, cri_config)
     report.layers = layers(report, v2)
     return report
 
@@ -446,8 +474,9 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--strict", action="store_true", help="exit 1 unless every layer is available")
+    parser.add_argument("--cri-config", help="the CRI server configuration (/etc/stockade/stockade.toml)")
     args = parser.parse_args(argv)
-    report = diagnose()
+    report = diagnose(args.cri_config)
     if args.json:
         lab = [{"kernel": kernel, "offers": offers} for kernel, offers in LAB_KERNELS]
         print(json.dumps(dict(asdict(report), lab_kernels=lab), indent=2))

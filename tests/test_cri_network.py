@@ -16,11 +16,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from cri_api.v1 import api_pb2 as pb
 from kernel import needs_root, require  # noqa: F401 (needs_root: a fixture, used by name)
 
-from cri import Server, fast_tmp
+from cri import STOCKADE, Server, fast_tmp
 
 pytestmark = pytest.mark.usefixtures("needs_root")
 
@@ -152,6 +153,13 @@ def test_network_ready_and_the_reachability_matrix(server: Server, node: Node) -
             egress = reach(netns, [("tcp", *EXT_ALLOWED), ("tcp", *EXT_OTHER), ("udp", *EXT_ALLOWED)])
             assert egress == ([True, False, False] if i < 2 else [False, False, False]), (i, egress)
         assert reach(node.path, every_protocol(pods)) == [True] * 9
+        # `stockade doctor` in the node's namespace: the backend, the tenants, their denials counted
+        out = sh("nsenter", f"--net={node.path}", STOCKADE, "doctor", "--json", "--cri-config",
+                 str(server.base / "stockade.toml"))
+        check = next(c for c in json.loads(out)["checks"] if c["name"] == "tenant network")
+        assert check["status"] == "ok" and check["detail"].startswith("bridge: 2 tenants"), check
+        counts = {part.split(":")[0].strip(): part for part in check["detail"].split("(", 1)[1].split(";")}
+        assert "packets denied" in counts["team-a"] and " 0 packets" not in counts["team-a"], counts
     finally:
         for pod_id, _, _ in pods:
             remove_pod(server, pod_id)
@@ -223,3 +231,59 @@ def _without_counters(text: str) -> str:
     import re
 
     return re.sub(r"counter packets \d+ bytes \d+", "counter", text)
+
+
+def test_bad_input_leaves_nothing(server: Server, node: Node) -> None:
+    """A tenant policy that does not parse fails that tenant's new pod with the file and line,
+    leaving no link, address, rule or record; a pod whose network namespace vanished is still
+    removed, its address freed."""
+    from cri import status_code
+
+    bad = Path(server.base / "tenants" / "team-bad.yaml")
+    bad.write_text("egress:\n  - cidr: 10.0.0.0/8\n    portz: [80]\n")
+    before = links(node)
+    metadata = pb.PodSandboxMetadata(name="bad", namespace="team-bad", uid="uid-bad")
+    code, message = status_code(server.runtime.RunPodSandbox,
+                                pb.RunPodSandboxRequest(config=pb.PodSandboxConfig(metadata=metadata)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "team-bad.yaml:3" in message and "portz" in message
+    assert links(node) == before and "team-bad" not in rules(node)
+    assert server.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items == []
+    assert list((server.base / "state/network/addrs").iterdir()) == []
+    bad.unlink()
+
+    pod_id, ip, netns = run_pod(server, "vanish", "team-v")
+    subprocess.run(["umount", netns], check=True)  # its namespace is gone (no process held it)
+    remove_pod(server, pod_id)
+    assert not (server.base / "state/network/addrs" / ip).exists()
+    assert not any(n.startswith(("stkp-", "stkt-")) for n in links(node))
+
+
+def test_an_exhausted_range_and_an_overlapping_pod_cidr(tmp_path: Path) -> None:
+    """tenant_prefix 29: five pods per tenant, the sixth RESOURCE_EXHAUSTED with nothing made;
+    a pod_cidr over an address the node has keeps the server from starting, saying which."""
+    from cri import status_code
+
+    node = Node()
+    base = fast_tmp()
+    try:
+        config = base / "stockade.toml"
+        config.write_text('[stockade]\nnetwork = "bridge"\n'
+                          '[stockade.pod_network]\npod_cidr = "10.214.0.0/24"\ntenant_prefix = 29\n')
+        srv = Server(base, config=config, netns=node.path)
+        try:
+            pods = [run_pod(srv, f"p{i}", "team-x") for i in range(5)]
+            metadata = pb.PodSandboxMetadata(name="p5", namespace="team-x", uid="uid-p5")
+            code, message = status_code(srv.runtime.RunPodSandbox,
+                                        pb.RunPodSandboxRequest(config=pb.PodSandboxConfig(metadata=metadata)))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "no free address" in message, message
+            assert sum(n.startswith("stkp-") for n in links(node)) == 5
+            for pod_id, _, _ in pods:
+                remove_pod(srv, pod_id)
+        finally:
+            assert srv.stop() == 0
+        sh("ip", "-n", node.name, "addr", "add", "10.214.0.77/24", "dev", "lo")
+        with pytest.raises(AssertionError, match="pod_cidr 10.214.0.0/24 overlaps 10.214.0.77/24 on lo"):
+            Server(base, config=config, netns=node.path)
+    finally:
+        node.remove()
+        shutil.rmtree(base, ignore_errors=True)
