@@ -67,6 +67,13 @@ class Ipam:
         raise Exhausted(f"every /{self.prefix} of {self.net} has a tenant", where="pod_network.pod_cidr",
                         hint="a larger pod_cidr or a longer tenant_prefix")
 
+    def release_tenant(self, tenant: str) -> None:
+        """Free the tenant's subnet (its last pod is gone, its leases with it)."""
+        for name in os.listdir(self.tenant_dir):
+            path = os.path.join(self.tenant_dir, name)
+            if name.isdigit() and _read(path) == tenant:
+                os.unlink(path)
+
     # -- addresses
 
     def lease(self, tenant: str, pod_id: str) -> tuple[ipaddress.IPv4Interface, ipaddress.IPv4Address]:

@@ -77,6 +77,8 @@ class Network:
             alive = {p.id for p in pods()}
             for pod_id in {owner for owner in self.ipam.leases().values()} - alive:
                 self.ipam.release(pod_id)
+            for tenant in set(self.ipam.tenants()) - {p.tenant for p in pods()}:
+                self.ipam.release_tenant(tenant)
             with _iproute() as ipr:
                 for link in ipr.get_links():
                     name = link.get_attr("IFLA_IFNAME")
@@ -85,6 +87,21 @@ class Network:
                         ipr.link("del", index=link["index"])
             self._rebuild()
         self.ready, self.reason = not broken, "; ".join(broken)
+
+    def set_pod_cidr(self, cidr: str) -> None:
+        """kubelet's podCIDR (UpdateRuntimeConfig), taken while no tenant has a subnet yet: the
+        addresses already handed out decide otherwise (logged)."""
+        with self.lock:
+            if cidr == str(self.ipam.net):
+                return
+            if self.ipam.tenants():
+                log.warning("pod CIDR %s from kubelet not taken: pods use %s", cidr, self.ipam.net)
+                return
+            ipam = Ipam(os.path.join(self.config.state_dir, "network"), cidr, self.config.net.tenant_prefix)
+            _refuse_overlap(ipam.net)
+            self.ipam, self.config.net.pod_cidr = ipam, cidr
+            self._rebuild()
+            log.info("pod addresses now come from %s", cidr)
 
     def attach(self, pod: PodNet) -> str:
         """The pod's eth0, address and default route; its tenant's bridge and rules. Undone
@@ -115,6 +132,7 @@ class Network:
             others = [p for p in self._live() if p.id != pod.id]
             if not any(p.tenant == pod.tenant for p in others):
                 self._drop_bridge(pod.tenant)
+                self.ipam.release_tenant(pod.tenant)  # a namespace that comes and goes takes none for good
             self._rebuild(without=pod.id)
 
     # -- steps

@@ -118,6 +118,9 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
             with self.lock:
                 self.pod_cidr = cidr
             log.info("pod CIDR is now %s", cidr)
+            v4 = [part.strip() for part in cidr.split(",") if ":" not in part]
+            if self.network is not None and v4:
+                self.network.set_pod_cidr(v4[0])
         return pb.UpdateRuntimeConfigResponse()
 
     # -- pod sandboxes

@@ -233,6 +233,27 @@ def _without_counters(text: str) -> str:
     return re.sub(r"counter packets \d+ bytes \d+", "counter", text)
 
 
+def test_kubelets_pod_cidr_is_taken_while_no_pod_has_an_address(server: Server, node: Node) -> None:
+    """UpdateRuntimeConfig with the node's podCIDR: the next pod's address comes from it; back
+    to the configured one afterwards (the module's other tests expect it)."""
+    def update(cidr: str) -> None:
+        config = pb.RuntimeConfig(network_config=pb.NetworkConfig(pod_cidr=cidr))
+        server.runtime.UpdateRuntimeConfig(pb.UpdateRuntimeConfigRequest(runtime_config=config))
+
+    assert list((server.base / "state/network/tenants").iterdir()) == []  # every tenant's subnet freed
+    update("10.216.0.0/16,fd00:216::/64")
+    pod_id, ip, _ = run_pod(server, "cidr", "team-cidr")
+    try:
+        assert ip.startswith("10.216."), ip
+        update("10.217.0.0/16")  # a pod has an address: not taken
+        other, ip2, _ = run_pod(server, "cidr2", "team-cidr2")
+        assert ip2.startswith("10.216."), ip2
+        remove_pod(server, other)
+    finally:
+        remove_pod(server, pod_id)
+    update(POD_CIDR)
+
+
 def test_bad_input_leaves_nothing(server: Server, node: Node) -> None:
     """A tenant policy that does not parse fails that tenant's new pod with the file and line,
     leaving no link, address, rule or record; a pod whose network namespace vanished is still
