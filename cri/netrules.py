@@ -29,6 +29,7 @@ TABLE = "stockade"
 BRIDGE_PREFIX = "stkt-"  # one bridge per tenant: stkt-<10 hex of the tenant's hash>
 VETH_PREFIX = "stkp-"  # the node's end of a pod's veth: stkp-<10 hex of the pod id>
 PROTOCOLS = ("tcp", "udp", "sctp")
+EGRESS_ANNOTATION = "io.stockade.network/egress"  # a pod's own egress: within its tenant's, never more
 LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")  # the cloud metadata address among them
 
 
@@ -61,6 +62,7 @@ class Tenant:
     subnet: str
     policy: Policy = field(default_factory=Policy)
     dns: list[str] = field(default_factory=list)  # resolvers its pods were given
+    narrowed: list[tuple[str, str, list[Egress]]] = field(default_factory=list)  # (pod ip, pod id, egress)
 
 
 def bridge_name(tenant: str) -> str:
@@ -111,6 +113,32 @@ def _network(doc: YamlDoc, node) -> ipaddress.IPv4Network:  # noqa: ANN001 - a Y
     except ValueError as exc:
         raise SpecError(f"{text!r} is not an IPv4 CIDR: {exc}", where=doc.where(node),
                         hint="e.g. 10.0.0.0/8, host bits zero") from None
+
+
+def pod_egress(annotations: dict, tenant: Policy) -> list[Egress] | None:
+    """The pod's egress rules from its annotation (None without one), each of which must lie
+    within one of the tenant's: a pod may narrow its tenant's egress, never widen it."""
+    text = annotations.get(EGRESS_ANNOTATION)
+    if text is None:
+        return None
+    where = f"annotation {EGRESS_ANNOTATION}"
+    own = parse_policy(f"egress: {text}" if not text.lstrip().startswith("egress") else text, where)
+    for i, rule in enumerate(own.egress):
+        if not any(_within(rule, t) for t in tenant.egress):
+            raise SpecError(f"egress rule {i} ({rule.cidr}) is not within the tenant's policy", where=where,
+                            hint="a pod may only narrow its tenant's egress allows")
+    return own.egress
+
+
+def _within(rule: Egress, outer: Egress) -> bool:
+    net, big = ipaddress.IPv4Network(rule.cidr), ipaddress.IPv4Network(outer.cidr)
+    holes = [ipaddress.IPv4Network(x) for x in rule.exceptions]
+    for hole in (ipaddress.IPv4Network(x) for x in outer.exceptions):
+        if hole.overlaps(net) and not any(hole.subnet_of(h) for h in holes):
+            return False
+    spans = outer.ports or [(0, 65535)]
+    return (net.subnet_of(big) and set(rule.protocols) <= set(outer.protocols)
+            and all(any(a <= lo and hi <= b for a, b in spans) for lo, hi in rule.ports or [(0, 65535)]))
 
 
 def load_policy(policy_dir: str, tenant: str) -> Policy:
@@ -173,6 +201,10 @@ def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostpo
         rule("pod_to_node", _daddr(net), *_l4(proto, lo, hi), {"accept": None}, comment="node_allow")
     for t in tenants:
         tchain = f"tenant_{bridge_name(t.name)[len(BRIDGE_PREFIX):]}"
+        for _, pod_id, egress in t.narrowed:  # before the tenant's chain, which jumps to them
+            chain(f"pod_{pod_id[:10]}")
+            _egress_rules(lambda *e, comment="", c=f"pod_{pod_id[:10]}": rule(c, *e, comment=comment), egress)
+            rule(f"pod_{pod_id[:10]}", {"counter": None}, {"drop": None}, comment="pod egress default deny")
         chain(tchain)
         rule("pod_egress", _match("meta", "iifname", bridge_name(t.name)), {"jump": {"target": tchain}},
              comment=t.name)  # doctor names the tenant chains by it
@@ -200,12 +232,19 @@ def _tenant_rules(t: Tenant, tenants: list[Tenant], pod_cidr: str, rule) -> None
         if other.name != t.name and t.name in other.policy.ingress_from:
             rule(_daddr(other.subnet), accept, comment=f"{other.name} admits {t.name}")
     rule(_daddr(pod_cidr), *drop, comment="other tenants")
-    for i, e in enumerate(t.policy.egress):
+    for ip, pod_id, _ in t.narrowed:
+        rule(_match("payload", ("ip", "saddr"), ip), {"jump": {"target": f"pod_{pod_id[:10]}"}},
+             comment=f"pod {pod_id[:12]}")
+    _egress_rules(rule, t.policy.egress)
+    rule(*drop, comment="egress default deny")
+
+
+def _egress_rules(rule, egress: list[Egress]) -> None:  # noqa: ANN001
+    for i, e in enumerate(egress):
         outside = [_match("payload", ("ip", "daddr"), _prefix(x), op="!=") for x in e.exceptions]
         for proto in e.protocols:
             for lo, hi in e.ports or [(0, 65535)]:
-                rule(_daddr(e.cidr), *outside, *_l4(proto, lo, hi), accept, comment=f"egress[{i}]")
-    rule(*drop, comment="egress default deny")
+                rule(_daddr(e.cidr), *outside, *_l4(proto, lo, hi), {"accept": None}, comment=f"egress[{i}]")
 
 
 def _nat(cmds: list, chain, rule, pod_cidr: str, hostports: list[HostPort]) -> None:  # noqa: ANN001

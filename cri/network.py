@@ -48,6 +48,7 @@ class PodNet:
     dns: list[str] = field(default_factory=list)
     hostports: list[list] = field(default_factory=list)  # [host_port, container_port, protocol, host_ip]
     ip: str = ""
+    annotations: dict = field(default_factory=dict)
 
 
 class Network:
@@ -109,7 +110,9 @@ class Network:
         with self.lock:
             # read whenever a pod of the tenant comes: a file that does not parse fails this pod
             # (naming file and line), not the tenants' pods already running
-            self.policies[pod.tenant] = netrules.load_policy(self.config.net.policy_dir, pod.tenant)
+            policy = netrules.load_policy(self.config.net.policy_dir, pod.tenant)
+            netrules.pod_egress(pod.annotations, policy)  # refused before anything is made
+            self.policies[pod.tenant] = policy
             try:
                 address, gateway = self.ipam.lease(pod.tenant, pod.id)
                 pod.ip = str(address.ip)
@@ -187,7 +190,16 @@ class Network:
         for name in sorted({p.tenant for p in pods}):
             dns = sorted({s for p in pods if p.tenant == name for s in p.dns if ":" not in s})
             policy = self.policies.get(name) or netrules.Policy()
-            tenants.append(netrules.Tenant(name, str(subnets[name]), policy, dns))
+            narrowed = []
+            for p in pods:
+                if p.tenant == name:
+                    try:
+                        egress = netrules.pod_egress(p.annotations, policy)
+                    except StockadeError:  # the tenant's policy shrank below it: the pod gets nothing
+                        egress = []
+                    if egress is not None:
+                        narrowed.append((p.ip, p.id, egress))
+            tenants.append(netrules.Tenant(name, str(subnets[name]), policy, dns, narrowed))
         hostports = [netrules.HostPort(hp[0], p.ip, hp[1], hp[2], hp[3]) for p in pods for hp in p.hostports]
         apply(netrules.ruleset(tenants, self.config.net.pod_cidr, self.config.net.node_allow, hostports))
 

@@ -177,7 +177,8 @@ class Pods:
 
         spec = pod.pod_spec()
         return PodNet(id=pod.id, tenant=pod.tenant, netns=pod.namespaces.get("network", ""),
-                      dns=list(spec.dns_servers), hostports=list(spec.port_mappings), ip=pod.ip)
+                      dns=list(spec.dns_servers), hostports=list(spec.port_mappings), ip=pod.ip,
+                      annotations=dict(spec.annotations))
 
     def nets(self) -> list[PodNet]:
         """Every pod with a network of its own (what Network rebuilds its rules from)."""

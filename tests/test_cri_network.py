@@ -165,6 +165,36 @@ def test_network_ready_and_the_reachability_matrix(server: Server, node: Node) -
             remove_pod(server, pod_id)
 
 
+def test_a_pod_annotation_narrows_its_tenants_egress_and_never_widens_it(server: Server, node: Node) -> None:
+    from cri import status_code
+
+    (server.base / "tenants" / "team-n.yaml").write_text(
+        "egress:\n  - cidr: 192.0.2.0/24\n    ports: [9100-9101]\n    protocol: tcp\n")
+    for port in (9100, 9101):
+        node.listen(f"/run/netns/{node.ext}", port, port)
+    key = "io.stockade.network/egress"
+    plain = run_pod(server, "n1", "team-n")
+    narrow = run_pod(server, "n2", "team-n",
+                     annotations={key: "[{cidr: 192.0.2.2/32, ports: [9100], protocol: tcp}]"})
+    try:
+        targets = [("tcp", "192.0.2.2", 9100), ("tcp", "192.0.2.2", 9101)]
+        assert reach(plain[2], targets) == [True, True]
+        assert reach(narrow[2], targets) == [True, False]
+        before = links(node)
+        for wider in ("[{cidr: 192.0.2.0/23}]", "[{cidr: 192.0.2.2/32, ports: [9102]}]",
+                      "[{cidr: 192.0.2.2/32, ports: [9100], protocol: udp}]"):
+            metadata = pb.PodSandboxMetadata(name="n3", namespace="team-n", uid="uid-n3")
+            config = pb.PodSandboxConfig(metadata=metadata, annotations={key: wider})
+            request = pb.RunPodSandboxRequest(config=config)
+            code, message = status_code(server.runtime.RunPodSandbox, request)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "not within the tenant" in message, message
+        assert links(node) == before
+    finally:
+        for pod_id, _, _ in (plain, narrow):
+            remove_pod(server, pod_id)
+        (server.base / "tenants" / "team-n.yaml").unlink()
+
+
 def test_removing_a_pod_removes_its_link_address_and_rules(server: Server, node: Node) -> None:
     pod_id, ip, _ = run_pod(server, "gone", "team-c")
     before = links(node)
