@@ -48,12 +48,18 @@ class Ipam:
 
     # -- tenants
 
+    def count(self) -> int:
+        return 1 << (self.prefix - self.net.prefixlen)
+
+    def nth(self, index: int) -> ipaddress.IPv4Network:
+        base = int(self.net.network_address) + (index << (32 - self.prefix))
+        return ipaddress.IPv4Network((base, self.prefix))
+
     def tenants(self) -> dict[str, ipaddress.IPv4Network]:
-        subnets = list(self.net.subnets(new_prefix=self.prefix))
         out = {}
         for name in os.listdir(self.tenant_dir):
-            if name.isdigit() and int(name) < len(subnets):
-                out[_read(os.path.join(self.tenant_dir, name))] = subnets[int(name)]
+            if name.isdigit() and int(name) < self.count():
+                out[_read(os.path.join(self.tenant_dir, name))] = self.nth(int(name))
         return out
 
     def subnet(self, tenant: str) -> ipaddress.IPv4Network:
@@ -61,9 +67,10 @@ class Ipam:
         known = self.tenants()
         if tenant in known:
             return known[tenant]
-        for index, subnet in enumerate(self.net.subnets(new_prefix=self.prefix)):
-            if _claim(os.path.join(self.tenant_dir, str(index)), tenant):
-                return subnet
+        taken = set(os.listdir(self.tenant_dir))
+        for index in range(self.count()):
+            if str(index) not in taken and _claim(os.path.join(self.tenant_dir, str(index)), tenant):
+                return self.nth(index)
         raise Exhausted(f"every /{self.prefix} of {self.net} has a tenant", where="pod_network.pod_cidr",
                         hint="a larger pod_cidr or a longer tenant_prefix")
 
@@ -80,13 +87,15 @@ class Ipam:
         """(the pod's address with its subnet's length, the gateway): the pod's lease if it has
         one, else the lowest free address (the first is the gateway's)."""
         subnet = self.subnet(tenant)
-        hosts = list(subnet.hosts())
-        gateway = hosts[0]
-        for ip, owner in self.leases().items():
+        first, last = int(subnet.network_address) + 1, int(subnet.broadcast_address) - 1
+        gateway = ipaddress.IPv4Address(first)
+        leases = self.leases()
+        for ip, owner in leases.items():
             if owner == pod_id and ip in subnet:
                 return ipaddress.IPv4Interface(f"{ip}/{subnet.prefixlen}"), gateway
-        for ip in hosts[1:]:
-            if _claim(os.path.join(self.addr_dir, str(ip)), pod_id):
+        for n in range(first + 1, last + 1):
+            ip = ipaddress.IPv4Address(n)
+            if ip not in leases and _claim(os.path.join(self.addr_dir, str(ip)), pod_id):
                 return ipaddress.IPv4Interface(f"{ip}/{subnet.prefixlen}"), gateway
         raise Exhausted(f"tenant {tenant!r} has no free address in {subnet}",
                         where="pod_network.tenant_prefix", hint="a shorter tenant_prefix")
@@ -118,8 +127,7 @@ def _claim(path: str, owner: str) -> bool:
     aside = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, owner.encode())
-        os.fsync(fd)
+        os.write(fd, owner.encode())  # no fsync: what needs it (a power cut) takes the pods along
     finally:
         os.close(fd)
     try:

@@ -213,6 +213,7 @@ def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostpo
             for proto in ("udp", "tcp"):
                 rule("pod_to_node", _match("meta", "iifname", bridge_name(t.name)), _daddr(server),
                      *_l4(proto, 53, 53), {"accept": None}, comment=f"dns {t.name}")
+    _untracked_loopback(chain, rule, hostports)
     rule("pod_egress", {"counter": None}, {"drop": None}, comment="from no known tenant")
     rule("pod_to_node", {"counter": None}, {"drop": None}, comment="pod to node")
     _nat(cmds, chain, rule, pod_cidr, hostports)
@@ -245,6 +246,20 @@ def _egress_rules(rule, egress: list[Egress]) -> None:  # noqa: ANN001
         for proto in e.protocols:
             for lo, hi in e.ports or [(0, 65535)]:
                 rule(_daddr(e.cidr), *outside, *_l4(proto, lo, hi), {"accept": None}, comment=f"egress[{i}]")
+
+
+def _untracked_loopback(chain, rule, hostports: list[HostPort]) -> None:  # noqa: ANN001
+    """The node's own loopback traffic skips conntrack, which the rules above would otherwise
+    switch on for every packet of the node (bench/README.md); hostPorts reached through
+    127.0.0.1 stay tracked, or they could not be translated."""
+    ports = sorted({hp.host_port for hp in hostports})
+    for hook, side in (("output", "oifname"), ("prerouting", "iifname")):
+        name = f"raw_{hook}"
+        chain(name, type="filter", hook=hook, prio=-300, policy="accept")
+        if ports:
+            rule(name, _match("meta", side, "lo"), _match("payload", ("th", "dport"), {"set": ports}),
+                 {"accept": None}, comment="hostports")
+        rule(name, _match("meta", side, "lo"), {"notrack": None}, comment="node loopback")
 
 
 def _nat(cmds: list, chain, rule, pod_cidr: str, hostports: list[HostPort]) -> None:  # noqa: ANN001

@@ -59,6 +59,17 @@ class Network:
         self.lock = threading.RLock()
         self.ready, self.reason = False, "not started"
         self.policies: dict[str, netrules.Policy] = {}  # the last good one of each tenant
+        self.bridges: set[str] = set()  # made and addressed by this process (no netlink round trips)
+        self._ipr = None
+        self._nft = None
+
+    def ipr(self):  # noqa: ANN201 - a pyroute2 IPRoute
+        """One netlink socket of the server's namespace, used under self.lock."""
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+
+            self._ipr = IPRoute()
+        return self._ipr
 
     # -- lifecycle
 
@@ -80,12 +91,11 @@ class Network:
                 self.ipam.release(pod_id)
             for tenant in set(self.ipam.tenants()) - {p.tenant for p in pods()}:
                 self.ipam.release_tenant(tenant)
-            with _iproute() as ipr:
-                for link in ipr.get_links():
-                    name = link.get_attr("IFLA_IFNAME")
-                    if name.startswith(netrules.VETH_PREFIX) and not any(
-                            netrules.veth_name(p) == name for p in alive):
-                        ipr.link("del", index=link["index"])
+            ipr, ours = self.ipr(), {netrules.veth_name(i) for i in alive}
+            for link in ipr.get_links():
+                name = link.get_attr("IFLA_IFNAME")
+                if name.startswith(netrules.VETH_PREFIX) and name not in ours:
+                    ipr.link("del", index=link["index"])
             self._rebuild()
         self.ready, self.reason = not broken, "; ".join(broken)
 
@@ -127,10 +137,10 @@ class Network:
     def detach(self, pod: PodNet) -> None:
         """Everything attach made for the pod; what is already gone is fine (kubelet retries)."""
         with self.lock:
-            with _iproute() as ipr:
-                found = ipr.link_lookup(ifname=netrules.veth_name(pod.id))
-                if found:
-                    ipr.link("del", index=found[0])
+            ipr = self.ipr()
+            found = ipr.link_lookup(ifname=netrules.veth_name(pod.id))
+            if found:
+                ipr.link("del", index=found[0])
             self.ipam.release(pod.id)
             others = [p for p in self._live() if p.id != pod.id]
             if not any(p.tenant == pod.tenant for p in others):
@@ -142,36 +152,39 @@ class Network:
 
     def _bridge(self, tenant: str, gateway: str) -> str:
         name = netrules.bridge_name(tenant)
-        with _iproute() as ipr:
-            if not ipr.link_lookup(ifname=name):
-                ipr.link("add", ifname=name, kind="bridge")
-            index = ipr.link_lookup(ifname=name)[0]
-            address, prefix = gateway.split("/")
-            if not any(a.get_attr("IFA_ADDRESS") == address for a in ipr.get_addr(index=index)):
-                ipr.addr("add", index=index, address=address, prefixlen=int(prefix))
-            ipr.link("set", index=index, state="up")
+        if name in self.bridges:
+            return name
+        ipr = self.ipr()
+        if not ipr.link_lookup(ifname=name):
+            ipr.link("add", ifname=name, kind="bridge")
+        index = ipr.link_lookup(ifname=name)[0]
+        address, prefix = gateway.split("/")
+        if not any(a.get_attr("IFA_ADDRESS") == address for a in ipr.get_addr(index=index)):
+            ipr.addr("add", index=index, address=address, prefixlen=int(prefix))
+        ipr.link("set", index=index, state="up")
         _sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")  # hostPorts reached from 127.0.0.1
+        self.bridges.add(name)
         return name
 
     def _drop_bridge(self, tenant: str) -> None:
-        with _iproute() as ipr:
-            found = ipr.link_lookup(ifname=netrules.bridge_name(tenant))
-            if found:
-                ipr.link("del", index=found[0])
+        name = netrules.bridge_name(tenant)
+        self.bridges.discard(name)
+        ipr = self.ipr()
+        found = ipr.link_lookup(ifname=name)
+        if found:
+            ipr.link("del", index=found[0])
 
     def _veth(self, pod: PodNet, bridge: str, address: str, gateway: str) -> None:
-        host, peer = netrules.veth_name(pod.id), "stkq-" + pod.id[:10]
+        """The pair is made with its pod end already in the pod's namespace, named eth0: no
+        move and no rename (each a round trip the kernel makes slow)."""
+        host = netrules.veth_name(pod.id)
         netns = os.open(pod.netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            with _iproute() as ipr:
-                ipr.link("add", ifname=host, kind="veth", peer=peer)
-                master = ipr.link_lookup(ifname=bridge)[0]
-                index = ipr.link_lookup(ifname=host)[0]
-                ipr.link("set", index=index, master=master, state="up")
-                ipr.link("set", index=ipr.link_lookup(ifname=peer)[0], net_ns_fd=netns)
+            ipr = self.ipr()
+            ipr.link("add", ifname=host, kind="veth", peer={"ifname": "eth0", "net_ns_fd": netns},
+                     master=_index(ipr, bridge), state="up")
             with _iproute(netns) as inside:
-                index = inside.link_lookup(ifname=peer)[0]
-                inside.link("set", index=index, ifname="eth0")
+                index = _index(inside, "eth0")
                 ip, prefix = address.split("/")
                 inside.addr("add", index=index, address=ip, prefixlen=int(prefix))
                 inside.link("set", index=index, state="up")
@@ -201,14 +214,20 @@ class Network:
                         narrowed.append((p.ip, p.id, egress))
             tenants.append(netrules.Tenant(name, str(subnets[name]), policy, dns, narrowed))
         hostports = [netrules.HostPort(hp[0], p.ip, hp[1], hp[2], hp[3]) for p in pods for hp in p.hostports]
-        apply(netrules.ruleset(tenants, self.config.net.pod_cidr, self.config.net.node_allow, hostports))
+        if self._nft is None:
+            import nftables
+
+            self._nft = nftables.Nftables()  # freeing one costs more than a rebuild: keep it
+        apply(netrules.ruleset(tenants, self.config.net.pod_cidr, self.config.net.node_allow, hostports),
+              self._nft)
 
 
-def apply(commands: list) -> None:
+def apply(commands: list, nft=None) -> None:  # noqa: ANN001 - a libnftables context
     """One libnftables transaction: all of it or nothing."""
-    import nftables
+    if nft is None:
+        import nftables
 
-    nft = nftables.Nftables()
+        nft = nftables.Nftables()
     rc, _, err = nft.json_cmd({"nftables": [{"metainfo": {"json_schema_version": 1}}, *commands]})
     if rc != 0:
         raise NetworkError(f"nftables refused the ruleset: {err.strip()}",
@@ -243,6 +262,11 @@ def _iproute(netns_fd: int | None = None):  # noqa: ANN202 - a pyroute2 IPRoute
     if "error" in box:
         raise NetworkError(f"cannot enter the pod's network namespace: {box['error']}", where="netns")
     return IPRoute(use_socket=box["sock"])
+
+
+def _index(ipr, name: str) -> int:  # noqa: ANN001 - a pyroute2 IPRoute
+    """A link's index by one RTM_GETLINK for the name (link_lookup dumps every link)."""
+    return ipr.link("get", ifname=name)[0]["index"]
 
 
 def _refuse_overlap(pod_cidr) -> None:  # noqa: ANN001 - an IPv4Network
