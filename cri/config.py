@@ -10,7 +10,7 @@ plain data. Every key is checked; a misspelt one is an error that names the file
     log_format = "text"           # or "json"
     default_handler = "stockade"
     tenant_annotation = ""        # a pod annotation that may name the tenant ("" : the namespace)
-    network = "none"              # or "bridge": every pod its address, tenants segmented (network.py)
+    network = "none"              # "bridge": a bridge per tenant (network.py); "cni": the node's conflist
     bpf_agent = true              # the BPF agent runs in the server (its cgroup root: cgroup_parent)
 
     [stockade.pod_network]         # (TOML: `network` above is the backend's name)
@@ -18,6 +18,8 @@ plain data. Every key is checked; a misspelt one is an error that names the file
     tenant_prefix = 24            # each tenant gets a subnet of this size out of pod_cidr
     node_allow = []               # node addresses pods may reach: "ADDR[/LEN]:PORT[-PORT]/tcp|udp|sctp"
     policy_dir = "/etc/stockade/tenants"   # <tenant>.yaml: egress allows, who may reach the tenant
+    cni_conf_dir = "/etc/cni/net.d"   # network = "cni": the conflist (its addresses within pod_cidr)
+    cni_bin_dir = "/usr/lib/cni"      # Debian's containernetworking-plugins
 
     [stockade.registries]
     insecure = ["localhost:5000"]
@@ -61,6 +63,8 @@ class NetworkConfig:
     tenant_prefix: int = 24
     node_allow: list[str] = field(default_factory=list)
     policy_dir: str = "/etc/stockade/tenants"
+    cni_conf_dir: str = "/etc/cni/net.d"
+    cni_bin_dir: str = "/usr/lib/cni"
 
 
 @dataclass
@@ -99,8 +103,9 @@ _TOP = {"socket": str, "state_dir": str, "image_store": str, "cgroup_parent": st
         "log_format": str, "default_handler": str, "tenant_annotation": str, "network": str,
         "bpf_agent": bool}
 _TABLES = ("registries", "handlers", "pod_network")
-_NETWORK = {"pod_cidr": str, "tenant_prefix": int, "node_allow": list, "policy_dir": str}
-NETWORKS = ("none", "bridge")
+_NETWORK = {"pod_cidr": str, "tenant_prefix": int, "node_allow": list, "policy_dir": str, "cni_conf_dir": str,
+            "cni_bin_dir": str}
+NETWORKS = ("none", "bridge", "cni")
 _HANDLER = {"profile": str, "bpf_policy": str, "user_namespace": bool, "host_namespaces": bool,
             "privileged": bool, "allow_degraded": bool}
 

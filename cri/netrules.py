@@ -59,7 +59,7 @@ class HostPort:
 @dataclass
 class Tenant:
     name: str
-    subnet: str
+    subnet: str  # its pods' addresses: a subnet (bridge), or (cni) pod addresses joined by ","
     policy: Policy = field(default_factory=Policy)
     dns: list[str] = field(default_factory=list)  # resolvers its pods were given
     narrowed: list[tuple[str, str, list[Egress]]] = field(default_factory=list)  # (pod ip, pod id, egress)
@@ -170,8 +170,12 @@ def node_allow(item: str, where: str) -> tuple[str, int, int, str]:
 
 # -- the ruleset -------------------------------------------------------------------------------
 
-def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostports: list[HostPort]) -> list:
-    """libnftables JSON commands that replace the Stockade table with one built from state."""
+def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostports: list[HostPort],
+            backend: str = "bridge") -> list:
+    """libnftables JSON commands that replace the Stockade table with one built from state.
+    BACKEND "bridge": a tenant's traffic is known by the bridge it comes from; "cni": all pods
+    share the conflist's bridge, so by its source address (which br_netfilter shows the forward
+    hook for bridged packets too)."""
     table = {"family": "inet", "name": TABLE}
     cmds: list = [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
 
@@ -184,18 +188,28 @@ def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostpo
             body["comment"] = comment
         cmds.append({"add": {"rule": body}})
 
-    from_pods = _match("meta", "iifname", BRIDGE_PREFIX + "*")
+    if backend == "bridge":
+        from_pods = [_match("meta", "iifname", BRIDGE_PREFIX + "*")]
+    else:  # the node's own address on the CNI bridge is in pod_cidr too: not over lo
+        from_pods = [_match("payload", ("ip", "saddr"), _prefix(pod_cidr)),
+                     _match("meta", "iifname", "lo", op="!=")]
+
+    def of_tenant(t: Tenant) -> dict:
+        if backend == "bridge":
+            return _match("meta", "iifname", bridge_name(t.name))
+        return _match("payload", ("ip", "saddr"), _members(t.subnet))
+
     chain("pod_egress")
     chain("pod_to_node")
     chain("forward", type="filter", hook="forward", prio=-1, policy="accept")
     rule("forward", _match("ct", "state", ["established", "related"]), {"accept": None})
     for t in tenants:  # a tenant's own traffic, should br_netfilter show bridged packets here
-        own = _match("payload", ("ip", "saddr"), _prefix(t.subnet))
-        rule("forward", own, _daddr(t.subnet), {"accept": None})
-    rule("forward", from_pods, {"jump": {"target": "pod_egress"}})
+        own = _match("payload", ("ip", "saddr"), _members(t.subnet))
+        rule("forward", own, _match("payload", ("ip", "daddr"), _members(t.subnet)), {"accept": None})
+    rule("forward", *from_pods, {"jump": {"target": "pod_egress"}})
     chain("input", type="filter", hook="input", prio=-1, policy="accept")
     rule("input", _match("ct", "state", ["established", "related"]), {"accept": None})
-    rule("input", from_pods, {"jump": {"target": "pod_to_node"}})
+    rule("input", *from_pods, {"jump": {"target": "pod_to_node"}})
     for item in node_allows:
         net, lo, hi, proto = node_allow(item, "pod_network.node_allow")
         rule("pod_to_node", _daddr(net), *_l4(proto, lo, hi), {"accept": None}, comment="node_allow")
@@ -206,23 +220,23 @@ def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostpo
             _egress_rules(lambda *e, comment="", c=f"pod_{pod_id[:10]}": rule(c, *e, comment=comment), egress)
             rule(f"pod_{pod_id[:10]}", {"counter": None}, {"drop": None}, comment="pod egress default deny")
         chain(tchain)
-        rule("pod_egress", _match("meta", "iifname", bridge_name(t.name)), {"jump": {"target": tchain}},
+        rule("pod_egress", of_tenant(t), {"jump": {"target": tchain}},
              comment=t.name)  # doctor names the tenant chains by it
         _tenant_rules(t, tenants, pod_cidr, lambda *e, comment="", c=tchain: rule(c, *e, comment=comment))
         for server in t.dns:  # the resolvers kubelet gave its pods, wherever they are
             for proto in ("udp", "tcp"):
-                rule("pod_to_node", _match("meta", "iifname", bridge_name(t.name)), _daddr(server),
+                rule("pod_to_node", of_tenant(t), _daddr(server),
                      *_l4(proto, 53, 53), {"accept": None}, comment=f"dns {t.name}")
     _untracked_loopback(chain, rule, hostports)
     rule("pod_egress", {"counter": None}, {"drop": None}, comment="from no known tenant")
     rule("pod_to_node", {"counter": None}, {"drop": None}, comment="pod to node")
-    _nat(cmds, chain, rule, pod_cidr, hostports)
+    _nat(cmds, chain, rule, pod_cidr, hostports if backend == "bridge" else [])  # cni: portmap's DNAT
     return cmds
 
 
 def _tenant_rules(t: Tenant, tenants: list[Tenant], pod_cidr: str, rule) -> None:  # noqa: ANN001
     accept, drop = {"accept": None}, [{"counter": None}, {"drop": None}]
-    rule(_daddr(t.subnet), accept, comment="own tenant")
+    rule(_match("payload", ("ip", "daddr"), _members(t.subnet)), accept, comment="own tenant")
     for server in t.dns:  # as addressed: a Service address kube-proxy rewrote, a node-local cache
         original = {"ct": {"key": "ip daddr", "dir": "original"}}
         for proto in ("udp", "tcp"):
@@ -231,7 +245,8 @@ def _tenant_rules(t: Tenant, tenants: list[Tenant], pod_cidr: str, rule) -> None
     rule(_daddr(str(LINK_LOCAL)), *drop, comment="link-local, metadata")
     for other in tenants:
         if other.name != t.name and t.name in other.policy.ingress_from:
-            rule(_daddr(other.subnet), accept, comment=f"{other.name} admits {t.name}")
+            rule(_match("payload", ("ip", "daddr"), _members(other.subnet)), accept,
+                 comment=f"{other.name} admits {t.name}")
     rule(_daddr(pod_cidr), *drop, comment="other tenants")
     for ip, pod_id, _ in t.narrowed:
         rule(_match("payload", ("ip", "saddr"), ip), {"jump": {"target": f"pod_{pod_id[:10]}"}},
@@ -265,8 +280,8 @@ def _untracked_loopback(chain, rule, hostports: list[HostPort]) -> None:  # noqa
 def _nat(cmds: list, chain, rule, pod_cidr: str, hostports: list[HostPort]) -> None:  # noqa: ANN001
     chain("postrouting", type="nat", hook="postrouting", prio=100, policy="accept")
     rule("postrouting", _match("payload", ("ip", "saddr"), _prefix(pod_cidr)),
-         _match("payload", ("ip", "daddr"), _prefix(pod_cidr), op="!="),
-         _match("meta", "oifname", BRIDGE_PREFIX + "*", op="!="), {"masquerade": None}, comment="pods out")
+         _match("payload", ("ip", "daddr"), _prefix(pod_cidr), op="!="), {"masquerade": None},
+         comment="pods out")
     # a hostPort reached from the node's own 127.0.0.1 leaves with that source: make it the bridge's
     rule("postrouting", _match("payload", ("ip", "saddr"), _prefix("127.0.0.0/8")),
          _match("payload", ("ip", "daddr"), _prefix(pod_cidr)), {"masquerade": None}, comment="hostport lo")
@@ -301,6 +316,14 @@ def _prefix(cidr: str) -> object:
     if net.prefixlen == 32:
         return str(net.network_address)
     return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _members(addresses: str) -> object:
+    """A subnet, one address, or an anonymous set of addresses/prefixes (comma-separated)."""
+    parts = [a for a in addresses.split(",") if a]
+    if len(parts) == 1:
+        return _prefix(parts[0])
+    return {"set": [_prefix(a) for a in parts]}
 
 
 def _daddr(cidr: str) -> dict:

@@ -49,6 +49,7 @@ class PodNet:
     hostports: list[list] = field(default_factory=list)  # [host_port, container_port, protocol, host_ip]
     ip: str = ""
     annotations: dict = field(default_factory=dict)
+    k8s: dict = field(default_factory=dict)  # K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID (CNI_ARGS)
 
 
 class Network:
@@ -62,6 +63,12 @@ class Network:
         self.bridges: set[str] = set()  # made and addressed by this process (no netlink round trips)
         self._ipr = None
         self._nft = None
+        self.cni = None
+        if config.network == "cni":
+            from .cni import CNI
+
+            self.cni = CNI(config.net.cni_conf_dir, config.net.cni_bin_dir,
+                           os.path.join(config.state_dir, "network", "cni"))
 
     def ipr(self):  # noqa: ANN201 - a pyroute2 IPRoute
         """One netlink socket of the server's namespace, used under self.lock."""
@@ -77,7 +84,8 @@ class Network:
         """At server start: forwarding on, leftovers of pods that are gone removed, the rules
         rebuilt from the pods that are."""
         self.pods = pods
-        _refuse_overlap(self.ipam.net)
+        if self.cni is None:
+            _refuse_overlap(self.ipam.net)
         _sysctl("net/ipv4/ip_forward", "1")
         with self.lock:
             broken = []
@@ -87,6 +95,8 @@ class Network:
                 except StockadeError as exc:  # its pods keep the defaults: the strictest there is
                     broken.append(str(exc))
             alive = {p.id for p in pods()}
+            if self.cni is not None:
+                broken += self._check(pods())
             for pod_id in {owner for owner in self.ipam.leases().values()} - alive:
                 self.ipam.release(pod_id)
             for tenant in set(self.ipam.tenants()) - {p.tenant for p in pods()}:
@@ -123,6 +133,8 @@ class Network:
             policy = netrules.load_policy(self.config.net.policy_dir, pod.tenant)
             netrules.pod_egress(pod.annotations, policy)  # refused before anything is made
             self.policies[pod.tenant] = policy
+            if self.cni is not None:
+                return self._attach_cni(pod)
             try:
                 address, gateway = self.ipam.lease(pod.tenant, pod.id)
                 pod.ip = str(address.ip)
@@ -137,6 +149,10 @@ class Network:
     def detach(self, pod: PodNet) -> None:
         """Everything attach made for the pod; what is already gone is fine (kubelet retries)."""
         with self.lock:
+            if self.cni is not None:
+                self.cni.delete(pod.id, pod.netns, _cni_args(pod), _port_mappings(pod))
+                self._rebuild(without=pod.id)
+                return
             ipr = self.ipr()
             found = ipr.link_lookup(ifname=netrules.veth_name(pod.id))
             if found:
@@ -149,6 +165,31 @@ class Network:
             self._rebuild(without=pod.id)
 
     # -- steps
+
+    def _attach_cni(self, pod: PodNet) -> str:
+        from .cni import address_of
+
+        try:
+            result = self.cni.add(pod.id, pod.netns, _cni_args(pod), _port_mappings(pod))
+            pod.ip = address_of(result)
+            if not pod.ip:
+                raise NetworkError("the CNI result has no IPv4 address", where=self.cni.conf["_path"])
+            self._rebuild(extra=pod)
+        except BaseException:
+            self.detach(pod)
+            raise
+        return pod.ip
+
+    def _check(self, pods: list[PodNet]) -> list[str]:
+        """CHECK for every pod with a cached result: what fails is reported, not undone."""
+        failed = []
+        for pod in pods:
+            if self.cni.cached(pod.id) is not None:
+                try:
+                    self.cni.check(pod.id, pod.netns, _cni_args(pod), _port_mappings(pod))
+                except StockadeError as exc:
+                    failed.append(f"pod {pod.id[:12]}: {exc}")
+        return failed
 
     def _bridge(self, tenant: str, gateway: str) -> str:
         name = netrules.bridge_name(tenant)
@@ -198,7 +239,7 @@ class Network:
     def _rebuild(self, extra: PodNet | None = None, without: str = "") -> None:
         pods = [p for p in self._live() if p.id != without and (extra is None or p.id != extra.id)]
         pods += [extra] if extra is not None else []
-        subnets = self.ipam.tenants()
+        subnets = self.ipam.tenants() if self.cni is None else {}
         tenants = []
         for name in sorted({p.tenant for p in pods}):
             dns = sorted({s for p in pods if p.tenant == name for s in p.dns if ":" not in s})
@@ -212,14 +253,16 @@ class Network:
                         egress = []
                     if egress is not None:
                         narrowed.append((p.ip, p.id, egress))
-            tenants.append(netrules.Tenant(name, str(subnets[name]), policy, dns, narrowed))
+            ips = ",".join(p.ip for p in pods if p.tenant == name)
+            members = str(subnets[name]) if self.cni is None else ips
+            tenants.append(netrules.Tenant(name, members, policy, dns, narrowed))
         hostports = [netrules.HostPort(hp[0], p.ip, hp[1], hp[2], hp[3]) for p in pods for hp in p.hostports]
         if self._nft is None:
             import nftables
 
             self._nft = nftables.Nftables()  # freeing one costs more than a rebuild: keep it
-        apply(netrules.ruleset(tenants, self.config.net.pod_cidr, self.config.net.node_allow, hostports),
-              self._nft)
+        apply(netrules.ruleset(tenants, self.config.net.pod_cidr, self.config.net.node_allow, hostports,
+                               "cni" if self.cni is not None else "bridge"), self._nft)
 
 
 def apply(commands: list, nft=None) -> None:  # noqa: ANN001 - a libnftables context
@@ -262,6 +305,15 @@ def _iproute(netns_fd: int | None = None):  # noqa: ANN202 - a pyroute2 IPRoute
     if "error" in box:
         raise NetworkError(f"cannot enter the pod's network namespace: {box['error']}", where="netns")
     return IPRoute(use_socket=box["sock"])
+
+
+def _cni_args(pod: PodNet) -> dict:
+    return {"IgnoreUnknown": "1", **pod.k8s, "K8S_POD_INFRA_CONTAINER_ID": pod.id}
+
+
+def _port_mappings(pod: PodNet) -> list[dict]:
+    return [{"hostPort": port, "containerPort": target, "protocol": proto, **({"hostIP": ip} if ip else {})}
+            for port, target, proto, ip in pod.hostports]
 
 
 def _index(ipr, name: str) -> int:  # noqa: ANN001 - a pyroute2 IPRoute

@@ -178,7 +178,9 @@ class Pods:
         spec = pod.pod_spec()
         return PodNet(id=pod.id, tenant=pod.tenant, netns=pod.namespaces.get("network", ""),
                       dns=list(spec.dns_servers), hostports=list(spec.port_mappings), ip=pod.ip,
-                      annotations=dict(spec.annotations))
+                      annotations=dict(spec.annotations),
+                      k8s={"K8S_POD_NAMESPACE": spec.namespace, "K8S_POD_NAME": spec.name,
+                           "K8S_POD_UID": spec.uid})
 
     def nets(self) -> list[PodNet]:
         """Every pod with a network of its own (what Network rebuilds its rules from)."""

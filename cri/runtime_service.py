@@ -47,7 +47,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.agent: dict = {}  # what the in-process BPF agent set up (server.serve fills it)
         self.forker = Forker()
         self.network = None
-        if config.network == "bridge":
+        if config.network in ("bridge", "cni"):
             from .network import Network
 
             self.network = Network(config)

@@ -88,9 +88,7 @@ def node() -> Iterator[Node]:
 def server(node: Node) -> Iterator[Server]:
     base = fast_tmp()
     policies = base / "tenants"
-    policies.mkdir()
-    (policies / "team-a.yaml").write_text(
-        f"egress:\n  - cidr: {EXT_ALLOWED[0]}/32\n    ports: [{EXT_ALLOWED[1]}]\n    protocol: tcp\n")
+    write_policies(policies)
     config = base / "stockade.toml"
     config.write_text(f'[stockade]\nnetwork = "bridge"\ndefault_handler = "plain"\n'
                       f'[stockade.handlers.plain]\nprofile = "runtime-default"\nallow_degraded = true\n'
@@ -99,6 +97,39 @@ def server(node: Node) -> Iterator[Server]:
     yield srv
     srv.stop()
     shutil.rmtree(base, ignore_errors=True)
+
+
+def write_policies(directory: Path) -> None:
+    directory.mkdir()
+    (directory / "team-a.yaml").write_text(
+        f"egress:\n  - cidr: {EXT_ALLOWED[0]}/32\n    ports: [{EXT_ALLOWED[1]}]\n    protocol: tcp\n")
+
+
+@pytest.fixture(scope="module")
+def cni() -> Iterator[tuple[Server, Node]]:
+    require(os.access("/usr/lib/cni/bridge", os.X_OK), "containernetworking-plugins (setup)")
+    node = Node()
+    base = fast_tmp()
+    try:
+        write_policies(base / "tenants")
+        (base / "net.d").mkdir()
+        (base / "net.d" / "10-pods.conflist").write_text(json.dumps({
+            "cniVersion": "1.0.0", "name": "stockade-test", "plugins": [
+                {"type": "bridge", "bridge": "stkcni0", "isGateway": True, "ipMasq": False,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.221.0.0/16"}]],
+                          "dataDir": str(base / "cni-ipam"), "routes": [{"dst": "0.0.0.0/0"}]}},
+                {"type": "portmap", "capabilities": {"portMappings": True}}]}))
+        config = base / "stockade.toml"
+        config.write_text(f'[stockade]\nnetwork = "cni"\ndefault_handler = "plain"\n'
+                          f'[stockade.handlers.plain]\nprofile = "runtime-default"\nallow_degraded = true\n'
+                          f'[stockade.pod_network]\npod_cidr = "10.221.0.0/16"\n'
+                          f'policy_dir = "{base / "tenants"}"\ncni_conf_dir = "{base / "net.d"}"\n')
+        srv = Server(base, config=config, netns=node.path)
+        yield srv, node
+        assert srv.stop() == 0
+    finally:
+        node.remove()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def run_pod(server: Server, name: str, namespace: str, **config) -> tuple[str, str, str]:  # noqa: ANN003
@@ -132,12 +163,33 @@ def test_network_ready_and_the_reachability_matrix(server: Server, node: Node) -
     """Three pods in two tenants: TCP, UDP and ICMP allowed inside a tenant, refused across
     tenants and to the node; the metadata address refused; the node reaches every pod; the
     egress rule of team-a opens exactly 192.0.2.2:9000/tcp, and only for team-a."""
+    reachability_matrix(server, node, expect_denials=True)
+
+
+def test_the_cni_backend_passes_the_same_matrix(cni: tuple[Server, Node]) -> None:
+    """network = "cni": the node's conflist (Debian's bridge, host-local and portmap plugins)
+    gives the pods their addresses, one bridge for all; the tenant rules on top hold the same."""
+    server, node = cni
+    reachability_matrix(server, node)
+    mapping = pb.PortMapping(protocol=pb.TCP, container_port=TCP, host_port=18090)
+    pod_id, ip, netns = run_pod(server, "web", "team-d", port_mappings=[mapping])
+    try:
+        assert ip.startswith("10.221.")
+        node.listen(netns)
+        assert reach(node.path, [("tcp", "192.0.2.1", 18090)]) == [True]
+    finally:
+        remove_pod(server, pod_id)
+    assert list((server.base / "cni-ipam").rglob("10.221.*")) == []  # host-local's lease given back
+    assert list((server.base / "state/network/cni").iterdir()) == []  # and the cached result
+
+
+def reachability_matrix(server: Server, node: Node, expect_denials: bool = False) -> None:
     conditions = server.runtime.Status(pb.StatusRequest()).status.conditions
     assert [(c.type, c.status) for c in conditions] == [("RuntimeReady", True), ("NetworkReady", True)]
     pods = [run_pod(server, name, ns) for name, ns in (("a1", "team-a"), ("a2", "team-a"), ("b1", "team-b"))]
     try:
         for _, ip, netns in pods:
-            assert ip.startswith("10.213.")
+            assert ip.startswith("10.2")
             node.listen(netns)
         node.listen(node.path)  # the node's own addresses answer too, when anything reaches them
         node.listen(f"/run/netns/{node.ext}", EXT_ALLOWED[1], EXT_ALLOWED[1])
@@ -153,13 +205,14 @@ def test_network_ready_and_the_reachability_matrix(server: Server, node: Node) -
             egress = reach(netns, [("tcp", *EXT_ALLOWED), ("tcp", *EXT_OTHER), ("udp", *EXT_ALLOWED)])
             assert egress == ([True, False, False] if i < 2 else [False, False, False]), (i, egress)
         assert reach(node.path, every_protocol(pods)) == [True] * 9
-        # `stockade doctor` in the node's namespace: the backend, the tenants, their denials counted
-        out = sh("nsenter", f"--net={node.path}", STOCKADE, "doctor", "--json", "--cri-config",
-                 str(server.base / "stockade.toml"))
-        check = next(c for c in json.loads(out)["checks"] if c["name"] == "tenant network")
-        assert check["status"] == "ok" and check["detail"].startswith("bridge: 2 tenants"), check
-        counts = {part.split(":")[0].strip(): part for part in check["detail"].split("(", 1)[1].split(";")}
-        assert "packets denied" in counts["team-a"] and " 0 packets" not in counts["team-a"], counts
+        if expect_denials:  # `stockade doctor` in the node's namespace: backend, tenants, denials
+            out = sh("nsenter", f"--net={node.path}", STOCKADE, "doctor", "--json", "--cri-config",
+                     str(server.base / "stockade.toml"))
+            check = next(c for c in json.loads(out)["checks"] if c["name"] == "tenant network")
+            assert check["status"] == "ok" and check["detail"].startswith("bridge: 2 tenants"), check
+            parts = check["detail"].split("(", 1)[1].split(";")
+            counts = {part.split(":")[0].strip(): part for part in parts}
+            assert "packets denied" in counts["team-a"] and " 0 packets" not in counts["team-a"], counts
     finally:
         for pod_id, _, _ in pods:
             remove_pod(server, pod_id)
