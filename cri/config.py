@@ -170,13 +170,12 @@ def check(config: Config, where: str) -> None:
             raise SpecError(f"{key} must be an absolute path", where=where)
     if config.network not in NETWORKS:
         raise SpecError(f"network {config.network!r}", where=where, hint=f"one of {', '.join(NETWORKS)}")
-    if config.network != "none":
-        from .ipam import check_cidr
-        from .netrules import node_allow
+    from .ipam import check_cidr  # checked whatever the backend: a later switch finds them sound
+    from .netrules import node_allow
 
-        check_cidr(config.net.pod_cidr, config.net.tenant_prefix, where)
-        for item in config.net.node_allow:
-            node_allow(item, where)
+    check_cidr(config.net.pod_cidr, config.net.tenant_prefix, f"{where}: stockade.pod_network")
+    for item in config.net.node_allow:
+        node_allow(item, f"{where}: stockade.pod_network.node_allow")
 
 
 def _handlers(value: object, where: str) -> dict[str, Handler]:

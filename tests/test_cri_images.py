@@ -203,12 +203,16 @@ def test_a_second_server_on_the_same_socket_is_refused(server: Server) -> None:
     ("[stockade\n", "not valid TOML"),
     ('[stockade]\ndefault_handler = "nope"\n', "default_handler 'nope'"),
     ('[stockade.handlers.strict]\nprofile = 3\n', "stockade.handlers.strict.profile: expected a str"),
-    ('[stockade]\nnetwork = "cni"\n', "network 'cni' is not available"),
+    ('[stockade]\nnetwork = "ovs"\n', "network 'ovs'"),
+    ('[stockade]\nnetwork = "bridge"\n[stockade.pod_network]\npod_cidr = "10.0.0.1/16"\n',
+     "is not an IPv4 network"),
+    ('[stockade.pod_network]\nnode_allow = ["10.0.0.1:53"]\n', "node_allow entry '10.0.0.1:53'"),
 ])
 def test_a_bad_configuration_is_named_and_nothing_starts(tmp_path: Path, text: str, words: str) -> None:
     config = tmp_path / "stockade.toml"
     config.write_text(text)
-    done = subprocess.run([STOCKADE, "cri", "serve", "--config", str(config), "--socket",
+    # --no-bpf-agent: should a bad configuration slip through, it must not touch the node's pins
+    done = subprocess.run([STOCKADE, "cri", "serve", "--config", str(config), "--no-bpf-agent", "--socket",
                            str(tmp_path / "s.sock"), "--state-dir", str(tmp_path / "state")],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and words in done.stderr and str(config) in done.stderr, done.stderr

@@ -29,6 +29,7 @@ CHECKS = {
     "overlayfs",
     "nftables",
     "bpffs",
+    "tenant network",
 }
 
 
