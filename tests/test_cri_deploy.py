@@ -20,6 +20,7 @@ def test_the_example_configuration_loads_with_its_handlers() -> None:
     strict = config.handlers["stockade"]
     assert (strict.user_namespace, strict.host_namespaces, strict.privileged, strict.allow_degraded) == (
         True, False, False, False)
+    assert config.network == "bridge" and config.net.pod_cidr == "10.88.0.0/16"
     audit = config.handlers["stockade-audit"]
     assert (POLICIES / f"{audit.bpf_policy}.yaml").is_file()
     assert "mode: audit" in (POLICIES / f"{audit.bpf_policy}.yaml").read_text()
@@ -43,3 +44,14 @@ def test_kubelet_and_systemd_point_at_the_server() -> None:
     unit = (DEPLOY / "stockade-cri.service").read_text()
     assert "ExecStart=/opt/stockade/.venv/bin/stockade cri serve --config /etc/stockade/stockade.toml" in unit
     assert "KillMode=process" in unit  # stopping the server leaves conmon and the containers
+
+
+def test_the_example_tenant_policy_parses() -> None:
+    from stockade.cri.netrules import parse_policy
+
+    path = DEPLOY / "tenants" / "team-a.yaml"
+    policy = parse_policy(path.read_text(), str(path))
+    assert [(e.cidr, e.exceptions, e.ports, e.protocols) for e in policy.egress] == [
+        ("10.20.0.0/16", ["10.20.99.0/24"], [(5432, 5432)], ["tcp"]),
+        ("0.0.0.0/0", [], [(443, 443)], ["tcp"])]
+    assert policy.ingress_from == ["team-b"]
