@@ -21,13 +21,14 @@ def _format(event: dict) -> str:
     from datetime import datetime
 
     when = datetime.fromtimestamp(event["time"]).strftime("%H:%M:%S.%f")[:-3]
-    who = event.get("container_id") or f"cgroup:{event.get('cgroup_id')}"
+    who = event.get("container_id") or (f"pod:{event['pod_id']}" if event.get("pod_id")  # a network denial
+                                        else f"cgroup:{event.get('cgroup_id')}")
     return (f"{when} {who[:12]:<12} {event['decision']:<7} {event['hook']:<20} "
             f"{event.get('comm', '')}[{event.get('pid')}] {event.get('object', '')}")
 
 
 def events_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="stockade events", description="show BPF denial events")
+    ap = argparse.ArgumentParser(prog="stockade events", description="show denials (BPF, network)")
     ap.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     ap.add_argument("--container", help="only this container (ID or unique prefix)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")

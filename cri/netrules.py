@@ -31,6 +31,8 @@ VETH_PREFIX = "stkp-"  # the node's end of a pod's veth: stkp-<10 hex of the pod
 PROTOCOLS = ("tcp", "udp", "sctp")
 EGRESS_ANNOTATION = "io.stockade.network/egress"  # a pod's own egress: within its tenant's, never more
 LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")  # the cloud metadata address among them
+LOG_GROUP = 2026  # the NFLOG group denials are logged to (netlog.py reads it)
+LOG_PREFIX = "stk "  # "stk <tenant> <rule>" ("-": a chain all tenants share)
 
 
 @dataclass
@@ -218,7 +220,8 @@ def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostpo
         for _, pod_id, egress in t.narrowed:  # before the tenant's chain, which jumps to them
             chain(f"pod_{pod_id[:10]}")
             _egress_rules(lambda *e, comment="", c=f"pod_{pod_id[:10]}": rule(c, *e, comment=comment), egress)
-            rule(f"pod_{pod_id[:10]}", {"counter": None}, {"drop": None}, comment="pod egress default deny")
+            _deny(lambda *e, comment="", c=f"pod_{pod_id[:10]}": rule(c, *e, comment=comment), t.name,
+                  comment="pod egress default deny")
         chain(tchain)
         rule("pod_egress", of_tenant(t), {"jump": {"target": tchain}},
              comment=t.name)  # doctor names the tenant chains by it
@@ -228,31 +231,41 @@ def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostpo
                 rule("pod_to_node", of_tenant(t), _daddr(server),
                      *_l4(proto, 53, 53), {"accept": None}, comment=f"dns {t.name}")
     _untracked_loopback(chain, rule, hostports)
-    rule("pod_egress", {"counter": None}, {"drop": None}, comment="from no known tenant")
-    rule("pod_to_node", {"counter": None}, {"drop": None}, comment="pod to node")
+    for name, why in (("pod_egress", "from no known tenant"), ("pod_to_node", "pod to node")):
+        _deny(lambda *e, comment="", c=name: rule(c, *e, comment=comment), "-", comment=why)
     _nat(cmds, chain, rule, pod_cidr, hostports if backend == "bridge" else [])  # cni: portmap's DNAT
     return cmds
 
 
 def _tenant_rules(t: Tenant, tenants: list[Tenant], pod_cidr: str, rule) -> None:  # noqa: ANN001
-    accept, drop = {"accept": None}, [{"counter": None}, {"drop": None}]
+    accept = {"accept": None}
     rule(_match("payload", ("ip", "daddr"), _members(t.subnet)), accept, comment="own tenant")
     for server in t.dns:  # as addressed: a Service address kube-proxy rewrote, a node-local cache
         original = {"ct": {"key": "ip daddr", "dir": "original"}}
         for proto in ("udp", "tcp"):
             rule({"match": {"op": "==", "left": original, "right": server}}, *_l4(proto, 53, 53), accept,
                  comment="dns")
-    rule(_daddr(str(LINK_LOCAL)), *drop, comment="link-local, metadata")
+    _deny(rule, t.name, _daddr(str(LINK_LOCAL)), comment="link-local, metadata")
     for other in tenants:
         if other.name != t.name and t.name in other.policy.ingress_from:
             rule(_match("payload", ("ip", "daddr"), _members(other.subnet)), accept,
                  comment=f"{other.name} admits {t.name}")
-    rule(_daddr(pod_cidr), *drop, comment="other tenants")
+    _deny(rule, t.name, _daddr(pod_cidr), comment="other tenants")
     for ip, pod_id, _ in t.narrowed:
         rule(_match("payload", ("ip", "saddr"), ip), {"jump": {"target": f"pod_{pod_id[:10]}"}},
              comment=f"pod {pod_id[:12]}")
     _egress_rules(rule, t.policy.egress)
-    rule(*drop, comment="egress default deny")
+    _deny(rule, t.name, comment="egress default deny")
+
+
+def _deny(rule, tenant: str, *matches: dict, comment: str) -> None:  # noqa: ANN001
+    """Count and drop what MATCHES; first log it (20 a second at most) to the NFLOG group
+    netlog reads, prefixed "stk <tenant> <rule>" (a log rule of its own: an exhausted limit
+    must not skip the drop)."""
+    limit = {"limit": {"rate": 20, "per": "second", "burst": 40}}
+    prefix = f"{LOG_PREFIX}{tenant[:40]} {comment}"[:63]
+    rule(*matches, limit, {"log": {"group": LOG_GROUP, "prefix": prefix}}, comment=f"{comment} (log)")
+    rule(*matches, {"counter": None}, {"drop": None}, comment=comment)
 
 
 def _egress_rules(rule, egress: list[Egress]) -> None:  # noqa: ANN001
@@ -352,6 +365,8 @@ def summary(listing: dict) -> dict[str, dict[str, int]]:
         if r["chain"] not in names:
             continue
         entry = out.setdefault(names[r["chain"]], {"rules": 0, "denied": 0})
+        if any("log" in e for e in r["expr"]):
+            continue  # the log half of a denial
         entry["rules"] += 1
         if any("drop" in e for e in r["expr"]):
             counters = [e["counter"] or {} for e in r["expr"] if "counter" in e]

@@ -182,6 +182,11 @@ class Pods:
                       k8s={"K8S_POD_NAMESPACE": spec.namespace, "K8S_POD_NAME": spec.name,
                            "K8S_POD_UID": spec.uid})
 
+    def by_address(self, ip: str) -> tuple[str, str]:
+        """(pod id, tenant) of the pod with address IP, ("", "") for none."""
+        found = next((p for p in self.list() if p.ip and p.ip == ip), None)
+        return (found.id, found.tenant) if found else ("", "")
+
     def nets(self) -> list[PodNet]:
         """Every pod with a network of its own (what Network rebuilds its rules from)."""
         return [self.pod_net(p) for p in self.list() if "network" in p.namespaces and p.state != CREATING]

@@ -55,6 +55,8 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     if server.add_insecure_port(f"unix://{config.socket}") == 0:
         raise StockadeError("cannot listen on the socket", where=config.socket)
     watch_exits(runtime.containers.exits, runtime.containers.on_exit_file, stop)
+    if runtime.network is not None:
+        _log_denials(runtime, stop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
@@ -91,6 +93,21 @@ def _start_agent(config: Config, stop: threading.Event) -> dict:
     log.info("BPF agent: programs at %s (%s), LSM %s%s", root, report["cgroup_programs"],
              "on" if report["lsm"] else "off", "" if report["lsm"] else f" ({report['lsm_reason']})")
     return {"running": True, **report}
+
+
+def _log_denials(runtime: RuntimeService, stop: threading.Event) -> None:
+    """What the tenant rules drop, into the events stream (a thread reading the NFLOG group)."""
+    from stockade.bpf.events import EVENTS_FILE
+
+    from . import netlog
+
+    def run() -> None:
+        try:
+            netlog.pump(EVENTS_FILE, runtime.pods.by_address, stop)
+        except OSError as exc:  # another reader holds the group: denials stay counted, not logged
+            log.warning("network denials are not logged as events: %s", exc)
+
+    threading.Thread(target=run, name="net-denials", daemon=True).start()
 
 
 def _claim_socket(path: str) -> None:

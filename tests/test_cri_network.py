@@ -93,10 +93,15 @@ def server(node: Node) -> Iterator[Server]:
     config.write_text(f'[stockade]\nnetwork = "bridge"\ndefault_handler = "plain"\n'
                       f'[stockade.handlers.plain]\nprofile = "runtime-default"\nallow_degraded = true\n'
                       f'[stockade.pod_network]\npod_cidr = "{POD_CIDR}"\npolicy_dir = "{policies}"\n')
-    srv = Server(base, config=config, netns=node.path)
+    srv = Server(base, config=config, netns=node.path, env=own_events(base))
     yield srv
     srv.stop()
     shutil.rmtree(base, ignore_errors=True)
+
+
+def own_events(base: Path) -> dict:
+    """The server's events file (denials) in the test's directory, not the node's."""
+    return dict(os.environ, STOCKADE_EVENTS_FILE=str(base / "events.jsonl"))
 
 
 def write_policies(directory: Path) -> None:
@@ -124,7 +129,7 @@ def cni() -> Iterator[tuple[Server, Node]]:
                           f'[stockade.handlers.plain]\nprofile = "runtime-default"\nallow_degraded = true\n'
                           f'[stockade.pod_network]\npod_cidr = "10.221.0.0/16"\n'
                           f'policy_dir = "{base / "tenants"}"\ncni_conf_dir = "{base / "net.d"}"\n')
-        srv = Server(base, config=config, netns=node.path)
+        srv = Server(base, config=config, netns=node.path, env=own_events(base))
         yield srv, node
         assert srv.stop() == 0
     finally:
@@ -213,6 +218,17 @@ def reachability_matrix(server: Server, node: Node, expect_denials: bool = False
             parts = check["detail"].split("(", 1)[1].split(";")
             counts = {part.split(":")[0].strip(): part for part in parts}
             assert "packets denied" in counts["team-a"] and " 0 packets" not in counts["team-a"], counts
+            # and each denial is an event in the stream `stockade events` reads
+            b_ip = pods[2][1]
+            deadline = time.monotonic() + 5
+            while True:
+                lines = (server.base / "events.jsonl").read_text().splitlines()
+                seen = [json.loads(line) for line in lines if f"{b_ip}:{TCP}/tcp" in line]
+                if seen or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert seen and seen[0]["tenant"] == "team-a" and seen[0]["hook"] == "nftables", lines[-5:]
+            assert seen[0]["pod_id"] in {pods[0][0], pods[1][0]} and "other tenants" in seen[0]["object"]
     finally:
         for pod_id, _, _ in pods:
             remove_pod(server, pod_id)
@@ -299,7 +315,8 @@ def test_a_killed_server_keeps_every_rule_and_address(node: Node, server: Server
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
     argv = json.loads(json.dumps(server.proc.args))
-    restarted = Server(server.base, config=Path(argv[argv.index("--config") + 1]), netns=node.path)
+    restarted = Server(server.base, config=Path(argv[argv.index("--config") + 1]), netns=node.path,
+                       env=own_events(server.base))
     server.__dict__.update(restarted.__dict__)  # the module's other tests go on with this one
     time.sleep(0.2)
     assert _without_counters(rules(node)) == _without_counters(table)
@@ -373,7 +390,7 @@ def test_an_exhausted_range_and_an_overlapping_pod_cidr(tmp_path: Path) -> None:
         config = base / "stockade.toml"
         config.write_text('[stockade]\nnetwork = "bridge"\n'
                           '[stockade.pod_network]\npod_cidr = "10.214.0.0/24"\ntenant_prefix = 29\n')
-        srv = Server(base, config=config, netns=node.path)
+        srv = Server(base, config=config, netns=node.path, env=own_events(base))
         try:
             pods = [run_pod(srv, f"p{i}", "team-x") for i in range(5)]
             metadata = pb.PodSandboxMetadata(name="p5", namespace="team-x", uid="uid-p5")
@@ -387,7 +404,7 @@ def test_an_exhausted_range_and_an_overlapping_pod_cidr(tmp_path: Path) -> None:
             assert srv.stop() == 0
         sh("ip", "-n", node.name, "addr", "add", "10.214.0.77/24", "dev", "lo")
         with pytest.raises(AssertionError, match="pod_cidr 10.214.0.0/24 overlaps 10.214.0.77/24 on lo"):
-            Server(base, config=config, netns=node.path)
+            Server(base, config=config, netns=node.path, env=own_events(base))
     finally:
         node.remove()
         shutil.rmtree(base, ignore_errors=True)
