@@ -132,10 +132,17 @@ class Pods:
         return pod
 
     def stop(self, pod_id: str) -> None:
-        """The pod's network goes and it is NOTREADY; stopping again is fine (kubelet retries)."""
+        """The pod's network goes (its address is reclaimed, as the CRI asks of StopPodSandbox)
+        and it is NOTREADY; stopping again is fine (kubelet retries)."""
         with self.lock:
             pod = self.find(pod_id)
-            if pod is None or pod.state == NOT_READY:
+            if pod is None:
+                return
+            if pod.ip and self.network is not None:
+                self.network.detach(self.pod_net(pod))
+                pod.ip = ""
+                self.records.save(pod)
+            if pod.state == NOT_READY:
                 return
             self._end_init(pod)
             pod.state = NOT_READY

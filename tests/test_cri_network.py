@@ -269,6 +269,10 @@ def test_removing_a_pod_removes_its_link_address_and_rules(server: Server, node:
     before = links(node)
     assert any(n.startswith("stkp-") for n in before) and any(n.startswith("stkt-") for n in before)
     assert "tenant_" in rules(node)
+    # StopPodSandbox reclaims the network (the CRI asks so); RemovePodSandbox then removes the rest
+    server.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    status = server.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
+    assert status.network.ip == "" and not (server.base / "state/network/addrs" / ip).exists()
     remove_pod(server, pod_id)
     remove_pod(server, pod_id)  # kubelet retries: fine
     after = links(node)
