@@ -35,7 +35,7 @@ from images import busybox_image  # noqa: E402
 from stockade.runtime.images.archive import import_archive  # noqa: E402
 from stockade.runtime.images.store import Store  # noqa: E402
 
-from cri import STOCKADE, Server  # noqa: E402
+from cri import STOCKADE, Server, remove_cgroup_everywhere  # noqa: E402
 
 LOAD = str(HERE / "netload.py")
 LOOP = ""  # bpf_loop, built into the work directory
@@ -218,6 +218,7 @@ def main() -> int:
                 server.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
             server.stop()
         subprocess.run([STOCKADE, "agent", "--stop"], env=env, check=False, stdout=subprocess.DEVNULL)
+        remove_cgroup_everywhere("stockade-bench")  # the parent, empty now
         for ns in nodes.values():
             subprocess.run(["ip", "netns", "del", ns], check=False)
         shutil.rmtree(work, ignore_errors=True)

@@ -3,6 +3,7 @@ a kubelet-like client over the generated stubs of `container-runtime-interface-a
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -86,3 +87,14 @@ def fast_tmp() -> Path:
 
     return Path(tempfile.mkdtemp(prefix="stockade-cri-", dir="/var/tmp"))
 
+
+
+def remove_cgroup_everywhere(name: str) -> None:
+    """What kubelet does with its pod cgroups, and what a server's cgroup parent needs once its
+    agent is stopped: rmdir the tree NAME, deepest first, in every hierarchy."""
+    with open("/proc/self/mounts") as f:
+        mounts = [line.split()[1] for line in f if line.split()[2] in ("cgroup", "cgroup2")]
+    for mount in mounts:
+        top = os.path.join(mount, name)
+        for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+            os.rmdir(dirpath)

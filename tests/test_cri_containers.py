@@ -20,7 +20,7 @@ from leftovers import new_since, snapshot
 from stockade.runtime.images.archive import import_archive
 from stockade.runtime.images.store import Store
 
-from cri import Server, fast_tmp, pb, status_code
+from cri import Server, fast_tmp, pb, remove_cgroup_everywhere, status_code
 
 pytestmark = pytest.mark.usefixtures("needs_root")
 
@@ -676,21 +676,13 @@ def test_the_bpf_agent_runs_in_the_server_and_confines_its_pods(server: Server, 
             assert own.stop() == 0
         cleanup_agent(agent)
         shutil.rmtree(base, ignore_errors=True)
-        _remove_cgroup_everywhere(kube)
+        remove_cgroup_everywhere(kube)
     assert not any(p.name == kube for m in _cgroup_mounts() for p in Path(m).iterdir())
 
 
 def _cgroup_mounts() -> list[str]:
     with open("/proc/self/mounts") as f:
         return [line.split()[1] for line in f if line.split()[2] in ("cgroup", "cgroup2")]
-
-
-def _remove_cgroup_everywhere(name: str) -> None:
-    """What kubelet does with its pod cgroups: rmdir the tree, deepest first, in every hierarchy."""
-    for mount in _cgroup_mounts():
-        top = os.path.join(mount, name)
-        for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
-            os.rmdir(dirpath)
 
 
 def test_mounts_read_only_and_propagation(server: Server) -> None:
