@@ -23,6 +23,7 @@ plain data. Every key is checked; a misspelt one is an error that names the file
 
     [stockade.registries]
     insecure = ["localhost:5000"]
+    mirrors = { "registry.k8s.io" = "mirror.local:5000" }   # asked first; the registry if it fails
 
     [stockade.handlers.stockade]
     profile = "restricted"
@@ -80,6 +81,7 @@ class Config:
     network: str = "none"
     bpf_agent: bool = True  # load, attach and pin the BPF programs in this process, stream their events
     insecure_registries: list[str] = field(default_factory=list)
+    registry_mirrors: dict[str, str] = field(default_factory=dict)  # registry -> host asked first
     handlers: dict[str, Handler] = field(default_factory=dict)
     net: NetworkConfig = field(default_factory=NetworkConfig)
 
@@ -139,7 +141,8 @@ def parse(doc: dict, where: str) -> Config:
     config = Config(handlers={})
     for key, value in section.items():
         if key == "registries":
-            config.insecure_registries = _registries(value, f"{where}: stockade.registries")
+            found = _registries(value, f"{where}: stockade.registries")
+            config.insecure_registries, config.registry_mirrors = found
         elif key == "handlers":
             config.handlers = _handlers(value, f"{where}: stockade.handlers")
         elif key == "pod_network":
@@ -209,13 +212,19 @@ def _network(value: object, where: str) -> NetworkConfig:
     return net
 
 
-def _registries(value: object, where: str) -> list[str]:
-    if not isinstance(value, dict) or set(value) - {"insecure"}:
-        raise SpecError("expected `insecure = [\"host:port\", ...]`", where=where)
+def _registries(value: object, where: str) -> tuple[list[str], dict[str, str]]:
+    """(insecure hosts, mirrors: registry -> host)."""
+    if not isinstance(value, dict) or set(value) - {"insecure", "mirrors"}:
+        raise SpecError("expected `insecure = [\"host:port\", ...]` and `mirrors = {registry = \"host\"}`",
+                        where=where)
     hosts = value.get("insecure", [])
     if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
         raise SpecError("insecure must be a list of host[:port] strings", where=where)
-    return list(hosts)
+    mirrors = value.get("mirrors", {})
+    if not isinstance(mirrors, dict) or not all(isinstance(v, str) and v for v in mirrors.values()):
+        raise SpecError("mirrors must map registries to hosts", where=f"{where}.mirrors",
+                        hint='e.g. mirrors = { "registry.k8s.io" = "mirror.local:5000" }')
+    return list(hosts), dict(mirrors)
 
 
 def _typed(value: object, kind: type, where: str) -> object:

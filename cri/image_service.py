@@ -39,7 +39,7 @@ class ImageService(pb_grpc.ImageServiceServicer):
         remaining = context.time_remaining()
         deadline = min(3600.0, remaining) if remaining is not None else 3600.0
         client = Client(insecure=set(self.config.insecure_registries), timeout=min(30.0, deadline),
-                        deadline=deadline, **_auth(request.auth, ref))
+                        deadline=deadline, mirrors=self.config.registry_mirrors, **_auth(request.auth, ref))
         try:
             image, notes = pull(self.store, ref, client)
         finally:

@@ -235,3 +235,24 @@ def test_handlers_from_the_configuration_are_listed(tmp_path: Path) -> None:
         assert srv.stop() == 0
         assert '"level": "info"' in srv.log.read_text()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_registry_mirror_is_asked_first_and_keeps_the_name(registries: Pair, tmp_path: Path) -> None:
+    """mirrors: an image of registry.k8s.io (unreachable here) comes from the open registry the
+    configuration names as its mirror, under its own name; a mirror that is down falls back to
+    the registry itself (containerd's order)."""
+    open_registry, _ = registries
+    config = tmp_path / "stockade.toml"
+    host = open_registry.host
+    config.write_text(f'[stockade.registries]\ninsecure = ["{host}", "127.0.0.1:9"]\n'
+                      f'mirrors = {{ "registry.k8s.io" = "{host}", "{host}" = "127.0.0.1:9" }}\n')
+    base = fast_tmp()
+    srv = Server(base, config=config)
+    try:
+        ref = pull(srv, "registry.k8s.io/test/app:v1")
+        names = {n for i in srv.images.ListImages(pb.ListImagesRequest()).images for n in i.repo_tags}
+        assert "registry.k8s.io/test/app:v1" in names and ref
+        assert pull(srv, f"{open_registry.host}/test/named:v1")  # its mirror is down: the registry itself
+    finally:
+        assert srv.stop() == 0
+        shutil.rmtree(base, ignore_errors=True)

@@ -53,12 +53,16 @@ class Client:
     def __init__(self, insecure: set[str] | None = None, auth_file: str | None = None,
                  timeout: float = 30.0, deadline: float = 3600.0,
                  credentials: dict[str, tuple[str, str]] | None = None,
-                 registry_tokens: dict[str, str] | None = None) -> None:
+                 registry_tokens: dict[str, str] | None = None,
+                 mirrors: dict[str, str] | None = None) -> None:
         """CREDENTIALS (host -> user, password) come before the auth file's; REGISTRY_TOKENS
-        (host -> bearer token, as a CRI PullImage may carry) are sent as they are."""
+        (host -> bearer token, as a CRI PullImage may carry) are sent as they are. MIRRORS
+        (registry -> host): asked first, the registry itself when the mirror fails or lacks it
+        (containerd's order); the image keeps its name."""
         import httpx
 
         self.insecure = set(insecure or ())
+        self.mirrors = dict(mirrors or {})
         given = {_auth_key(host): pair for host, pair in (credentials or {}).items()}
         self.credentials = {**_credentials(auth_file), **given}
         self.tokens: dict[tuple[str, str], str] = {
@@ -101,8 +105,18 @@ class Client:
     # -- HTTP with auth, redirects and retries
 
     def _get(self, ref: Reference, path: str, headers: dict[str, str]) -> httpx.Response:
-        host = DOCKER_HUB if ref.domain == DEFAULT_DOMAIN else ref.domain
-        scheme = "http" if ref.domain in self.insecure else "https"
+        mirror = self.mirrors.get(ref.domain)
+        if mirror:
+            try:
+                return self._get_from(mirror, ref, path, headers)
+            except RegistryError as exc:
+                if isinstance(exc, DeadlineExceeded):
+                    raise
+        return self._get_from(DOCKER_HUB if ref.domain == DEFAULT_DOMAIN else ref.domain, ref, path, headers)
+
+    def _get_from(self, host: str, ref: Reference, path: str, headers: dict[str, str]) -> httpx.Response:
+        domain = ref.domain if host in (ref.domain, DOCKER_HUB) else host
+        scheme = "http" if domain in self.insecure else "https"
         url = f"{scheme}://{host}{path}"
         scope = f"repository:{ref.path}:pull"
         for attempt in range(RETRIES):
