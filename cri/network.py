@@ -85,7 +85,7 @@ class Network:
         rebuilt from the pods that are."""
         self.pods = pods
         if self.cni is None:
-            _refuse_overlap(self.ipam.net)
+            _refuse_overlap(self.ipr(), self.ipam.net)
         _sysctl("net/ipv4/ip_forward", "1")
         with self.lock:
             broken = []
@@ -119,7 +119,7 @@ class Network:
                 log.warning("pod CIDR %s from kubelet not taken: pods use %s", cidr, self.ipam.net)
                 return
             ipam = Ipam(os.path.join(self.config.state_dir, "network"), cidr, self.config.net.tenant_prefix)
-            _refuse_overlap(ipam.net)
+            _refuse_overlap(self.ipr(), ipam.net)
             self.ipam, self.config.net.pod_cidr = ipam, cidr
             self._rebuild()
             log.info("pod addresses now come from %s", cidr)
@@ -162,7 +162,7 @@ class Network:
             if not any(p.tenant == pod.tenant for p in others):
                 self._drop_bridge(pod.tenant)
                 self.ipam.release_tenant(pod.tenant)  # a namespace that comes and goes takes none for good
-            self._rebuild(without=pod.id)
+            self._rebuild(live=others)
 
     # -- steps
 
@@ -236,8 +236,11 @@ class Network:
     def _live(self) -> list[PodNet]:
         return [p for p in self.pods() if p.ip]
 
-    def _rebuild(self, extra: PodNet | None = None, without: str = "") -> None:
-        pods = [p for p in self._live() if p.id != without and (extra is None or p.id != extra.id)]
+    def _rebuild(self, extra: PodNet | None = None, without: str = "",
+                 live: list[PodNet] | None = None) -> None:
+        """LIVE: the pods with addresses, when the caller has just read them (one read of records)."""
+        live = self._live() if live is None else live
+        pods = [p for p in live if p.id != without and (extra is None or p.id != extra.id)]
         pods += [extra] if extra is not None else []
         subnets = self.ipam.tenants() if self.cni is None else {}
         tenants = []
@@ -282,13 +285,12 @@ def remove_rules() -> None:
     apply([{"add": {"table": table}}, {"delete": {"table": table}}])
 
 
-def _iproute(netns_fd: int | None = None):  # noqa: ANN202 - a pyroute2 IPRoute
-    """IPRoute on a netlink socket of the server's network namespace or of NETNS_FD's: a thread
-    enters the namespace only to open the socket (setns changes the calling thread alone)."""
+def _iproute(netns_fd: int):  # noqa: ANN202 - a pyroute2 IPRoute
+    """IPRoute on a netlink socket of NETNS_FD's network namespace (the server's own is
+    Network.ipr()): a thread enters the namespace only to open the socket (setns changes the
+    calling thread alone)."""
     from pyroute2 import IPRoute
 
-    if netns_fd is None:
-        return IPRoute()
     box: dict = {}
 
     def open_inside() -> None:
@@ -321,18 +323,17 @@ def _index(ipr, name: str) -> int:  # noqa: ANN001 - a pyroute2 IPRoute
     return ipr.link("get", ifname=name)[0]["index"]
 
 
-def _refuse_overlap(pod_cidr) -> None:  # noqa: ANN001 - an IPv4Network
+def _refuse_overlap(ipr, pod_cidr) -> None:  # noqa: ANN001 - an IPRoute, an IPv4Network
     """Pod addresses must not shadow the node's own (a route to them would go to the pods)."""
     import ipaddress
 
-    with _iproute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for addr in ipr.get_addr(family=socket.AF_INET):
-            name, ip = names.get(addr["index"], "?"), addr.get_attr("IFA_ADDRESS")
-            net = ipaddress.IPv4Network(f"{ip}/{addr['prefixlen']}", strict=False)
-            if not name.startswith(netrules.BRIDGE_PREFIX) and net.overlaps(pod_cidr) and not net.is_loopback:
-                raise SpecError(f"pod_cidr {pod_cidr} overlaps {ip}/{addr['prefixlen']} on {name}",
-                                where="pod_network.pod_cidr", hint="choose addresses the node does not use")
+    names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    for addr in ipr.get_addr(family=socket.AF_INET):
+        name, ip = names.get(addr["index"], "?"), addr.get_attr("IFA_ADDRESS")
+        net = ipaddress.IPv4Network(f"{ip}/{addr['prefixlen']}", strict=False)
+        if not name.startswith(netrules.BRIDGE_PREFIX) and net.overlaps(pod_cidr) and not net.is_loopback:
+            raise SpecError(f"pod_cidr {pod_cidr} overlaps {ip}/{addr['prefixlen']} on {name}",
+                            where="pod_network.pod_cidr", hint="choose addresses the node does not use")
 
 
 def _sysctl(key: str, value: str) -> None:

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import socket
@@ -27,15 +28,25 @@ CATATONIT = shutil.which("catatonit") or "/usr/bin/catatonit"
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def busybox_image(archive: Path, name: str) -> Path:
-    """ARCHIVE: an image NAME with busybox in /bin and catatonit at /pause; its entrypoint
-    `/pause -P` waits for a signal (the pod sandbox's pause process; containers give a command)."""
+def busybox_image(archive: Path, name: str, entrypoint: tuple[str, ...] = ("/pause", "-P"),
+                  hardlinks: bool = False) -> Path:
+    """ARCHIVE: an image NAME with busybox in /bin, catatonit at /pause and /www/index.html; its
+    entrypoint `/pause -P` waits for a signal (the pod sandbox's pause process; containers give a
+    command). HARDLINKS: applets hardlinked, as the official busybox image has them (masking
+    /bin/ls then does not mask the shell)."""
     with tempfile.TemporaryDirectory() as tmp:
         rootfs = make_rootfs(Path(tmp) / "rootfs")
+        if hardlinks:
+            for path in (rootfs / "bin").iterdir():
+                if path.is_symlink():
+                    path.unlink()
+                    os.link(rootfs / "bin/busybox", path)
         shutil.copy2(CATATONIT, rootfs / "pause")
+        (rootfs / "www").mkdir()
+        (rootfs / "www/index.html").write_text("stockade\n")
         layer = tar_of(rootfs)
-    return oci_archive(archive, name, [(layer, "")], {"Env": [PATH_ENV], "Entrypoint": ["/pause", "-P"],
-                                                      "WorkingDir": "/"})
+    config = {"Env": [PATH_ENV], "Entrypoint": list(entrypoint), "WorkingDir": "/"}
+    return oci_archive(archive, name, [(layer, "")], config)
 
 
 LAYER = "application/vnd.oci.image.layer.v1.tar"
