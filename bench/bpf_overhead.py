@@ -87,10 +87,10 @@ def map_memory(pin_dir: str) -> dict[str, int]:
     return out
 
 
-def _attach(root: str, fds: dict[str, int], attached: bool) -> None:
+def _attach(root: str, fds: dict[str, int], attached: bool, specs: tuple = loader.CGROUP_PROGS) -> None:
     cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for spec in loader.CGROUP_PROGS:
+        for spec in specs:
             fd = fds[spec.name]
             present = bpfsys.prog_info(fd)["id"] in bpfsys.prog_query(cg, spec.attach_type)
             if attached and not present:
@@ -146,7 +146,11 @@ class LsmToggle:
             os.close(fd)
 
 
-PHASES = ("baseline", "empty", "with_bpf")
+# with_bpf: the programs where the runtime puts them for a container that needs the egress ones
+# (the rest at the parent); no_egress: no container needs them (every one behind a network that
+# refuses what its policy refuses), so only the parent's programs are attached anywhere.
+PHASES = ("baseline", "empty", "with_bpf", "no_egress")
+EGRESS = tuple(spec for spec in loader.CGROUP_PROGS if spec.name in maps.EGRESS_PROGRAMS)
 
 
 def compare(loop: str, netns: str, pin_dir: str, root: str, container: str, n: int, rounds: int) -> dict:
@@ -157,16 +161,19 @@ def compare(loop: str, netns: str, pin_dir: str, root: str, container: str, n: i
     lsm = LsmToggle(pin_dir)
     try:
         for r in range(rounds):
-            for phase in PHASES[r % 3:] + PHASES[:r % 3]:
-                _attach(root, ours, phase == "with_bpf")
+            for phase in PHASES[r % len(PHASES):] + PHASES[:r % len(PHASES)]:
+                _attach(root, ours, phase in ("with_bpf", "no_egress"), loader.PARENT_PROGS)
+                _attach(root, ours, False, EGRESS)  # an older agent's layout
+                _attach(container, ours, phase == "with_bpf", EGRESS)
                 _attach(root, empty, phase == "empty")
-                lsm.set(phase == "with_bpf")
+                lsm.set(phase in ("with_bpf", "no_egress"))
                 for where, cgroup in (("inside", container), ("outside", None)):
                     for op, ns in measure(loop, netns, cgroup, n).items():
                         samples[phase].setdefault(where, {}).setdefault(op, []).append(ns)
     finally:
         _attach(root, empty, False)
-        _attach(root, ours, True)
+        _attach(container, ours, False, EGRESS)
+        _attach(root, ours, True, loader.PARENT_PROGS)
         lsm.close()
         for fd in list(ours.values()) + list(empty.values()):
             os.close(fd)
@@ -276,8 +283,10 @@ def run(iterations: int, rounds: int) -> dict:
         loop = build_loop(state)
         netns = make_netns(tag)
         result["phases"] = compare(loop, netns, pin_dir, root, container, iterations, rounds)
+        maps.attach_egress(container, pin_dir)  # the statistics cover the egress programs too
         result["program_stats"], result["with_stats"] = stats_pass(loop, netns, pin_dir, container,
                                                                    iterations, max(1, rounds // 3))
+        maps.detach_egress(container, pin_dir)
         maps.remove_policy(cgid, pin_dir)
         result["map_memlock_bytes"] = map_memory(pin_dir)
     finally:
@@ -298,8 +307,9 @@ def table(result: dict) -> str:
              f"policy: {result.get('policy')}",
              f"ns per operation, C loop, median of {result['rounds']} rounds; base = no Stockade BPF, "
              "empty = allow-only programs at the same hooks; Δ% = median of per-round differences",
+             "no-egress = only the parent's programs (no container needs the egress ones)",
              f"{'operation':<28}{'where':<9}{'base':>9}{'empty':>9}{'with BPF':>10}{'Δ ns':>8}"
-             f"{'empty Δ%':>10}{'BPF Δ%':>9}"]
+             f"{'empty Δ%':>10}{'BPF Δ%':>9}{'no-egress Δ%':>14}"]
     for op in ph["baseline"]["inside"]:
         for where_ in ("inside", "outside"):
             base = ph["baseline"][where_][op]["median"]
@@ -307,7 +317,7 @@ def table(result: dict) -> str:
             bpf = ph["with_bpf"][where_][op]
             lines.append(f"{op:<28}{where_:<9}{base:>9.0f}{empty['median']:>9.0f}{bpf['median']:>10.0f}"
                          f"{bpf['median'] - base:>8.0f}{empty['paired_pct']:>9.1f}%"
-                         f"{bpf['paired_pct']:>8.1f}%")
+                         f"{bpf['paired_pct']:>8.1f}%{ph['no_egress'][where_][op]['paired_pct']:>13.1f}%")
     lines.append(f"policy install: median {result['install_us']['median']:.0f} µs, "
                  f"p99 {result['install_us']['p99']:.0f} µs")
     lines.append("with BPF_ENABLE_STATS on (inside; the statistics add their own cost to every run):")

@@ -2,7 +2,8 @@
 does once per boot, and what the CRI server does in its own process.
 
 What it leaves in the kernel outlives the caller: maps and programs pinned under the pin
-directory, cgroup programs attached (BPF_F_ALLOW_MULTI) to the Stockade parent cgroup, BPF-LSM
+directory, cgroup programs attached (BPF_F_ALLOW_MULTI) to the Stockade parent cgroup (the
+egress programs only pinned: the runtime attaches them per container, maps.attach_egress), BPF-LSM
 links pinned as link_lsm_<hook>. A later setup finds the pins and re-uses them; `teardown`
 undoes everything. Never attaches to the root cgroup.
 """
@@ -114,6 +115,7 @@ def setup(pin_dir: str, cgroup_root: str, *, with_lsm: bool = True, use_cache: b
             for name, fd in existing.items():
                 bpfsys.obj_pin(fd, maps.pin_path(f"prog_{name}", pin_dir))
         _attach_cgroup_programs(cgroup_root, existing)
+        _detach_ours(cgroup_root, egress_only=True)  # an older agent attached them at the parent
     finally:
         for fd in existing.values():
             if fd is not None:
@@ -125,12 +127,14 @@ def setup(pin_dir: str, cgroup_root: str, *, with_lsm: bool = True, use_cache: b
     return report
 
 
-def _detach_ours(cgroup_root: str) -> list[str]:
+def _detach_ours(cgroup_root: str, *, egress_only: bool = False) -> list[str]:
     """Detach every Stockade cgroup program attached at the parent, found by name (pinned or not)."""
     done = []
     cg = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for spec in loader.CGROUP_PROGS:
+            if egress_only and spec.name not in maps.EGRESS_PROGRAMS:
+                continue
             for prog_id in _attached_ids(cg, spec.attach_type):
                 try:
                     fd = bpfsys.prog_fd_by_id(prog_id)
@@ -167,7 +171,7 @@ def _drop_partial(cgroup_root: str, pin_dir: str, fds: dict[str, int | None]) ->
 def _attach_cgroup_programs(cgroup_root: str, fds: dict[str, int]) -> None:
     cg = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for spec in loader.CGROUP_PROGS:
+        for spec in loader.PARENT_PROGS:
             prog_id = bpfsys.prog_info(fds[spec.name])["id"]
             if prog_id not in _attached_ids(cg, spec.attach_type):
                 bpfsys.prog_attach(cg, fds[spec.name], spec.attach_type, bpfsys.F_ALLOW_MULTI)
@@ -221,7 +225,7 @@ def add_parent(pin_dir: str, cgroup_dir: str) -> bool:
     if other:
         raise NotSupported(f"the BPF programs already govern a second parent cgroup, {other}",
                            where=cgroup_dir, hint="give every pod one cgroup root (kubelet's --cgroup-root)")
-    fds = {spec.name: _pinned_prog_fd(pin_dir, spec.name) for spec in loader.CGROUP_PROGS}
+    fds = {spec.name: _pinned_prog_fd(pin_dir, spec.name) for spec in loader.PARENT_PROGS}
     try:
         if None in fds.values():
             raise NotSupported("the BPF cgroup programs are not pinned", where=pin_dir,
@@ -266,6 +270,8 @@ def teardown(pin_dir: str, cgroup_root: str) -> list[str]:
     second = find_cgroup(alt) if alt else None
     if second:
         removed += [f"{line} at {second}" for line in _detach_ours(second)]
+    for parent in (cgroup_root, second):
+        removed += _detach_egress_below(parent, pin_dir) if parent and os.path.isdir(parent) else []
     try:
         os.rmdir(os.path.join(cgroup_root, KEEPER))
         removed.append(f"removed {KEEPER} cgroup")
@@ -279,6 +285,22 @@ def teardown(pin_dir: str, cgroup_root: str) -> list[str]:
     if _release_bpffs():
         removed.append(f"unmounted {BPFFS}")
     return removed
+
+
+def _detach_egress_below(parent: str, pin_dir: str) -> list[str]:
+    """Take the egress programs off the container cgroups below PARENT (maps.attach_egress put
+    them there): a stopped agent leaves no program running on policies nobody can change."""
+    done = []
+    for top, dirs, _ in os.walk(parent):
+        for name in dirs:
+            path = os.path.join(top, name)
+            try:
+                if maps.egress_attached(path):
+                    maps.detach_egress(path, pin_dir)
+                    done.append(f"detached the egress programs at {path}")
+            except OSError:
+                continue  # gone meanwhile
+    return done
 
 
 def _release_bpffs() -> bool:

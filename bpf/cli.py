@@ -66,6 +66,8 @@ def policy_main(argv: list[str] | None = None) -> int:
     try:
         if args.action == "remove":
             maps.remove_policy(_cgroup_id(args), args.pin_dir)
+            if args.cgroup and maps.egress_attached(args.cgroup):
+                maps.detach_egress(args.cgroup, args.pin_dir)
             return 0
         if not args.policy:
             raise StockadeError("name a policy", hint="stockade policy check default")
@@ -83,6 +85,15 @@ def policy_main(argv: list[str] | None = None) -> int:
             missing = maps.missing_layers(needs, args.pin_dir)
             name = args.container_id or f"cgroup-{cgid}"
             maps.install_policy(cgid, name, compiled, args.tenant, args.pin_dir)
+            if "cgroup_sock_addr" in needs and "cgroup_sock_addr" not in missing:
+                # the CLI cannot know the cgroup's network: its egress rules are always enforced
+                from stockade.bpf.attach import find_cgroup
+
+                where = args.cgroup or find_cgroup(cgid, max_depth=8)
+                if not where:
+                    raise StockadeError("the egress rules need the cgroup's directory",
+                                        where=f"cgroup id {cgid}", hint="name it with --cgroup")
+                maps.attach_egress(where, args.pin_dir)
             if missing:
                 print(f"warning: not enforced here: {', '.join(sorted(missing))}", file=sys.stderr)
     except StockadeError as e:

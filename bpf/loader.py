@@ -43,6 +43,10 @@ CGROUP_PROGS = (
     ProgSpec("stk_sysctl", bpfsys.PROG_CGROUP_SYSCTL, bpfsys.CGROUP_SYSCTL),
 )
 assert tuple(p.name for p in CGROUP_PROGS) == maps.CGROUP_PROGRAMS
+assert all(maps.EGRESS_PROGRAMS[p.name] == p.attach_type
+           for p in CGROUP_PROGS if p.name in maps.EGRESS_PROGRAMS)
+# attached at the parents; the egress programs go on container cgroups (maps.attach_egress)
+PARENT_PROGS = tuple(p for p in CGROUP_PROGS if p.name not in maps.EGRESS_PROGRAMS)
 
 
 def source_text(file_name: str) -> str:

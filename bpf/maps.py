@@ -52,6 +52,13 @@ MAPS: dict[str, MapSpec] = {
 # programs the agent pins as prog_<name>; the cgroup layer is "up" when all of them are pinned
 CGROUP_PROGRAMS = ("stk_sock_create", "stk_connect4", "stk_connect6", "stk_sendmsg4", "stk_sendmsg6",
                    "stk_sysctl")
+# The egress programs and their hooks. They are attached per container cgroup, and only where no
+# network already refuses what the policy refuses (runtime/bpfpolicy.py): a program at a socket
+# address hook anywhere on the host costs every process's socket calls (bench/README.md).
+EGRESS_PROGRAMS = {
+    "stk_connect4": bpfsys.CGROUP_INET4_CONNECT, "stk_connect6": bpfsys.CGROUP_INET6_CONNECT,
+    "stk_sendmsg4": bpfsys.CGROUP_UDP4_SENDMSG, "stk_sendmsg6": bpfsys.CGROUP_UDP6_SENDMSG,
+}
 
 
 def agent_running(pin_dir: str | None = None) -> bool:
@@ -113,6 +120,42 @@ def _below(cgroup_dir: str, parents: set[int]) -> bool:
         if st.st_ino in parents:
             return True
     return False
+
+
+def attach_egress(cgroup_dir: str, pin_dir: str | None = None) -> None:
+    """Attach the pinned egress programs to one container's cgroup (idempotent). They go with
+    the cgroup; detach_egress() takes them off earlier."""
+    _each_egress(cgroup_dir, pin_dir, attach=True)
+
+
+def detach_egress(cgroup_dir: str, pin_dir: str | None = None) -> None:
+    _each_egress(cgroup_dir, pin_dir, attach=False)
+
+
+def egress_attached(cgroup_dir: str) -> int:
+    """How many programs sit directly on the cgroup's egress hooks (0 when none)."""
+    fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return sum(len(bpfsys.prog_query(fd, hook)) for hook in EGRESS_PROGRAMS.values())
+    finally:
+        os.close(fd)
+
+
+def _each_egress(cgroup_dir: str, pin_dir: str | None, *, attach: bool) -> None:
+    cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name, hook in EGRESS_PROGRAMS.items():
+            prog = bpfsys.obj_get(pin_path(f"prog_{name}", pin_dir))
+            try:
+                there = bpfsys.prog_info(prog)["id"] in bpfsys.prog_query(cg, hook)
+                if attach and not there:
+                    bpfsys.prog_attach(cg, prog, hook, bpfsys.F_ALLOW_MULTI)
+                elif there and not attach:
+                    bpfsys.prog_detach(cg, prog, hook)
+            finally:
+                os.close(prog)
+    finally:
+        os.close(cg)
 
 
 def missing_layers(required: set[str], pin_dir: str | None = None) -> set[str]:

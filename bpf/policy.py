@@ -323,6 +323,33 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
     )
 
 
+# A network refuses nothing inside the namespace itself: its loopback is always reachable.
+_LOOPBACK = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")
+
+
+def egress_covered(compiled: CompiledPolicy, refused: list[str]) -> bool:
+    """True when a network that refuses REFUSED (CIDRs, beyond the namespace's own loopback)
+    already refuses everything the policy's egress rules refuse, so the egress programs would
+    add nothing: the default is allow and every deny rule lies inside a refused network and
+    clear of loopback. Anything else (a default deny, a deny the network lets through) keeps
+    the programs."""
+    import ipaddress
+
+    if compiled.flags & F_EGRESS_DENY:
+        return False
+    nets = [ipaddress.ip_network(c, strict=False) for c in refused]
+    loopback = [ipaddress.ip_network(c) for c in _LOOPBACK]
+    for rule in compiled.net_rules:
+        if rule.action != "deny":
+            continue
+        net = ipaddress.ip_network(rule.network, strict=False)
+        if any(net.version == lo.version and net.overlaps(lo) for lo in loopback):
+            return False
+        if not any(net.version == n.version and net.subnet_of(n) for n in nets):
+            return False
+    return True
+
+
 def requirements(policy: Policy) -> set[str]:
     """Enforcement layers the policy needs: lsm, cgroup_sock, cgroup_sock_addr, cgroup_sysctl."""
     need: set[str] = set()

@@ -22,6 +22,7 @@ import time
 from stockade.runtime import container as oci
 from stockade.runtime._lite import json
 from stockade.runtime._lite.dataclasses import asdict, dataclass, field
+from stockade.runtime.bpfpolicy import NETWORK_REFUSES_ANNOTATION
 from stockade.runtime.errors import ContainerError, SpecError, StockadeError
 from stockade.runtime.files import write_atomic
 from stockade.runtime.images import passwd
@@ -32,6 +33,7 @@ from stockade.runtime.state import remove_tree
 from . import bundle as bundlemod
 from . import events
 from .errors import AlreadyExists, NotFound, Timeout
+from .netrules import REFUSED_ALWAYS
 from .pods import READY
 from .records import Records
 
@@ -322,6 +324,8 @@ class Containers:
         policy = self._bpf_policy(handler)
         if policy:
             config["annotations"]["io.stockade.bpf-policy"] = policy
+            if pod.ip:  # in the pod's own namespace, behind the tenant rules
+                config["annotations"][NETWORK_REFUSES_ANNOTATION] = ",".join(REFUSED_ALWAYS)
         bundle = os.path.join(self.dir(c.id), "bundle")
         write_atomic(os.path.join(bundle, "config.json"), json.dumps(config), mode=0o644)
         os.makedirs(os.path.dirname(c.log_path), mode=0o755, exist_ok=True)

@@ -31,6 +31,10 @@ VETH_PREFIX = "stkp-"  # the node's end of a pod's veth: stkp-<10 hex of the pod
 PROTOCOLS = ("tcp", "udp", "sctp")
 EGRESS_ANNOTATION = "io.stockade.network/egress"  # a pod's own egress: within its tenant's, never more
 LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")  # the cloud metadata address among them
+# What every tenant network refuses its pods whatever their policy: link-local (the metadata
+# address) and all of IPv6 (pods have IPv4 only). Containers are told (runtime/bpfpolicy.py), so a
+# policy whose egress denials lie inside needs no egress programs on their cgroups.
+REFUSED_ALWAYS = (str(LINK_LOCAL), "::/0")
 LOG_GROUP = 2026  # the NFLOG group denials are logged to (netlog.py reads it)
 LOG_PREFIX = "stk "  # "stk <tenant> <rule>" ("-": a chain all tenants share)
 

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 POLICY_ANNOTATION = "io.stockade.bpf-policy"
+# What the container's network namespace (joined by path) refuses on its way out, as CIDRs
+# separated by commas: the CRI server says so for its pods' networks. Written by whoever writes
+# the spec, like the policy's own name; egress programs are left off only where it covers them.
+NETWORK_REFUSES_ANNOTATION = "io.stockade.network-refuses"
 
 
 def install(
@@ -66,7 +70,30 @@ def install(
     maps.install_policy(
         state.cgroup_id, state.id, compiled, tenant=state.annotations.get("io.stockade.tenant", "")
     )
+    if "cgroup_sock_addr" in required and cgroup_dir and "cgroup_sock_addr" not in missing:
+        refused = _refused_by_network(spec)
+        if refused is not None and policy.egress_covered(compiled, refused):
+            state.egress = "network"
+        else:
+            maps.attach_egress(cgroup_dir)
+            state.egress = "cgroup"
     return True
+
+
+def _refused_by_network(spec: Any) -> list[str] | None:
+    """What the container's network namespace refuses beyond its own loopback, or None when
+    unknown: the node's namespace (shared), a namespace joined by path that nobody vouches for,
+    or a new one that hooks (run on the host) may wire up."""
+    ns = spec.linux.namespace("network") if spec.linux else None
+    if ns is None:
+        return None
+    if ns.path:
+        said = (spec.annotations or {}).get(NETWORK_REFUSES_ANNOTATION)
+        return [c.strip() for c in said.split(",") if c.strip()] if said else None
+    hooks = spec.hooks
+    if any((hooks.prestart, hooks.create_runtime, hooks.create_container, hooks.poststart)):
+        return None
+    return ["0.0.0.0/0", "::/0"]  # a new namespace with nothing but loopback
 
 
 def remove(state: State) -> None:

@@ -71,6 +71,8 @@ class Status:
             out["annotations"] = s.annotations
         if s.degraded:
             out["stockade.degraded"] = s.degraded
+        if s.egress:
+            out["stockade.egress"] = s.egress
         return out
 
 

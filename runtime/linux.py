@@ -49,6 +49,8 @@ AT_RECURSIVE = 0x8000
 MOVE_MOUNT_F_EMPTY_PATH = 0x04
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 MOUNT_ATTR_IDMAP = 0x100000
+# mount_setattr(2) attributes and the mount(2) flags they stand for
+MOUNT_ATTR_BY_FLAG = {0x1: 0x1, 0x2: 0x2, 0x4: 0x4, 0x8: 0x8}  # MS_RDONLY/NOSUID/NODEV/NOEXEC: ATTR_*
 
 # prctl options (linux/prctl.h)
 PR_SET_PDEATHSIG = 1

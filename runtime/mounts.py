@@ -200,6 +200,8 @@ def _mount_one(m: Mount, rootfd: int, bundle: str, cgroups: dict[str, str], tree
             sc.mount(source, fd_path(fd), None, m.flags & (sc.MS_BIND | sc.MS_REC))
         elif m.type == "cgroup":
             _mount_cgroup(fd, rootfd, m, cgroups)
+        elif m.type == "sysfs":
+            _mount_sysfs(fd, m, source)
         else:
             sc.mount(source, fd_path(fd), m.type, m.flags, m.data or None)
     finally:
@@ -215,6 +217,20 @@ def _mount_one(m: Mount, rootfd: int, bundle: str, cgroups: dict[str, str], tree
                 sc.mount(None, fd_path(fd), None, flag)
         finally:
             os.close(fd)
+
+
+def _mount_sysfs(fd: int, m: Mount, source: str) -> None:
+    """A new sysfs; where the kernel refuses one (a user namespace in a network namespace it
+    does not own: a hostNetwork pod), the host's /sys bound instead, as runc does, but with the
+    mount's flags (read-only) on every mount below it too and made a slave."""
+    try:
+        sc.mount(source, fd_path(fd), m.type, m.flags, m.data or None)
+    except PermissionError:
+        tree = sc.restricted_tree("/sys", m.flags)
+        try:
+            sc.move_mount(tree, fd)
+        finally:
+            os.close(tree)
 
 
 def _refuse_symlinks(rootfd: int, path: str) -> None:

@@ -50,6 +50,9 @@ class State:
     seccomp_digest: str = ""  # cache key of the compiled filter, reused by `exec`
     bpf_policy: str = ""  # name of the installed BPF policy, "" when none
     degraded: list[str] = field(default_factory=list)  # layers run without, by explicit opt-in
+    # Who refuses the policy's egress denials: "cgroup" (the egress programs on the container's
+    # cgroup), "network" (the namespace's own network already does), "" (no egress rules)
+    egress: str = ""
     started: bool = False
     # Lifecycle hooks in the spec that run after create ("poststart", "poststop"); None in states
     # written before this field: then the saved config is read to find out.

@@ -22,6 +22,7 @@ from .linux import (  # noqa: F401 - the flags callers pass, re-exported
     CLONE_NEWUSER,
     CLONE_NEWUTS,
     MNT_DETACH,
+    MOUNT_ATTR_BY_FLAG,
     MOUNT_ATTR_IDMAP,
     MOVE_MOUNT_F_EMPTY_PATH,
     MOVE_MOUNT_T_EMPTY_PATH,
@@ -220,6 +221,13 @@ def clone_tree(path: str, recursive: bool) -> int:
     of a shared mount would be the host's peer, so it is made a slave: host mounts still reach
     it, none made on it reach the host."""
     return _tree(path, AT_RECURSIVE if recursive else 0, _MountAttr(propagation=MS_SLAVE))
+
+
+def restricted_tree(path: str, flags: int) -> int:
+    """A detached copy of the whole mount tree at PATH, a slave like clone_tree's, with the
+    mount(2) FLAGS among MS_RDONLY/NOSUID/NODEV/NOEXEC set on every mount in it, not only the top."""
+    attrs = sum(attr for flag, attr in MOUNT_ATTR_BY_FLAG.items() if flags & flag)
+    return _tree(path, AT_RECURSIVE, _MountAttr(attr_set=attrs, propagation=MS_SLAVE))
 
 
 def _tree(path: str, recursive: int, attr: _MountAttr) -> int:

@@ -46,8 +46,13 @@ class Agent:
         return self.state_dir / "events.jsonl"
 
     def container_cgroup(self, name: str) -> tuple[str, int]:
+        """A container's cgroup as the runtime leaves it when nothing vouches for the container's
+        network: the egress programs attached on it."""
+        from stockade.bpf import maps
+
         path = os.path.join(self.cgroup_root, name)
         os.mkdir(path)
+        maps.attach_egress(path, self.pin_dir)
         return path, os.stat(path).st_ino
 
 

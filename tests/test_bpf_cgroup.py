@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from bpf_helpers import (
@@ -95,6 +96,8 @@ def test_agent_pins_everything_and_never_the_root_cgroup(agent):
     # the runtime prunes empty parents; the agent's keeper child keeps its attach point alive
     with pytest.raises(OSError):
         os.rmdir(agent.cgroup_root)
+    # the egress programs are pinned, not attached at the parent: they go on container cgroups
+    assert maps.egress_attached(agent.cgroup_root) == 0
 
 
 def test_egress_socket_and_sysctl_rules_apply_inside_only(agent, container):
@@ -409,14 +412,17 @@ def test_restart_keeps_policies_and_stop_removes_everything(tmp_path):
             again = json.loads(a.run("--load-only", "--no-lsm").stdout)
             assert again["cgroup_programs"] == "pinned"  # re-used, not reloaded
             assert _connect_in(path) == "EPERM"
-            # stop: programs detached, pins gone, the container is no longer filtered
+            # stop: programs detached (the egress ones on the container's cgroup too), pins gone,
+            # the container is no longer filtered
             a.run("--stop")
             assert not os.path.exists(a.pin_dir)
+            assert maps.egress_attached(path) == 0
             assert _connect_in(path) == "ok"
             # a fresh start loads from the bytecode cache, without recompiling
             third = json.loads(a.run("--load-only", "--no-lsm").stdout)
             assert third["cgroup_programs"] == "cache"
             maps.install_policy(cgid, "ctr", compiled(), pin_dir=a.pin_dir)
+            maps.attach_egress(path, a.pin_dir)  # what the runtime does when it installs a policy
             assert _connect_in(path) == "EPERM"
             maps.remove_policy(cgid, a.pin_dir)
         finally:
@@ -547,8 +553,19 @@ def test_reinstall_replaces_the_rule_set(agent, container):
     assert result == {"a": "EPERM", "raw": "ok"}
 
 
-def test_policy_cli_applies_and_removes_with_map_updates(agent, container):
-    path, cgid = container
+def test_policy_cli_applies_and_removes_with_map_updates(agent):
+    """On a bare cgroup: the CLI cannot know its network, so egress rules bring the egress
+    programs onto it, and remove takes them off again."""
+    path = os.path.join(agent.cgroup_root, "ctr-cli")
+    os.mkdir(path)
+    cgid = os.stat(path).st_ino
+    try:
+        _cli_apply_and_remove(agent, path, cgid)
+    finally:
+        os.rmdir(path)
+
+
+def _cli_apply_and_remove(agent, path: str, cgid: int) -> None:
 
     def cli(*args):
         return subprocess.run([PYTHON, "-m", "stockade.bpf.cli", "policy", *args, "--pin-dir", agent.pin_dir],
@@ -559,8 +576,12 @@ def test_policy_cli_applies_and_removes_with_map_updates(agent, container):
     assert maps.lookup_policy(cgid, agent.pin_dir)["container_id"] == "ctr-cli"
     raw = lambda ports: {"raw": op_socket(socket.AF_INET, socket.SOCK_RAW, 1)}  # noqa: E731
     assert in_cgroup(path, raw) == {"raw": "EPERM"}
+    assert maps.egress_attached(path) == len(maps.EGRESS_PROGRAMS)
+    metadata = lambda ports: {"m": op_connect("169.254.169.254", 80)}  # noqa: E731
+    assert in_cgroup(path, metadata) == {"m": "EPERM"}
     assert cli("remove", "--cgroup", path).returncode == 0
     assert maps.entries_for(cgid, agent.pin_dir) == {"stk_policies": 0, "stk_net": 0, "stk_files": 0}
+    assert maps.egress_attached(path) == 0
     assert in_cgroup(path, raw) == {"raw": "ok"}
     bad = cli("apply", "default", "--cgroup", "/sys/fs/cgroup/unified/no-such-cgroup")
     assert bad.returncode == 1 and "no such cgroup" in bad.stderr
@@ -582,3 +603,61 @@ def test_stop_unmounts_only_an_empty_bpffs_of_its_own(tmp_path):
     source = agentmod._bpffs_source()
     if source == agentmod.BPFFS_SOURCE:  # still ours: only because something else is pinned there
         assert others - agentmod._BPFFS_OWN_ENTRIES, "an empty bpffs of the agent's was left mounted"
+
+
+NC_METADATA = "nc -w 2 169.254.169.254 80 </dev/null 2>&1; true"
+
+
+@pytest.mark.parametrize("case", ["own-netns", "node-netns", "vouched", "vouched-less", "unvouched", "hooks"])
+def test_egress_programs_go_only_where_no_network_refuses_the_policys_denials(agent, tmp_path, case):
+    """The runtime puts the egress programs on a container's cgroup, never on the parent, and
+    only where nothing else refuses what the policy (network-only: the metadata addresses)
+    refuses: a container with a new namespace of its own (nothing but loopback) is refused by
+    having no route (ENETUNREACH) and costs nothing at the socket hooks; one sharing the
+    runtime's namespace, or joining one that nobody vouches for, or one that vouches for less,
+    or whose hooks may wire its namespace up, is refused by connect4 on its own cgroup (EPERM)."""
+    from bundles import default_config, make_bundle, remove_bundle
+
+    netns = f"stk-egress-{os.getpid()}-{case[:6]}"
+    config = default_config(["sh", "-c", NC_METADATA])
+    config["linux"]["cgroupsPath"] = f"/{os.path.basename(agent.cgroup_root)}/{case}"
+    config["annotations"] = {"io.stockade.bpf-policy": "network-only"}
+    spaces = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
+    vouch = {"vouched": "169.254.0.0/16,::/0", "vouched-less": "10.0.0.0/8"}
+    if case in ("vouched", "vouched-less", "unvouched"):
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        config["linux"]["namespaces"] = [*spaces, {"type": "network", "path": f"/run/netns/{netns}"}]
+        if case in vouch:
+            config["annotations"]["io.stockade.network-refuses"] = vouch[case]
+    elif case == "node-netns":
+        config["linux"]["namespaces"] = spaces
+    elif case == "hooks":
+        config["hooks"] = {"poststart": [{"path": "/bin/true"}]}
+    bundle = make_bundle(config=config, parent=str(tmp_path))
+    root = tmp_path / "state"
+    # node-netns: the runtime itself runs in a namespace of the test's own, which the container shares
+    prefix = ["unshare", "--net"] if case == "node-netns" else []
+    oci = [*prefix, str(Path(PYTHON).parent / "stockade-oci"), "--root", str(root)]
+    expected = "network" if case in ("own-netns", "vouched") else "cgroup"
+    try:
+        # the init keeps create's stdio: pipes would never end
+        quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        subprocess.run([*oci, "create", "--bundle", str(bundle), "ctr"], env=agent.env, check=True,
+                       timeout=30, **quiet)
+        state = json.loads(subprocess.run([*oci, "state", "ctr"], env=agent.env, check=True,
+                                          capture_output=True, text=True).stdout)
+        assert state["stockade.egress"] == expected
+        cgroup = os.path.join(agent.cgroup_root, case)
+        attached = maps.egress_attached(cgroup)
+        assert attached == (len(maps.EGRESS_PROGRAMS) if expected == "cgroup" else 0)
+        assert maps.egress_attached(agent.cgroup_root) == 0
+        subprocess.run([*oci, "delete", "--force", "ctr"], env=agent.env, check=True, timeout=30)
+        done = subprocess.run([*oci, "run", "--bundle", str(bundle), "ctr"], env=agent.env, timeout=30,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        want = "Operation not permitted" if expected == "cgroup" else "Network is unreachable"
+        assert want in done.stdout, (done.stdout, done.stderr)
+        assert not os.path.exists(cgroup)
+    finally:
+        subprocess.run([*oci, "delete", "--force", "ctr"], env=agent.env, capture_output=True)
+        remove_bundle(bundle)
+        subprocess.run(["ip", "netns", "delete", netns], capture_output=True)

@@ -412,3 +412,71 @@ def test_an_exhausted_range_and_an_overlapping_pod_cidr(tmp_path: Path) -> None:
     finally:
         node.remove()
         shutil.rmtree(base, ignore_errors=True)
+
+
+PROBE_METADATA = f"nc -w 2 {METADATA} 80 </dev/null 2>&1; echo rc=$?; sleep 30"
+
+
+def test_egress_programs_only_for_pods_on_the_nodes_network(tmp_path: Path) -> None:
+    """With the BPF agent in the server: a pod behind the tenant rules has no egress program on
+    its container's cgroup (the rules refuse the metadata address: dropped, the probe times
+    out); a hostNetwork pod shares the node's namespace, where only connect4 on its cgroup stands
+    between it and the metadata address (EPERM). No egress program sits on the parent."""
+    from bpf_helpers import cleanup_agent, make_agent
+    from images import busybox_image
+    from stockade.bpf import attach, maps
+    from stockade.runtime.images.archive import import_archive
+    from stockade.runtime.images.store import Store
+
+    node, agent, base, srv = Node(), make_agent(tmp_path, "net-"), fast_tmp(), None
+    image = "localhost/test/busybox:1"
+    try:
+        (base / "images").mkdir(parents=True)
+        import_archive(Store(str(base / "images")), str(busybox_image(tmp_path / "bb.tar", image)))
+        config = base / "stockade.toml"
+        config.write_text(
+            f'[stockade]\nnetwork = "bridge"\ndefault_handler = "plain"\n'
+            f'cgroup_parent = "{Path(agent.cgroup_root).name}"\n'
+            f'[stockade.handlers.plain]\nprofile = "runtime-default"\nbpf_policy = "network-only"\n'
+            f'[stockade.handlers.hostnet]\nprofile = "runtime-default"\nbpf_policy = "network-only"\n'
+            f'host_namespaces = true\n[stockade.pod_network]\npod_cidr = "{POD_CIDR}"\n')
+        srv = Server(base, config=config, netns=node.path, bpf_agent=True,
+                     env=dict(agent.env, STOCKADE_EVENTS_FILE=str(base / "events.jsonl")))
+        seen = {}
+        for handler, mode in (("plain", pb.POD), ("hostnet", pb.NODE)):
+            options = pb.NamespaceOption(network=mode, pid=pb.CONTAINER)
+            metadata = pb.PodSandboxMetadata(name=handler, namespace="team-a", uid=f"uid-{handler}")
+            cfg = pb.PodSandboxConfig(metadata=metadata, hostname=handler, log_directory=str(base / handler),
+                                      linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
+                                          namespace_options=options)))
+            pod_id = srv.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg, runtime_handler=handler)
+                                               ).pod_sandbox_id
+            container = pb.ContainerConfig(
+                metadata=pb.ContainerMetadata(name="probe"), image=pb.ImageSpec(image=image),
+                command=["sh", "-c", PROBE_METADATA], log_path="probe.log",
+                linux=pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
+                    namespace_options=options)))
+            cid = srv.runtime.CreateContainer(pb.CreateContainerRequest(
+                pod_sandbox_id=pod_id, config=container, sandbox_config=cfg)).container_id
+            srv.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+            log = base / handler / "probe.log"
+            deadline = time.monotonic() + 20
+            while "rc=" not in (log.read_text() if log.exists() else ""):
+                assert time.monotonic() < deadline, f"{handler}: no probe result"
+                time.sleep(0.1)
+            cgroup = next(Path(attach.unified_mount()).glob(f"{Path(agent.cgroup_root).name}/**/{cid}"))
+            seen[handler] = (maps.egress_attached(str(cgroup)), log.read_text())
+            state = json.loads((base / "state/oci" / cid / "state.json").read_text())
+            seen[handler] = (*seen[handler], state["egress"])
+            remove_pod(srv, pod_id)
+        assert seen["plain"][0] == 0 and "Operation not permitted" not in seen["plain"][1], seen
+        assert "rc=0" not in seen["plain"][1] and seen["plain"][2] == "network", seen  # the tenant rules
+        assert seen["hostnet"][0] == len(maps.EGRESS_PROGRAMS) and seen["hostnet"][2] == "cgroup", seen
+        assert "Operation not permitted" in seen["hostnet"][1], seen
+        assert maps.egress_attached(agent.cgroup_root) == 0
+    finally:
+        if srv is not None:
+            assert srv.stop() == 0
+        cleanup_agent(agent)
+        node.remove()
+        shutil.rmtree(base, ignore_errors=True)

@@ -850,3 +850,19 @@ def test_a_threaded_runtime_forks_through_glibc_and_still_joins_the_cgroup(tmp_p
         stop.set()
         helper.join()
         cgroup.rmdir()
+
+
+def test_sysfs_in_a_user_namespace_on_the_hosts_network(bundle: Path) -> None:
+    """A user namespace in a network namespace it does not own (a hostNetwork pod) may not mount
+    sysfs: the host's /sys is bound instead, as runc does, read-only on every mount below it too."""
+    script = ("ls /sys/class/net | grep -qx lo && echo lo; touch /sys/x 2>/dev/null || echo refused; "
+              "awk '$2 ~ \"^/sys\" {print $2, $4}' /proc/mounts")
+    cfg = sh(script, userns_config())
+    cfg["linux"]["namespaces"] = [n for n in cfg["linux"]["namespaces"] if n["type"] != "network"]
+    code, out = run(bundle, cfg)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[:2] == ["lo", "refused"], out
+    mounts = [line.split() for line in lines[2:]]
+    assert mounts and mounts[0][0] == "/sys", out
+    assert all(opts.split(",")[0] == "ro" for _, opts in mounts), out
