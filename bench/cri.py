@@ -16,6 +16,7 @@ seccomp in the container; Stockade's handler adds its user namespace. Run as roo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from report import report  # bench/report.py (this directory is the script's path)
@@ -137,6 +139,33 @@ def memory_per_pod(engine: Engine, server_pid: int, helpers: str, count: int) ->
     return {"server_growth_kib": server, "helpers_kib": helper, "per_pod_kib": per_pod}
 
 
+@contextlib.contextmanager
+def both(prefix: str) -> Iterator[tuple[Path, Containerd, Server, list[Engine]]]:
+    """containerd + runc and `stockade cri serve` under a work directory of their own, busybox in
+    both stores; (work, containerd, server, [stockade, containerd+runc]); everything removed after."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    work.chmod(0o711)
+    containerd = server = None
+    try:
+        (work / "containerd").mkdir()
+        containerd = Containerd(work / "containerd", binary=shutil.which("runc") or "runc")
+        config = work / "stockade.toml"
+        config.write_text(STOCKADE_CONFIG)
+        (work / "stockade/images").mkdir(parents=True)
+        import_archive(Store(str(work / "stockade/images")), str(busybox_image(work / "bb.tar", IMAGE)))
+        server = Server(work / "stockade", config=config)
+        yield work, containerd, server, [Engine("stockade", server.runtime, work / "logs-s", False),
+                                         Engine("containerd+runc", containerd.cri, work / "logs-c", True)]
+    finally:
+        if server is not None:
+            for item in server.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
+                server.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
+            server.stop()
+        if containerd is not None:
+            containerd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pods", type=int, default=50)
@@ -147,20 +176,8 @@ def main() -> int:
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root")
-    work = Path(tempfile.mkdtemp(prefix="stockade-bench-cri-", dir="/var/tmp"))
-    work.chmod(0o711)
     result: dict = {}
-    containerd = server = None
-    try:
-        (work / "containerd").mkdir()
-        containerd = Containerd(work / "containerd", binary=shutil.which("runc") or "runc")
-        config = work / "stockade.toml"
-        config.write_text(STOCKADE_CONFIG)
-        (work / "stockade/images").mkdir(parents=True)
-        import_archive(Store(str(work / "stockade/images")), str(busybox_image(work / "bb.tar", IMAGE)))
-        server = Server(work / "stockade", config=config)
-        engines = [Engine("stockade", server.runtime, work / "logs-s", False),
-                   Engine("containerd+runc", containerd.cri, work / "logs-c", True)]
+    with both("stockade-bench-cri-") as (work, containerd, server, engines):
         result["pod_start"] = latency(engines, args.pods)
         result["pods_per_second"] = {e.name: throughput(e, args.clients, args.per_client) for e in engines}
         result["memory_per_pod"] = {
@@ -168,14 +185,6 @@ def main() -> int:
             "containerd+runc": memory_per_pod(engines[1], containerd.proc.pid, f"containerd-shim.*{work}",
                                               args.idle),
         }
-    finally:
-        if server is not None:
-            for item in server.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-                server.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
-            server.stop()
-        if containerd is not None:
-            containerd.stop()
-        shutil.rmtree(work, ignore_errors=True)
     return report(result, args.json)
 
 

@@ -1,6 +1,7 @@
 """The loops bench/network.py times, run in the namespace (and cgroup) it puts them in:
 
-    netload.py sink PORT                 TCP: read until EOF then answer "ok"; echo 1-byte requests
+    netload.py sink PORT                 TCP: read until EOF then answer "ok"; echo 1-byte requests;
+                                         or send the MiB asked for ("d<MiB>\n") and close
     netload.py stream IP PORT MIB        send MIB MiB, wait for "ok": prints MB/s
     netload.py rtt IP PORT N             N one-byte round trips: prints the median in microseconds
 (Per-syscall costs are bpf_loop.c's: no interpreter between the syscalls.)
@@ -33,6 +34,13 @@ def _serve(conn: socket.socket) -> None:
         while conn.recv(1 << 20):
             pass
         conn.sendall(b"ok")
+    elif kind == b"d":  # download: "d<MiB>\n", that many MiB back, then the end (no half-close)
+        line = b""
+        while not line.endswith(b"\n"):
+            line += conn.recv(1)
+        chunk = b"x" * (256 << 10)
+        for _ in range(int(line) * 4):
+            conn.sendall(chunk)
     else:  # round trips
         while data := conn.recv(1):
             conn.sendall(data)

@@ -56,6 +56,7 @@ class ContainerSpec:
     log_path: str = ""
     tty: bool = False
     stdin: bool = False
+    stdin_once: bool = False  # the first attach's end of input closes the container's stdin
     # linux.resources
     cpu_period: int = 0
     cpu_quota: int = 0

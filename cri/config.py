@@ -21,6 +21,13 @@ plain data. Every key is checked; a misspelt one is an error that names the file
     cni_conf_dir = "/etc/cni/net.d"   # network = "cni": the conflist (its addresses within pod_cidr)
     cni_bin_dir = "/usr/lib/cni"      # Debian's containernetworking-plugins
 
+    [stockade.streaming]           # exec, attach, port-forward: the URLs Exec/Attach/PortForward return
+    address = "127.0.0.1"
+    port = 0                      # 0: any free port (containerd's default)
+    tls_cert = ""                 # both or neither: HTTPS with this certificate and key
+    tls_key = ""
+    idle_timeout = 14400          # seconds a stream may stay silent (4 h, as kubelet's)
+
     [stockade.registries]
     insecure = ["localhost:5000"]
     mirrors = { "registry.k8s.io" = "mirror.local:5000" }   # asked first; the registry if it fails
@@ -69,6 +76,15 @@ class NetworkConfig:
 
 
 @dataclass
+class StreamingConfig:
+    address: str = "127.0.0.1"
+    port: int = 0
+    tls_cert: str = ""
+    tls_key: str = ""
+    idle_timeout: int = 4 * 3600
+
+
+@dataclass
 class Config:
     socket: str = "/run/stockade/stockade.sock"
     state_dir: str = "/var/lib/stockade/cri"
@@ -84,6 +100,7 @@ class Config:
     registry_mirrors: dict[str, str] = field(default_factory=dict)  # registry -> host asked first
     handlers: dict[str, Handler] = field(default_factory=dict)
     net: NetworkConfig = field(default_factory=NetworkConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
 
     def handler(self, name: str) -> Handler:
         """The handler a RuntimeClass names ("" : the default one)."""
@@ -104,7 +121,8 @@ def default_handlers() -> dict[str, Handler]:
 _TOP = {"socket": str, "state_dir": str, "image_store": str, "cgroup_parent": str, "log_level": str,
         "log_format": str, "default_handler": str, "tenant_annotation": str, "network": str,
         "bpf_agent": bool}
-_TABLES = ("registries", "handlers", "pod_network")
+_TABLES = ("registries", "handlers", "pod_network", "streaming")
+_STREAMING = {"address": str, "port": int, "tls_cert": str, "tls_key": str, "idle_timeout": int}
 _NETWORK = {"pod_cidr": str, "tenant_prefix": int, "node_allow": list, "policy_dir": str, "cni_conf_dir": str,
             "cni_bin_dir": str}
 NETWORKS = ("none", "bridge", "cni")
@@ -147,6 +165,8 @@ def parse(doc: dict, where: str) -> Config:
             config.handlers = _handlers(value, f"{where}: stockade.handlers")
         elif key == "pod_network":
             config.net = _network(value, f"{where}: stockade.pod_network")
+        elif key == "streaming":
+            config.streaming = _streaming(value, f"{where}: stockade.streaming")
         elif key in _TOP:
             setattr(config, key, _typed(value, _TOP[key], f"{where}: stockade.{key}"))
         else:
@@ -184,32 +204,37 @@ def check(config: Config, where: str) -> None:
 def _handlers(value: object, where: str) -> dict[str, Handler]:
     if not isinstance(value, dict):
         raise SpecError("must be a table of handlers", where=where)
-    out = {}
-    for name, table in value.items():
-        if not isinstance(table, dict):
-            raise SpecError("must be a table", where=f"{where}.{name}")
-        handler = Handler(name)
-        for key, item in table.items():
-            if key not in _HANDLER:
-                raise SpecError(f"unknown key {key!r}", where=f"{where}.{name}",
-                                hint=f"known: {', '.join(sorted(_HANDLER))}")
-            setattr(handler, key, _typed(item, _HANDLER[key], f"{where}.{name}.{key}"))
-        out[name] = handler
-    return out
+    return {name: _fill(Handler(name), table, _HANDLER, f"{where}.{name}") for name, table in value.items()}
+
+
+def _fill(target: object, table: object, keys: dict[str, type], where: str):  # noqa: ANN202 - target
+    """TARGET with the TOML TABLE's values, each key known (KEYS: name -> type) and typed."""
+    if not isinstance(table, dict):
+        raise SpecError("must be a table", where=where)
+    for key, item in table.items():
+        if key not in keys:
+            raise SpecError(f"unknown key {key!r}", where=where, hint=f"known: {', '.join(sorted(keys))}")
+        setattr(target, key, _typed(item, keys[key], f"{where}.{key}"))
+    return target
 
 
 def _network(value: object, where: str) -> NetworkConfig:
     """[stockade.pod_network]: the bridge backend's addresses and rules."""
-    if not isinstance(value, dict):
-        raise SpecError("must be a table", where=where)
-    net = NetworkConfig()
-    for key, item in value.items():
-        if key not in _NETWORK:
-            raise SpecError(f"unknown key {key!r}", where=where, hint=f"known: {', '.join(sorted(_NETWORK))}")
-        setattr(net, key, _typed(item, _NETWORK[key], f"{where}.{key}"))
+    net = _fill(NetworkConfig(), value, _NETWORK, where)
     if not all(isinstance(item, str) for item in net.node_allow):
         raise SpecError("node_allow must be a list of strings", where=f"{where}.node_allow")
     return net
+
+
+def _streaming(value: object, where: str) -> StreamingConfig:
+    out = _fill(StreamingConfig(), value, _STREAMING, where)
+    if not 0 <= out.port < 65536:
+        raise SpecError(f"port {out.port} is not a port", where=f"{where}.port", hint="0 picks a free one")
+    if bool(out.tls_cert) != bool(out.tls_key):
+        raise SpecError("tls_cert and tls_key go together", where=where)
+    if out.idle_timeout <= 0:
+        raise SpecError("idle_timeout must be positive (seconds)", where=f"{where}.idle_timeout")
+    return out
 
 
 def _registries(value: object, where: str) -> tuple[list[str], dict[str, str]]:

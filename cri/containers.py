@@ -31,7 +31,7 @@ from stockade.runtime.spec import IDMapping
 from stockade.runtime.state import remove_tree
 
 from . import bundle as bundlemod
-from . import events
+from . import events, remotecommand
 from .errors import AlreadyExists, NotFound, Timeout
 from .netrules import REFUSED_ALWAYS
 from .pods import READY
@@ -40,6 +40,7 @@ from .records import Records
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
     from stockade.runtime.images.store import Image, Store
 
@@ -193,10 +194,25 @@ class Containers:
         self._exited(c, code, reason, finished)
         return c
 
-    def exec_sync(self, cid: str, cmd: list[str], timeout: int) -> tuple[int, bytes, bytes]:
+    def running(self, cid: str) -> Container:
         c = self.refresh(self.get(cid))
         if c.state != RUNNING:
             raise ContainerError(f"container {cid[:12]} is not running", where="container_id")
+        return c
+
+    def exec_stream(self, request: Any) -> remotecommand.Exec:
+        """A streaming session's process (request: a streaming.Pending), started."""
+        c = self.running(request.container_id)
+        return remotecommand.Exec([OCI_BIN, "--root", self.oci_root], c.id, request.command, tty=request.tty,
+                                  stdin=request.stdin)
+
+    def attach_paths(self, cid: str) -> tuple[str, str]:
+        """(conmon's attach directory, its control FIFO) of a running container."""
+        c = self.running(cid)
+        return os.path.join(self.attach, c.id), os.path.join(self.dir(c.id), "bundle", "ctl")
+
+    def exec_sync(self, cid: str, cmd: list[str], timeout: int) -> tuple[int, bytes, bytes]:
+        c = self.running(cid)
         if not cmd:
             raise SpecError("no command", where="cmd")
         pid_file = os.path.join(self.dir(c.id), f"exec-{os.urandom(4).hex()}.pid")
@@ -218,9 +234,7 @@ class Containers:
         return proc.returncode, out, err
 
     def reopen_log(self, cid: str) -> None:
-        c = self.refresh(self.get(cid))
-        if c.state != RUNNING:
-            raise ContainerError(f"container {cid[:12]} is not running", where="container_id")
+        c = self.running(cid)
         ctl = os.path.join(self.dir(c.id), "bundle", "ctl")
         fd = os.open(ctl, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
@@ -347,6 +361,8 @@ class Containers:
             argv.append("-t")
         if c.spec["stdin"]:
             argv.append("-i")
+            if not c.spec.get("stdin_once"):  # one attach's end of input keeps it open for the next
+                argv.append("--leave-stdin-open")
         env = {**os.environ, "_OCI_SYNCPIPE": str(sync_w)}
         if getattr(handler, "allow_degraded", False):
             env["STOCKADE_ALLOW_DEGRADED"] = "1"

@@ -135,6 +135,7 @@ def container_spec(request: pb.CreateContainerRequest) -> ContainerSpec:
                           recursive_read_only=m.recursive_read_only) for m in c.mounts],
         devices=[(d.container_path, d.host_path, d.permissions) for d in c.devices],
         labels=dict(c.labels), annotations=dict(c.annotations), log_path=c.log_path, tty=c.tty, stdin=c.stdin,
+        stdin_once=c.stdin_once,
         cpu_period=res.cpu_period, cpu_quota=res.cpu_quota, cpu_shares=res.cpu_shares,
         memory_limit=res.memory_limit_in_bytes, oom_score_adj=res.oom_score_adj,
         cpuset_cpus=res.cpuset_cpus, cpuset_mems=res.cpuset_mems,

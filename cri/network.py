@@ -11,7 +11,6 @@ rules and no br_netfilter; a tenant's own traffic stays on its bridge (bench/REA
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import socket
@@ -20,7 +19,7 @@ import threading
 from stockade.runtime._lite.dataclasses import dataclass, field
 from stockade.runtime.errors import SpecError, StockadeError
 
-from . import netrules
+from . import netrules, nspin
 from .ipam import Ipam
 
 TYPE_CHECKING = False
@@ -30,8 +29,6 @@ if TYPE_CHECKING:
     from .config import Config
 
 log = logging.getLogger("stockade.cri")
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class NetworkError(StockadeError):
@@ -287,26 +284,14 @@ def remove_rules() -> None:
 
 def _iproute(netns_fd: int):  # noqa: ANN202 - a pyroute2 IPRoute
     """IPRoute on a netlink socket of NETNS_FD's network namespace (the server's own is
-    Network.ipr()): a thread enters the namespace only to open the socket (setns changes the
-    calling thread alone)."""
+    Network.ipr())."""
     from pyroute2 import IPRoute
 
-    box: dict = {}
-
-    def open_inside() -> None:
-        try:
-            if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns into the pod's network namespace")
-            box["sock"] = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
-        except OSError as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=open_inside, name="netns-socket")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise NetworkError(f"cannot enter the pod's network namespace: {box['error']}", where="netns")
-    return IPRoute(use_socket=box["sock"])
+    try:
+        sock = nspin.socket_in(netns_fd, socket.AF_NETLINK, socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise NetworkError(f"cannot enter the pod's network namespace: {exc}", where="netns") from None
+    return IPRoute(use_socket=sock)
 
 
 def _cni_args(pod: PodNet) -> dict:

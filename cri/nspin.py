@@ -209,3 +209,31 @@ def run_child(request: dict, ready: int, go: int) -> None:
 if __name__ == "__main__":  # the helper process pin() starts without a forker
     _args = json.loads(sys.argv[1])
     run_child(_args, _args["ready"], _args["go"])
+
+
+def socket_in(netns: int | str, family: int, kind: int, proto: int = 0):  # noqa: ANN201 - socket.socket
+    """A socket of network namespace NETNS (an fd or a path): a thread enters the namespace only
+    to create it (setns changes the calling thread alone; the socket stays in the namespace it was
+    made in, whoever uses it afterwards). Raises OSError."""
+    import socket
+    import threading
+
+    box: dict = {}
+
+    def make() -> None:
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if isinstance(netns, str) else netns
+        try:
+            sc.setns(fd, sc.CLONE_NEWNET)
+            box["sock"] = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+        except OSError as exc:
+            box["error"] = exc
+        finally:
+            if isinstance(netns, str):
+                os.close(fd)
+
+    thread = threading.Thread(target=make, name="netns-socket")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["sock"]

@@ -20,7 +20,7 @@ import threading
 import time
 
 from stockade.runtime._lite.dataclasses import asdict, dataclass, field
-from stockade.runtime.errors import SpecError, StockadeError
+from stockade.runtime.errors import ContainerError, SpecError, StockadeError
 from stockade.runtime.files import write_atomic
 from stockade.runtime.sandbox import tenant_range
 from stockade.runtime.spec import IDMapping, sysctl_namespace
@@ -199,6 +199,13 @@ class Pods:
         return [self.pod_net(p) for p in self.list() if "network" in p.namespaces and p.state != CREATING]
 
     # -- lookups
+
+    def netns_of(self, ref: str) -> str:
+        """The network namespace a ready pod's ports are in (the server's own for hostNetwork)."""
+        pod = self.get(ref)
+        if pod.state != READY:
+            raise ContainerError(f"pod {pod.id[:12]} is not ready", where="pod_sandbox_id")
+        return pod.namespaces.get("network") or f"/proc/{os.getpid()}/ns/net"
 
     def dir(self, pod_id: str) -> str:
         return self.records.dir(pod_id)

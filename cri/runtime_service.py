@@ -1,6 +1,6 @@
-"""CRI RuntimeService: the runtime's identity, readiness and configuration, and pod sandboxes
-(cri.pods). Containers come next (the methods not defined here answer UNIMPLEMENTED, as the
-generated servicer does)."""
+"""CRI RuntimeService: a thin layer over the library: the runtime's identity, readiness and
+configuration, pod sandboxes (cri.pods), containers (cri.containers), and the streaming calls
+(cri.streaming: Exec, Attach and PortForward hand out URLs its server answers)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from cri_api.v1 import api_pb2_grpc as pb_grpc
 
 from . import messages
 from .containers import Container, Containers
-from .errors import log, rpc
+from .errors import invalid, log, rpc
 from .events import Events
 from .forker import Forker
 from .pods import Pod, Pods
+from .streaming import Backend, Pending, StreamServer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.agent: dict = {}  # what the in-process BPF agent set up (server.serve fills it)
         self.forker = Forker()
         self.network = None
+        self.streaming: StreamServer | None = None
         if config.network in ("bridge", "cni"):
             from .network import Network
 
@@ -289,18 +291,49 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                     event.containers_statuses.append(messages.container_status(self.containers.refresh(c)))
                 yield event
 
+    @rpc
     def Exec(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> pb.ExecResponse:
-        return self._not_yet(context, "Exec")
+        c = self.containers.running(request.container_id)
+        if not request.cmd:
+            raise invalid("no command", where="cmd")
+        _check_streams(request)
+        pending = Pending("exec", c.id, list(request.cmd), request.tty, request.stdin, request.stdout,
+                          request.stderr)
+        return pb.ExecResponse(url=self.streaming.url(pending))
 
+    @rpc
     def Attach(self, request: pb.AttachRequest, context: grpc.ServicerContext) -> pb.AttachResponse:
-        return self._not_yet(context, "Attach")
+        c = self.containers.running(request.container_id)
+        _check_streams(request)
+        tty = bool(c.spec.get("tty"))  # the container's own: conmon tags its output by it
+        stdin = request.stdin and bool(c.spec.get("stdin"))  # conmon has a stdin pipe only then
+        pending = Pending("attach", c.id, [], tty, stdin, request.stdout, request.stderr and not tty)
+        return pb.AttachResponse(url=self.streaming.url(pending))
 
+    @rpc
     def PortForward(self, request: pb.PortForwardRequest, context: grpc.ServicerContext
                     ) -> pb.PortForwardResponse:
-        return self._not_yet(context, "PortForward")
+        self.pods.netns_of(request.pod_sandbox_id)
+        pod = self.pods.get(request.pod_sandbox_id)
+        ports = list(request.port)
+        if not all(0 < p < 65536 for p in ports):
+            raise invalid(f"ports {ports}: each must be 1-65535", where="port")
+        pending = Pending("portforward", pod_id=pod.id, ports=ports)
+        return pb.PortForwardResponse(url=self.streaming.url(pending))
 
-    def _not_yet(self, context: grpc.ServicerContext, name: str) -> None:
-        import grpc
+    def start_streaming(self) -> None:
+        """The server Exec, Attach and PortForward send their clients to ([stockade.streaming])."""
+        s = self.config.streaming
+        backend = Backend(self.containers.exec_stream, self.containers.attach_paths, self.pods.netns_of)
+        self.streaming = StreamServer(s.address, s.port, backend, idle_timeout=s.idle_timeout,
+                                      tls=(s.tls_cert, s.tls_key) if s.tls_cert else None)
+        self.streaming.start()
+        log.info("streaming (exec, attach, port-forward) on %s", self.streaming.base_url)
 
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      f"{name}: streaming (exec, attach, port-forward) is not served yet; ExecSync works")
+
+def _check_streams(request: pb.ExecRequest | pb.AttachRequest) -> None:
+    if request.tty and request.stderr:
+        raise invalid("tty and stderr cannot both be true", where="stderr",
+                      hint="a terminal carries both outputs on stdout")
+    if not (request.stdin or request.stdout or request.stderr):
+        raise invalid("none of stdin, stdout and stderr is asked for", where="stdin")

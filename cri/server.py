@@ -54,6 +54,7 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     runtime.agent = _start_agent(config, stop)  # before the socket: no pod before its programs
     if server.add_insecure_port(f"unix://{config.socket}") == 0:
         raise StockadeError("cannot listen on the socket", where=config.socket)
+    runtime.start_streaming()
     watch_exits(runtime.containers.exits, runtime.containers.on_exit_file, stop)
     if runtime.network is not None:
         _log_denials(runtime, stop)
@@ -68,6 +69,8 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     stop.wait()
     log.info("stopping: calls in flight get %.0fs; containers keep running", GRACE)
     server.stop(GRACE).wait()
+    if runtime.streaming is not None:
+        runtime.streaming.stop()
     runtime.close()
     for path in (config.socket, os.path.join(config.state_dir, "server.pid")):
         try:

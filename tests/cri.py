@@ -4,6 +4,7 @@ a kubelet-like client over the generated stubs of `container-runtime-interface-a
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,6 +66,14 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=30)
+
+
+def stop_and_remove(server: Server) -> None:
+    """Remove every pod (and so every container) the server has, stop it, remove its files."""
+    for pod in server.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
+        server.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+    assert server.stop() == 0
+    shutil.rmtree(server.base, ignore_errors=True)
 
 
 def pull(server: Server, image: str, **auth: str) -> str:

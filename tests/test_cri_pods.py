@@ -15,7 +15,7 @@ import pytest
 from kernel import needs_root  # noqa: F401 - a fixture, used by name
 from leftovers import new_since, snapshot
 
-from cri import Server, fast_tmp, pb, status_code
+from cri import Server, fast_tmp, pb, status_code, stop_and_remove
 
 pytestmark = pytest.mark.usefixtures("needs_root")
 
@@ -40,11 +40,8 @@ def server(tmp_path: Path) -> Iterator[Server]:
     try:
         yield srv
     finally:
-        for pod in srv.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-            srv.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
-        assert srv.stop() == 0
+        stop_and_remove(srv)
         assert new_since(before) == {}
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def pod_config(name: str = "web", namespace: str = "team-a", **extra) -> pb.PodSandboxConfig:  # noqa: ANN003
