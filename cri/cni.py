@@ -149,3 +149,14 @@ def address_of(result: dict) -> str:
         if ":" not in address:
             return address
     return ""
+
+
+def host_interface(result: dict, conf: dict) -> str:
+    """The node's end of the pod's link in a CNI result: an interface outside the pod's namespace
+    that is not a bridge the conflist names ("" when the result has none)."""
+    bridges = {plugin.get("bridge") for plugin in conf.get("plugins", [])}
+    for interface in result.get("interfaces", []):
+        name = interface.get("name", "")
+        if name and not interface.get("sandbox") and name not in bridges:
+            return name
+    return ""

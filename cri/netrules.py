@@ -241,6 +241,31 @@ def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostpo
     return cmds
 
 
+def port_guard(ports: list[tuple[str, str]]) -> list:
+    """libnftables JSON commands that replace the `bridge stockade` table: every frame a pod
+    sends into its bridge carries its own address (IPv4 with its source, ARP claiming it) or is
+    dropped, before any bridging or routing. PORTS: (the node's end of the pod's link, its IPv4
+    address). Without it a pod could take another's address: a sibling's, to leave its own
+    narrowed egress, or (one CNI bridge for all) another tenant's, whose rules go by source."""
+    table = {"family": "bridge", "name": TABLE}
+    cmds: list = [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
+    cmds.append({"add": {"chain": {"family": "bridge", "table": TABLE, "name": "pods", "type": "filter",
+                                   "hook": "prerouting", "prio": -200, "policy": "accept"}}})
+
+    def rule(*expr: dict, comment: str) -> None:
+        body = {"family": "bridge", "table": TABLE, "chain": "pods", "comment": comment,
+                "expr": [*expr, {"counter": None}, {"drop": None}]}
+        cmds.append({"add": {"rule": body}})
+
+    for port, ip in sorted(ports):
+        on = _match("meta", "iifname", port)
+        rule(on, _match("payload", ("ip", "saddr"), ip, op="!="), comment=f"{port}: not its address")
+        rule(on, _match("payload", ("arp", "saddr ip"), ip, op="!="), comment=f"{port}: ARP for another")
+        rule(on, _match("payload", ("ether", "type"), {"set": ["ip", "arp"]}, op="!="),
+             comment=f"{port}: neither IPv4 nor ARP")
+    return cmds
+
+
 def _tenant_rules(t: Tenant, tenants: list[Tenant], pod_cidr: str, rule) -> None:  # noqa: ANN001
     accept = {"accept": None}
     rule(_match("payload", ("ip", "daddr"), _members(t.subnet)), accept, comment="own tenant")

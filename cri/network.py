@@ -261,8 +261,18 @@ class Network:
             import nftables
 
             self._nft = nftables.Nftables()  # freeing one costs more than a rebuild: keep it
-        apply(netrules.ruleset(tenants, self.config.net.pod_cidr, self.config.net.node_allow, hostports,
-                               "cni" if self.cni is not None else "bridge"), self._nft)
+        commands = netrules.ruleset(tenants, self.config.net.pod_cidr, self.config.net.node_allow, hostports,
+                                    "cni" if self.cni is not None else "bridge")
+        apply(commands + netrules.port_guard(self._ports(pods)), self._nft)
+
+    def _ports(self, pods: list[PodNet]) -> list[tuple[str, str]]:
+        """(the node's end of each pod's link, the pod's address)."""
+        if self.cni is None:
+            return [(netrules.veth_name(p.id), p.ip) for p in pods]
+        from .cni import host_interface
+
+        found = [(host_interface(self.cni.cached(p.id) or {}, self.cni.conf), p.ip) for p in pods]
+        return [(port, ip) for port, ip in found if port]
 
 
 def apply(commands: list, nft=None) -> None:  # noqa: ANN001 - a libnftables context
@@ -278,8 +288,8 @@ def apply(commands: list, nft=None) -> None:  # noqa: ANN001 - a libnftables con
 
 
 def remove_rules() -> None:
-    table = {"family": "inet", "name": netrules.TABLE}
-    apply([{"add": {"table": table}}, {"delete": {"table": table}}])
+    tables = [{"family": family, "name": netrules.TABLE} for family in ("inet", "bridge")]
+    apply([{verb: {"table": t}} for t in tables for verb in ("add", "delete")])
 
 
 def _iproute(netns_fd: int):  # noqa: ANN202 - a pyroute2 IPRoute

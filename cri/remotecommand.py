@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -145,9 +146,15 @@ class Exec:
             listener.bind(os.path.join(self.dir, "console"))
             listener.listen(1)
             argv += ["--tty", "--console-socket", os.path.join(self.dir, "console")]
-        self.proc = subprocess.Popen(
-            [*argv, cid, *command], stdin=subprocess.PIPE if stdin and not tty else subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL if tty else subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            self.proc = subprocess.Popen(
+                [*argv, cid, *command], stdin=subprocess.PIPE if stdin and not tty else subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL if tty else subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError:
+            if listener is not None:
+                listener.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         self.master = -1
         if listener is not None:
             try:
@@ -197,9 +204,7 @@ class Exec:
         if self.master >= 0:
             os.close(self.master)
             self.master = -1
-        for name in os.listdir(self.dir):
-            os.unlink(os.path.join(self.dir, name))
-        os.rmdir(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _tree(pid: int) -> list[int]:

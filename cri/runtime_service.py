@@ -9,6 +9,7 @@ from queue import Empty
 
 from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as pb_grpc
+from stockade.runtime.errors import StockadeError
 
 from . import messages
 from .containers import Container, Containers
@@ -306,8 +307,8 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         c = self.containers.running(request.container_id)
         _check_streams(request)
         tty = bool(c.spec.get("tty"))  # the container's own: conmon tags its output by it
-        stdin = request.stdin and bool(c.spec.get("stdin"))  # conmon has a stdin pipe only then
-        pending = Pending("attach", c.id, [], tty, stdin, request.stdout, request.stderr and not tty)
+        # (input for a container without stdin is taken and dropped by conmon, as CRI-O's is)
+        pending = Pending("attach", c.id, [], tty, request.stdin, request.stdout, request.stderr and not tty)
         return pb.AttachResponse(url=self.streaming.url(pending))
 
     @rpc
@@ -325,8 +326,14 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         """The server Exec, Attach and PortForward send their clients to ([stockade.streaming])."""
         s = self.config.streaming
         backend = Backend(self.containers.exec_stream, self.containers.attach_paths, self.pods.netns_of)
-        self.streaming = StreamServer(s.address, s.port, backend, idle_timeout=s.idle_timeout,
-                                      tls=(s.tls_cert, s.tls_key) if s.tls_cert else None)
+        try:
+            self.streaming = StreamServer(s.address, s.port, backend, idle_timeout=s.idle_timeout,
+                                          tls=(s.tls_cert, s.tls_key) if s.tls_cert else None)
+        except OSError as e:  # ssl.SSLError among them
+            raise StockadeError(f"cannot serve streaming on {s.address}:{s.port}: {e.strerror or e}",
+                                where="[stockade.streaming]",
+                                hint="a free address and port (0: any), a readable certificate and key"
+                                ) from None
         self.streaming.start()
         log.info("streaming (exec, attach, port-forward) on %s", self.streaming.base_url)
 

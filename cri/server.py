@@ -48,13 +48,13 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     )
     store = Store(config.image_store)
     runtime = RuntimeService(config, store)
+    runtime.start_streaming()  # a port it cannot have stops the server before anything is served
     pb_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
     pb_grpc.add_ImageServiceServicer_to_server(ImageService(config, store), server)
     stop = threading.Event()
     runtime.agent = _start_agent(config, stop)  # before the socket: no pod before its programs
     if server.add_insecure_port(f"unix://{config.socket}") == 0:
         raise StockadeError("cannot listen on the socket", where=config.socket)
-    runtime.start_streaming()
     watch_exits(runtime.containers.exits, runtime.containers.on_exit_file, stop)
     if runtime.network is not None:
         _log_denials(runtime, stop)

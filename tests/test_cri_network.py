@@ -188,6 +188,54 @@ def test_the_cni_backend_passes_the_same_matrix(cni: tuple[Server, Node]) -> Non
     assert list((server.base / "state/network/cni").iterdir()) == []  # and the cached result
 
 
+@pytest.mark.parametrize("backend", ["bridge", "cni"])
+def test_a_pod_cannot_send_from_another_pods_address(backend: str, request: pytest.FixtureRequest) -> None:
+    """A pod that gives itself another pod's address and sends from it is dropped at its own
+    port (the `bridge stockade` table), before any bridging or routing: a sibling's address
+    would leave its own narrowed egress behind, and on the CNI bridge, where tenants are known
+    by source, another tenant's address would pass for that tenant. The same datagram from the
+    address's owner arrives."""
+    if backend == "cni":
+        server, node = request.getfixturevalue("cni")
+    else:
+        server, node = request.getfixturevalue("server"), request.getfixturevalue("node")
+    # on the bridge backend a sibling on the same bridge (another tenant's bridge routes through
+    # the tenant rules, which go by bridge); on the CNI bridge, another tenant's pod
+    spoofing = "team-sb" if backend == "bridge" else "team-sa"
+    pods = [run_pod(server, name, ns) for name, ns in (("sa", spoofing), ("sb", "team-sb"),
+                                                       ("st", "team-sb"))]
+    (_, _, spoofer), (_, owned, owner), (_, target, inside) = pods
+    try:
+        sh("nsenter", f"--net={spoofer}", "ip", "addr", "add", f"{owned}/32", "dev", "eth0")
+        # the target's MAC known: no ARP (which would claim the address, and be dropped for it)
+        mac = sh("nsenter", f"--net={inside}", "cat", "/sys/class/net/eth0/address").strip()
+        sh("nsenter", f"--net={spoofer}", "ip", "neigh", "replace", target, "lladdr", mac, "dev", "eth0")
+        assert _datagram(spoofer, owned, target, inside) is None
+        assert _datagram(owner, owned, target, inside) == owned
+        table = sh("nsenter", f"--net={node.path}", "nft", "list", "table", "bridge", "stockade")
+        guard = [rule for rule in table.splitlines() if "not its address" in rule]
+        assert any("packets 0 " not in rule for rule in guard), table
+    finally:
+        for pod_id, _, _ in pods:
+            remove_pod(server, pod_id)
+
+
+def _datagram(sender: str, source: str, target: str, receiver: str) -> str | None:
+    """Send a UDP datagram from SOURCE in namespace SENDER to TARGET:9999; who arrived as its
+    source in namespace RECEIVER (None: nothing)."""
+    udp = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    listen = (f"{udp}s.bind(('0.0.0.0', 9999))\nprint('ready', flush=True)\ns.settimeout(2)\n"
+              "try:\n    print(s.recvfrom(64)[1][0])\nexcept TimeoutError:\n    print('nothing')\n")
+    proc = subprocess.Popen(["nsenter", f"--net={receiver}", sys.executable, "-c", listen],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    send = f"{udp}s.bind(('{source}', 0))\ns.sendto(b'x', ('{target}', 9999))\n"
+    sh("nsenter", f"--net={sender}", sys.executable, "-c", send)
+    got = proc.stdout.readline().strip()
+    proc.wait()
+    return None if got == "nothing" else got
+
+
 def reachability_matrix(server: Server, node: Node, expect_denials: bool = False) -> None:
     conditions = server.runtime.Status(pb.StatusRequest()).status.conditions
     assert [(c.type, c.status) for c in conditions] == [("RuntimeReady", True), ("NetworkReady", True)]

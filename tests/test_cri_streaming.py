@@ -283,6 +283,16 @@ def test_tokens_are_single_use_and_unknown_ones_are_404(server: Server, sleeper:
         assert code == 404
 
 
+def test_a_token_for_a_container_that_is_gone_ends_with_an_error_status(
+        server: Server, pod: tuple[str, pb.PodSandboxConfig]) -> None:
+    cid = container(server, pod, "short", "sleep", "1000")
+    url = exec_url(server, cid, "echo", "never")
+    server.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
+    out, _, status = spdy_exec(url)
+    assert out == b"" and status["status"] == "Failure" and status["reason"] == "InternalError", status
+    assert f"no container {cid!r}" in status["message"]
+
+
 def test_tokens_expire(server: Server) -> None:
     from stockade.cri.streaming import Pending, Tokens
 
@@ -394,3 +404,20 @@ def _pod(server: Server) -> tuple[str, pb.PodSandboxConfig]:
     meta = pb.PodSandboxMetadata(name="t", namespace="team-a", uid="uid-tls")
     config = pb.PodSandboxConfig(metadata=meta, hostname="t", log_directory=str(server.base / "logs"))
     return server.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id, config
+
+
+def test_a_streaming_port_in_use_stops_the_server_with_the_reason(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        base = fast_tmp()
+        (base / "stockade.toml").write_text(CONFIG + f"[stockade.streaming]\nport = {port}\n")
+        try:
+            with pytest.raises(AssertionError, match=f"cannot serve streaming on 127.0.0.1:{port}"):
+                Server(base, config=base / "stockade.toml")
+            assert not (base / "cri.sock").exists()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
