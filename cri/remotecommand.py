@@ -96,6 +96,17 @@ def _sizes(stream: object, apply) -> None:  # noqa: ANN001 - apply(rows, cols)
             return  # not sizes: stop listening rather than buffer it
 
 
+class _Discard:
+    """Where output nobody asked for goes."""
+
+    @staticmethod
+    def write(_data: bytes) -> None:
+        return None
+
+
+_DISCARD = _Discard()
+
+
 def _thread(target, *args) -> threading.Thread:  # noqa: ANN001, ANN002
     t = threading.Thread(target=target, args=args, daemon=True, name="stockade-stream")
     t.start()
@@ -236,11 +247,9 @@ def serve_exec(io: Io, run: Exec) -> None:
                 _thread(_copy_in, io.stdin, os.dup(run.master))
             if io.resize is not None:
                 _thread(_sizes, io.resize, run.resize)
-    else:
-        if io.stdout is not None:
-            pumps.append(_thread(_copy_out, run.proc.stdout.fileno(), io.stdout))
-        if io.stderr is not None:
-            pumps.append(_thread(_copy_out, run.proc.stderr.fileno(), io.stderr))
+    else:  # both pipes read, asked for or not: a full one would stop the process
+        pumps.append(_thread(_copy_out, run.proc.stdout.fileno(), io.stdout or _DISCARD))
+        pumps.append(_thread(_copy_out, run.proc.stderr.fileno(), io.stderr or _DISCARD))
         if io.stdin is not None and run.proc.stdin is not None:
             _thread(_copy_in, io.stdin, os.dup(run.proc.stdin.fileno()))
             run.proc.stdin.close()
@@ -248,9 +257,8 @@ def serve_exec(io: Io, run: Exec) -> None:
     for pump in pumps:
         pump.join(DRAIN_SECONDS if run.tty else None)
     error = ""
-    if run.tty or io.stderr is None:
-        runtime_said = run.proc.stderr.read().decode(errors="replace").strip() if run.proc.stderr else ""
-        error = runtime_said if run.tty and run.master < 0 else ""
+    if run.tty and run.master < 0:  # it failed before it had a terminal: its runtime says why
+        error = run.proc.stderr.read().decode(errors="replace").strip() if run.proc.stderr else ""
     if not io.closed.is_set():
         finish(io, status(code, run.command, error))
     io.closed.set()  # the watcher's wait ends

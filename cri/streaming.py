@@ -310,16 +310,18 @@ class StreamServer:
     # -- both
 
     def _run(self, io: remotecommand.Io, request: Pending) -> None:
-        if request.kind == "attach":
-            attach_dir, ctl = self.backend.attach_paths(request.container_id)
-            remotecommand.serve_attach(io, attach_dir, ctl, request.tty)
-            return
         try:
-            run = self.backend.exec_process(request)
+            if request.kind == "attach":
+                attach_dir, ctl = self.backend.attach_paths(request.container_id)
+            else:
+                run = self.backend.exec_process(request)
         except Exception as e:  # noqa: BLE001 - said to the client, as kubelet's InternalError
             remotecommand.finish(io, remotecommand.status(0, request.command, str(e)))
             return
-        remotecommand.serve_exec(io, run)
+        if request.kind == "attach":
+            remotecommand.serve_attach(io, attach_dir, ctl, request.tty)
+        else:
+            remotecommand.serve_exec(io, run)
 
 
 def _wanted(request: Pending, resize: bool) -> dict[str, object]:

@@ -9,6 +9,7 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from urllib.parse import urlsplit
 
 from stockade.cri import spdy
@@ -165,6 +166,8 @@ def spdy_exec(url: str, stdin: bytes | None = None, *, stdout: bool = True, stde
         try:  # a session that ended at once (a failed exec) has closed the connection already
             for rows, cols in sizes:
                 c.write(sids["resize"], json.dumps({"Width": cols, "Height": rows}).encode() + b"\n")
+            if sizes:
+                time.sleep(0.3)  # a user types after the terminal got its size (both go their own ways)
             if stdin is not None:
                 c.write(sids["stdin"], stdin, fin=not tty)
         except OSError:

@@ -104,6 +104,13 @@ def test_a_non_zero_exit_code_comes_back_in_the_status(server: Server, sleeper: 
     assert b"exit code 4" in text
 
 
+def test_output_nobody_asked_for_does_not_stop_the_process(server: Server, sleeper: str) -> None:
+    """stdout not asked for: it is read and dropped, so 200 kB of it (more than a pipe holds)
+    does not block the process before it reaches its stderr and its end."""
+    url = exec_url(server, sleeper, "sh", "-c", "head -c 200000 /dev/zero; echo done >&2", stdout=False)
+    assert spdy_exec(url, stdout=False) == (b"", b"done\n", SUCCESS)
+
+
 def test_exec_stdin_reaches_the_process_and_its_end_too(server: Server, sleeper: str) -> None:
     out, _, status = spdy_exec(exec_url(server, sleeper, "sh", "-c", "cat; echo done", stdin=True), b"abc\n")
     assert (out, status) == (b"abc\ndone\n", SUCCESS)
@@ -286,11 +293,13 @@ def test_tokens_are_single_use_and_unknown_ones_are_404(server: Server, sleeper:
 def test_a_token_for_a_container_that_is_gone_ends_with_an_error_status(
         server: Server, pod: tuple[str, pb.PodSandboxConfig]) -> None:
     cid = container(server, pod, "short", "sleep", "1000")
-    url = exec_url(server, cid, "echo", "never")
+    urls = [exec_url(server, cid, "echo", "never"),
+            server.runtime.Attach(pb.AttachRequest(container_id=cid, stdout=True, stderr=True)).url]
     server.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
-    out, _, status = spdy_exec(url)
-    assert out == b"" and status["status"] == "Failure" and status["reason"] == "InternalError", status
-    assert f"no container {cid!r}" in status["message"]
+    for url in urls:
+        out, _, status = spdy_exec(url)
+        assert out == b"" and status["status"] == "Failure" and status["reason"] == "InternalError", status
+        assert f"no container {cid!r}" in status["message"]
 
 
 def test_tokens_expire(server: Server) -> None:
