@@ -302,6 +302,20 @@ def test_a_token_for_a_container_that_is_gone_ends_with_an_error_status(
         assert f"no container {cid!r}" in status["message"]
 
 
+def test_streams_of_unknown_or_repeated_types_are_refused(server: Server, sleeper: str) -> None:
+    """An exec connection answers only the streams its request needs, once each: others are reset
+    (RST_STREAM CANCEL) and the session goes on."""
+    c = Spdy(exec_url(server, sleeper, "echo", "fine", stderr=False))
+    try:
+        kinds = ("bogus", "error", "stdout", "stdout")
+        bogus, error, out, again = (c.open(streamType=kind) for kind in kinds)
+        assert c.read_all(out) == b"fine\n"
+        assert json.loads(c.read_all(error)) == SUCCESS
+        assert c.reset.get(bogus) == spdy.CANCEL and c.reset.get(again) == spdy.CANCEL
+    finally:
+        c.close()
+
+
 def test_tokens_expire(server: Server) -> None:
     from stockade.cri.streaming import Pending, Tokens
 

@@ -277,7 +277,10 @@ def test_killed_lab_takes_qemu_with_it(lab_ready: str) -> None:
 
 @pytest.mark.slow
 def test_guest_crash_is_reported_with_console_tail(lab_ready: str) -> None:
-    proc = lab("run", "--", "sh", "-c", "echo about-to-crash; echo c > /proc/sysrq-trigger", timeout=90)
+    # the pause lets the serial console drain the line before the panic stops the guest (a crash
+    # right behind it lost the line once in CI)
+    proc = lab("run", "--", "sh", "-c", "echo about-to-crash; sleep 1; echo c > /proc/sysrq-trigger",
+               timeout=90)
     assert proc.returncode == 125
     assert "guest stopped before the command finished" in proc.stderr
     assert "about-to-crash" in proc.stdout  # streamed while the command ran
