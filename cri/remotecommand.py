@@ -107,7 +107,8 @@ class _Discard:
 _DISCARD = _Discard()
 
 
-def _thread(target, *args) -> threading.Thread:  # noqa: ANN001, ANN002
+def background(target, *args) -> threading.Thread:  # noqa: ANN001, ANN002
+    """TARGET(*ARGS) in a daemon thread of its own, started: every thread streaming runs."""
     t = threading.Thread(target=target, args=args, daemon=True, name="stockade-stream")
     t.start()
     return t
@@ -238,20 +239,20 @@ def _tree(pid: int) -> list[int]:
 
 
 def serve_exec(io: Io, run: Exec) -> None:
-    watcher = _thread(_kill_when_gone, io.closed, run)
+    watcher = background(_kill_when_gone, io.closed, run)
     pumps = []
     if run.tty:
         if run.master >= 0:
-            pumps.append(_thread(_copy_tty_out, run, io.stdout))
+            pumps.append(background(_copy_tty_out, run, io.stdout))
             if io.stdin is not None:
-                _thread(_copy_in, io.stdin, os.dup(run.master))
+                background(_copy_in, io.stdin, os.dup(run.master))
             if io.resize is not None:
-                _thread(_sizes, io.resize, run.resize)
+                background(_sizes, io.resize, run.resize)
     else:  # both pipes read, asked for or not: a full one would stop the process
-        pumps.append(_thread(_copy_out, run.proc.stdout.fileno(), io.stdout or _DISCARD))
-        pumps.append(_thread(_copy_out, run.proc.stderr.fileno(), io.stderr or _DISCARD))
+        pumps.append(background(_copy_out, run.proc.stdout.fileno(), io.stdout or _DISCARD))
+        pumps.append(background(_copy_out, run.proc.stderr.fileno(), io.stderr or _DISCARD))
         if io.stdin is not None and run.proc.stdin is not None:
-            _thread(_copy_in, io.stdin, os.dup(run.proc.stdin.fileno()))
+            background(_copy_in, io.stdin, os.dup(run.proc.stdin.fileno()))
             run.proc.stdin.close()
     code = run.proc.wait()
     for pump in pumps:
@@ -308,11 +309,11 @@ def serve_attach(io: Io, attach_dir: str, ctl: str, tty: bool) -> None:
         return
     finally:
         os.close(dirfd)
-    _thread(_gone_closes, io.closed, sock)
+    background(_gone_closes, io.closed, sock)
     if io.stdin is not None:
-        _thread(_attach_in, io.stdin, sock)
+        background(_attach_in, io.stdin, sock)
     if io.resize is not None and tty:
-        _thread(_sizes, io.resize, lambda rows, cols: _control(ctl, f"1 {rows} {cols}\n"))
+        background(_sizes, io.resize, lambda rows, cols: _control(ctl, f"1 {rows} {cols}\n"))
     _attach_out(sock, io, tty)
     sock.close()
     if not io.closed.is_set():
@@ -346,8 +347,12 @@ def _attach_in(stream: object, sock: socket.socket) -> None:
         pass
 
 
-def _gone_closes(closed: threading.Event, sock: socket.socket) -> None:
-    closed.wait()
+def _gone_closes(closed: threading.Event, sock: socket.socket, done: threading.Event | None = None) -> None:
+    """Shut SOCK down once the client is gone (CLOSED); give up once DONE is set: a forward's
+    watcher ends with its forward, not with the session (kubectl's last hours, forwards many)."""
+    while not closed.wait(None if done is None else 1.0):
+        if done is not None and done.is_set():
+            return
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -383,8 +388,9 @@ def forward(netns: str, port: int, pod_id: str, data: object, error: object, clo
         data.reset()
         error.reset()
         return
-    _thread(_socket_in, data, conn)
-    _thread(_gone_closes, closed, conn)
+    done = threading.Event()
+    background(_socket_in, data, conn)
+    background(_gone_closes, closed, conn, done)
     while True:
         try:
             chunk = conn.recv(1 << 16)
@@ -398,6 +404,7 @@ def forward(netns: str, port: int, pod_id: str, data: object, error: object, clo
             break
     # the pod's side is done: so is the connection (a client still writing finds it closed; the
     # thread copying its data ends with the client's stream, not waited for here)
+    done.set()
     try:
         conn.shutdown(socket.SHUT_RDWR)
     except OSError:

@@ -121,7 +121,7 @@ class StreamServer:
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        threading.Thread(target=self._accept, name="stockade-streaming", daemon=True).start()
+        remotecommand.background(self._accept)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -144,8 +144,7 @@ class StreamServer:
                 _reply(sock, 503, "too many streaming connections")
                 sock.close()
                 continue
-            threading.Thread(target=self._connection, args=(sock,), daemon=True,
-                             name="stockade-stream").start()
+            remotecommand.background(self._connection, sock)
 
     def _connection(self, sock: socket.socket) -> None:
         try:
@@ -159,7 +158,7 @@ class StreamServer:
                 _reply(sock, 431 if rest == b"large" else 400, "bad request")
                 return
             self._route(sock, head, rest)
-        except (OSError, ssl.SSLError, ValueError) as e:
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
             log.debug("streaming connection: %s", e)
         except Exception:  # noqa: BLE001 - one connection's fault never takes the server down
             log.exception("streaming connection failed")
@@ -253,9 +252,8 @@ class StreamServer:
             if len(pair) == 2:
                 del pairs[key]
                 port = int(pair["data"].header("port"))
-                threading.Thread(target=remotecommand.forward, daemon=True, name="stockade-forward",
-                                 args=(netns, port, request.pod_id, pair["data"], pair["error"],
-                                       session.closed)).start()
+                remotecommand.background(remotecommand.forward, netns, port, request.pod_id, pair["data"],
+                                         pair["error"], session.closed)
         session.close()
 
     # -- WebSocket
@@ -298,11 +296,8 @@ class StreamServer:
             data, error = session.channels[2 * i], session.channels[2 * i + 1]
             for channel in (data, error):
                 channel.write(port.to_bytes(2, "little"))
-            args = (netns, port, request.pod_id, data, error, session.closed)
-            threads.append(threading.Thread(target=remotecommand.forward, args=args, daemon=True,
-                                            name="stockade-forward"))
-        for t in threads:
-            t.start()
+            threads.append(remotecommand.background(remotecommand.forward, netns, port, request.pod_id, data,
+                                                    error, session.closed))
         for t in threads:
             t.join()
         session.close()
@@ -339,7 +334,7 @@ def _port_stream(stream: object) -> bool:
 
 
 def _reader(session: Session | WsSession) -> None:
-    threading.Thread(target=session.serve, daemon=True, name="stockade-stream-reader").start()
+    remotecommand.background(session.serve)
 
 
 # -- HTTP, as little of it as an upgrade needs

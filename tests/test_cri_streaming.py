@@ -223,6 +223,7 @@ def _get(send, recv) -> bytes:  # noqa: ANN001
 
 def test_port_forward_over_spdy_reaches_the_pods_port_80(server: Server, web: str) -> None:
     url = server.runtime.PortForward(pb.PortForwardRequest(pod_sandbox_id=web, port=[80])).url
+    before = _threads(server.proc.pid)
     c = Spdy(url, ("portforward.k8s.io",))
     try:
         assert c.code == 101 and c.headers["x-stream-protocol-version"] == ["portforward.k8s.io"]
@@ -232,6 +233,11 @@ def test_port_forward_over_spdy_reaches_the_pods_port_80(server: Server, web: st
             reply = _get(lambda b, d=data: c.write(d, b, fin=True), lambda d=data: c.read_all(d))
             assert reply.startswith(b"HTTP/1.") and reply.endswith(b"stockade\n"), reply
             assert c.read_all(error) == b""
+        # finished forwards leave no thread behind while the connection stays (its own two do)
+        deadline = time.monotonic() + 10
+        while _threads(server.proc.pid) > before + 2:
+            assert time.monotonic() < deadline, (_threads(server.proc.pid), before)
+            time.sleep(0.1)
         error = c.open(streamType="error", port="81", requestID="3")  # nothing listens there
         data = c.open(streamType="data", port="81", requestID="3")
         assert b"error forwarding port 81" in c.read_all(error)
