@@ -142,11 +142,11 @@ def _message(proc: subprocess.CompletedProcess) -> str:
         return (proc.stderr or proc.stdout).decode(errors="replace").strip() or f"exit {proc.returncode}"
 
 
-def address_of(result: dict) -> str:
-    """The pod's IPv4 address in a CNI result (the first one on eth0, or the first at all)."""
+def address_of(result: dict, version: int = 4) -> str:
+    """The pod's first IPv4 (or IPv6) address in a CNI result ("" : none)."""
     for ip in result.get("ips", []):
         address = ip.get("address", "").split("/")[0]
-        if ":" not in address:
+        if address and (":" in address) == (version == 6):
             return address
     return ""
 

@@ -15,6 +15,7 @@ plain data. Every key is checked; a misspelt one is an error that names the file
 
     [stockade.pod_network]         # (TOML: `network` above is the backend's name)
     pod_cidr = "10.88.0.0/16"     # the node's pod addresses (kubelet's UpdateRuntimeConfig may set it)
+    pod_cidr6 = ""                # dual-stack: the pods' IPv6 addresses too, e.g. "fd00:88::/64"
     tenant_prefix = 24            # each tenant gets a subnet of this size out of pod_cidr
     node_allow = []               # node addresses pods may reach: "ADDR[/LEN]:PORT[-PORT]/tcp|udp|sctp"
     policy_dir = "/etc/stockade/tenants"   # <tenant>.yaml: egress allows, who may reach the tenant
@@ -68,6 +69,7 @@ class Handler:
 @dataclass
 class NetworkConfig:
     pod_cidr: str = "10.88.0.0/16"
+    pod_cidr6: str = ""  # "": IPv4 only
     tenant_prefix: int = 24
     node_allow: list[str] = field(default_factory=list)
     policy_dir: str = "/etc/stockade/tenants"
@@ -123,8 +125,8 @@ _TOP = {"socket": str, "state_dir": str, "image_store": str, "cgroup_parent": st
         "bpf_agent": bool}
 _TABLES = ("registries", "handlers", "pod_network", "streaming")
 _STREAMING = {"address": str, "port": int, "tls_cert": str, "tls_key": str, "idle_timeout": int}
-_NETWORK = {"pod_cidr": str, "tenant_prefix": int, "node_allow": list, "policy_dir": str, "cni_conf_dir": str,
-            "cni_bin_dir": str}
+_NETWORK = {"pod_cidr": str, "pod_cidr6": str, "tenant_prefix": int, "node_allow": list, "policy_dir": str,
+            "cni_conf_dir": str, "cni_bin_dir": str}
 NETWORKS = ("none", "bridge", "cni")
 _HANDLER = {"profile": str, "bpf_policy": str, "user_namespace": bool, "host_namespaces": bool,
             "privileged": bool, "allow_degraded": bool}
@@ -193,10 +195,11 @@ def check(config: Config, where: str) -> None:
             raise SpecError(f"{key} must be an absolute path", where=where)
     if config.network not in NETWORKS:
         raise SpecError(f"network {config.network!r}", where=where, hint=f"one of {', '.join(NETWORKS)}")
-    from .ipam import check_cidr  # checked whatever the backend: a later switch finds them sound
+    from .ipam import check_cidr, check_cidr6  # checked whatever the backend: a later switch finds them sound
     from .netrules import node_allow
 
-    check_cidr(config.net.pod_cidr, config.net.tenant_prefix, f"{where}: stockade.pod_network")
+    net = check_cidr(config.net.pod_cidr, config.net.tenant_prefix, f"{where}: stockade.pod_network")
+    check_cidr6(config.net.pod_cidr6, net, f"{where}: stockade.pod_network")
     for item in config.net.node_allow:
         node_allow(item, f"{where}: stockade.pod_network.node_allow")
 

@@ -33,7 +33,7 @@ from stockade.runtime.state import remove_tree
 from . import bundle as bundlemod
 from . import events, remotecommand
 from .errors import AlreadyExists, NotFound, Timeout
-from .netrules import REFUSED_ALWAYS
+from .netrules import refused_always
 from .pods import READY
 from .records import Records
 
@@ -339,7 +339,8 @@ class Containers:
         if policy:
             config["annotations"]["io.stockade.bpf-policy"] = policy
             if pod.ip:  # in the pod's own namespace, behind the tenant rules
-                config["annotations"][NETWORK_REFUSES_ANNOTATION] = ",".join(REFUSED_ALWAYS)
+                refused = refused_always(dual_stack=bool(pod.ip6))
+                config["annotations"][NETWORK_REFUSES_ANNOTATION] = ",".join(refused)
         bundle = os.path.join(self.dir(c.id), "bundle")
         write_atomic(os.path.join(bundle, "config.json"), json.dumps(config), mode=0o644)
         os.makedirs(os.path.dirname(c.log_path), mode=0o755, exist_ok=True)

@@ -3,6 +3,10 @@
     <root>/tenants/<n>     the tenant whose subnet is the n-th /tenant_prefix of the pod CIDR
     <root>/addrs/<ip>      the pod id the address is leased to
 
+With an IPv6 pod CIDR as well (dual-stack), a pod's IPv6 address is derived from its IPv4 lease:
+the same tenant index and host part within the IPv6 CIDR. One lease holds both, so the two can
+never disagree, and nothing about IPv6 is written down.
+
 Every entry is written aside, then hard-linked into place (link(2) fails on an existing name):
 no address or subnet is ever handed out twice, and none is ever half-recorded, not even by a
 server that died between choosing and recording: the file, whole, is the choice. A lease
@@ -34,9 +38,25 @@ def check_cidr(cidr: str, prefix: int, where: str) -> ipaddress.IPv4Network:
     return net
 
 
+def check_cidr6(cidr6: str, net: ipaddress.IPv4Network, where: str) -> ipaddress.IPv6Network | None:
+    """The IPv6 pod CIDR ("" : none, IPv4 only); room for every tenant and host part of NET's."""
+    if not cidr6:
+        return None
+    try:
+        net6 = ipaddress.IPv6Network(cidr6)
+    except ValueError as exc:
+        raise SpecError(f"pod_cidr6 {cidr6!r} is not an IPv6 network: {exc}", where=where,
+                        hint='e.g. "fd00:88::/64" (the host bits zero)') from None
+    if net6.prefixlen > 96 + net.prefixlen:  # tenant bits and host bits as many as IPv4's
+        raise SpecError(f"pod_cidr6 {cidr6} is too small for pod_cidr {net}", where=where,
+                        hint=f"a prefix of at most /{96 + net.prefixlen}")
+    return net6
+
+
 class Ipam:
-    def __init__(self, root: str, pod_cidr: str, tenant_prefix: int) -> None:
+    def __init__(self, root: str, pod_cidr: str, tenant_prefix: int, pod_cidr6: str = "") -> None:
         self.net = check_cidr(pod_cidr, tenant_prefix, "pod_network")
+        self.net6 = check_cidr6(pod_cidr6, self.net, "pod_network")
         self.prefix = tenant_prefix
         self.tenant_dir = os.path.join(root, "tenants")
         self.addr_dir = os.path.join(root, "addrs")
@@ -54,6 +74,21 @@ class Ipam:
     def nth(self, index: int) -> ipaddress.IPv4Network:
         base = int(self.net.network_address) + (index << (32 - self.prefix))
         return ipaddress.IPv4Network((base, self.prefix))
+
+    def six(self, ip: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
+        """IP's IPv6 twin: the same tenant index and host part within the IPv6 pod CIDR."""
+        assert self.net6 is not None
+        offset = int(ip) - int(self.net.network_address)
+        index, host = offset >> (32 - self.prefix), offset & ((1 << (32 - self.prefix)) - 1)
+        base = int(self.net6.network_address)
+        return ipaddress.IPv6Address(base + (index << (128 - self.prefix6())) + host)
+
+    def prefix6(self) -> int:
+        assert self.net6 is not None
+        return self.net6.prefixlen + self.prefix - self.net.prefixlen
+
+    def subnet6(self, subnet: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
+        return ipaddress.IPv6Network((self.six(subnet.network_address), self.prefix6()))
 
     def tenants(self) -> dict[str, ipaddress.IPv4Network]:
         out = {}

@@ -88,7 +88,7 @@ def pod_status(pod: Pod) -> pb.PodSandboxStatus:
                                  pid=MODE_VALUES[s["pid_mode"]])
     return pb.PodSandboxStatus(
         id=pod.id, metadata=pod_metadata(pod), state=pod_state(pod), created_at=pod.created_at,
-        network=pb.PodSandboxNetworkStatus(ip=pod.ip),
+        network=pb.PodSandboxNetworkStatus(ip=pod.ip, additional_ips=[pb.PodIP(ip=pod.ip6)] * bool(pod.ip6)),
         linux=pb.LinuxPodSandboxStatus(namespaces=pb.Namespace(options=options)),
         labels=s["labels"], annotations=s["annotations"], runtime_handler=pod.handler,
     )

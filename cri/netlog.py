@@ -33,7 +33,7 @@ _REQUEST, _ACK = 1, 4
 _CFG_CMD, _CFG_MODE = 1, 2
 _BIND, _COPY_PACKET = 1, 2
 _PAYLOAD, _PREFIX = 9, 10
-_PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}
+_PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 
 
 def open_group(group: int = GROUP) -> socket.socket:
@@ -82,12 +82,18 @@ def messages(data: bytes) -> list[dict[int, bytes]]:
 
 
 def describe(payload: bytes) -> tuple[str, str, str]:
-    """(source, destination[:port], protocol) of an IPv4 packet's first bytes."""
-    if len(payload) < 20 or payload[0] >> 4 != 4:
+    """(source, destination[:port], protocol) of an IPv4 or IPv6 packet's first bytes (IPv6
+    extension headers are not followed: the protocol is then the first of them)."""
+    version = payload[0] >> 4 if payload else 0
+    if version == 4 and len(payload) >= 20:
+        header, number = (payload[0] & 0x0F) * 4, payload[9]
+        src, dst = str(ipaddress.IPv4Address(payload[12:16])), str(ipaddress.IPv4Address(payload[16:20]))
+    elif version == 6 and len(payload) >= 40:
+        header, number = 40, payload[6]
+        src, dst = str(ipaddress.IPv6Address(payload[8:24])), f"[{ipaddress.IPv6Address(payload[24:40])}]"
+    else:
         return "", "", "other"
-    header = (payload[0] & 0x0F) * 4
-    proto = _PROTOCOLS.get(payload[9], str(payload[9]))
-    src, dst = str(ipaddress.IPv4Address(payload[12:16])), str(ipaddress.IPv4Address(payload[16:20]))
+    proto = _PROTOCOLS.get(number, str(number))
     if proto in ("tcp", "udp", "sctp") and len(payload) >= header + 4:
         dst += f":{struct.unpack_from('!H', payload, header + 2)[0]}"
     return src, dst, proto

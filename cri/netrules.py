@@ -5,7 +5,7 @@ transaction, so a rebuild from state is atomic and idempotent.
 A tenant policy, <policy_dir>/<tenant>.yaml:
 
     egress:                       # what the tenant's pods may reach beyond the tenant
-      - cidr: 203.0.113.0/24
+      - cidr: 203.0.113.0/24      # or IPv6 (dual-stack pods), e.g. 2001:db8::/32
         except: [203.0.113.7/32]
         ports: [443, "8000-8100"] # none: every port
         protocol: tcp             # tcp, udp or sctp; none: tcp and udp
@@ -31,10 +31,23 @@ VETH_PREFIX = "stkp-"  # the node's end of a pod's veth: stkp-<10 hex of the pod
 PROTOCOLS = ("tcp", "udp", "sctp")
 EGRESS_ANNOTATION = "io.stockade.network/egress"  # a pod's own egress: within its tenant's, never more
 LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")  # the cloud metadata address among them
-# What every tenant network refuses its pods whatever their policy: link-local (the metadata
-# address) and all of IPv6 (pods have IPv4 only). Containers are told (runtime/bpfpolicy.py), so a
-# policy whose egress denials lie inside needs no egress programs on their cgroups.
-REFUSED_ALWAYS = (str(LINK_LOCAL), "::/0")
+LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")
+METADATA6 = ipaddress.IPv6Network("fd00:ec2::254/128")  # the cloud metadata service over IPv6
+# What neighbour discovery needs on a pod's link (and MLD, which the kernel sends by itself)
+NDP = ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert", "mld-listener-report",
+       "mld-listener-done", "mld2-listener-report"]
+
+
+def refused_always(dual_stack: bool) -> tuple[str, ...]:
+    """What every tenant network refuses its pods whatever their policy: link-local (the metadata
+    address among them) and, for pods with IPv4 only, all of IPv6. Containers are told
+    (runtime/bpfpolicy.py), so a policy whose egress denials lie inside needs no egress programs
+    on their cgroups."""
+    if dual_stack:
+        return (str(LINK_LOCAL), str(LINK_LOCAL6), str(METADATA6))
+    return (str(LINK_LOCAL), "::/0")
+
+
 LOG_GROUP = 2026  # the NFLOG group denials are logged to (netlog.py reads it)
 LOG_PREFIX = "stk "  # "stk <tenant> <rule>" ("-": a chain all tenants share)
 
@@ -60,6 +73,16 @@ class HostPort:
     container_port: int
     protocol: str = "tcp"
     host_ip: str = ""  # "": every node address
+    pod_ip6: str = ""  # dual-stack: the node's IPv6 addresses lead to it too
+
+
+@dataclass
+class Port:
+    """A pod's link as the node sees it: the node's end, the pod's addresses."""
+
+    name: str
+    ip: str
+    ip6: str = ""
 
 
 @dataclass
@@ -68,7 +91,12 @@ class Tenant:
     subnet: str  # its pods' addresses: a subnet (bridge), or (cni) pod addresses joined by ","
     policy: Policy = field(default_factory=Policy)
     dns: list[str] = field(default_factory=list)  # resolvers its pods were given
-    narrowed: list[tuple[str, str, list[Egress]]] = field(default_factory=list)  # (pod ip, pod id, egress)
+    narrowed: list[tuple[list[str], str, list[Egress]]] = field(default_factory=list)  # (pod ips, id, egress)
+    subnet6: str = ""  # dual-stack: as subnet, IPv6
+
+    def members(self) -> list[str]:
+        """Its pods' addresses, one entry per address family."""
+        return [m for m in (self.subnet, self.subnet6) if m]
 
 
 def bridge_name(tenant: str) -> str:
@@ -102,7 +130,7 @@ def _egress(doc: YamlDoc, node) -> Egress:  # noqa: ANN001 - a YAML node
     out = Egress(str(cidr))
     for item in doc.seq(rule["except"], "except") if "except" in rule else []:
         inner = _network(doc, item)
-        if not inner.subnet_of(cidr):
+        if inner.version != cidr.version or not inner.subnet_of(cidr):  # type: ignore[arg-type]
             raise SpecError(f"except {inner} is not inside {cidr}", where=doc.where(item))
         out.exceptions.append(str(inner))
     if "ports" in rule:
@@ -112,13 +140,13 @@ def _egress(doc: YamlDoc, node) -> Egress:  # noqa: ANN001 - a YAML node
     return out
 
 
-def _network(doc: YamlDoc, node) -> ipaddress.IPv4Network:  # noqa: ANN001 - a YAML node
+def _network(doc: YamlDoc, node) -> ipaddress.IPv4Network | ipaddress.IPv6Network:  # noqa: ANN001 - a YAML node
     text = doc.string(node, "a CIDR")
     try:
-        return ipaddress.IPv4Network(text)
+        return ipaddress.ip_network(text)
     except ValueError as exc:
-        raise SpecError(f"{text!r} is not an IPv4 CIDR: {exc}", where=doc.where(node),
-                        hint="e.g. 10.0.0.0/8, host bits zero") from None
+        raise SpecError(f"{text!r} is not a CIDR: {exc}", where=doc.where(node),
+                        hint="e.g. 10.0.0.0/8 or 2001:db8::/32, host bits zero") from None
 
 
 def pod_egress(annotations: dict, tenant: Policy) -> list[Egress] | None:
@@ -137,9 +165,11 @@ def pod_egress(annotations: dict, tenant: Policy) -> list[Egress] | None:
 
 
 def _within(rule: Egress, outer: Egress) -> bool:
-    net, big = ipaddress.IPv4Network(rule.cidr), ipaddress.IPv4Network(outer.cidr)
-    holes = [ipaddress.IPv4Network(x) for x in rule.exceptions]
-    for hole in (ipaddress.IPv4Network(x) for x in outer.exceptions):
+    net, big = ipaddress.ip_network(rule.cidr), ipaddress.ip_network(outer.cidr)
+    if net.version != big.version:
+        return False
+    holes = [ipaddress.ip_network(x) for x in rule.exceptions]
+    for hole in (ipaddress.ip_network(x) for x in outer.exceptions):
         if hole.overlaps(net) and not any(hole.subnet_of(h) for h in holes):
             return False
     spans = outer.ports or [(0, 65535)]
@@ -160,12 +190,12 @@ def load_policy(policy_dir: str, tenant: str) -> Policy:
 
 def node_allow(item: str, where: str) -> tuple[str, int, int, str]:
     """"ADDR[/LEN]:PORT[-PORT]/PROTO" -> (network, lo, hi, protocol)."""
-    hint = 'e.g. "10.0.0.10:53/udp" or "10.0.0.0/24:8000-8100/tcp"'
+    hint = 'e.g. "10.0.0.10:53/udp", "10.0.0.0/24:8000-8100/tcp" or "fd00::10:53/udp"'
     try:
         addr, _, rest = item.rpartition(":")
         span, _, proto = rest.partition("/")
         lo, _, hi = span.partition("-")
-        net = ipaddress.IPv4Network(addr)
+        net = ipaddress.ip_network(addr)
         low, high = int(lo), int(hi or lo)
     except ValueError:
         raise SpecError(f"node_allow entry {item!r} does not parse", where=where, hint=hint) from None
@@ -176,12 +206,13 @@ def node_allow(item: str, where: str) -> tuple[str, int, int, str]:
 
 # -- the ruleset -------------------------------------------------------------------------------
 
-def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostports: list[HostPort],
+def ruleset(tenants: list[Tenant], pod_cidrs: list[str], node_allows: list[str], hostports: list[HostPort],
             backend: str = "bridge") -> list:
     """libnftables JSON commands that replace the Stockade table with one built from state.
-    BACKEND "bridge": a tenant's traffic is known by the bridge it comes from; "cni": all pods
-    share the conflist's bridge, so by its source address (which br_netfilter shows the forward
-    hook for bridged packets too)."""
+    POD_CIDRS: the pods' IPv4 CIDR, and their IPv6 one when dual-stack. BACKEND "bridge": a
+    tenant's traffic is known by the bridge it comes from; "cni": all pods share the conflist's
+    bridge, so by its source address (which br_netfilter shows the forward hook for bridged
+    packets too)."""
     table = {"family": "inet", "name": TABLE}
     cmds: list = [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
 
@@ -195,30 +226,36 @@ def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostpo
         cmds.append({"add": {"rule": body}})
 
     if backend == "bridge":
-        from_pods = [_match("meta", "iifname", BRIDGE_PREFIX + "*")]
-    else:  # the node's own address on the CNI bridge is in pod_cidr too: not over lo
-        from_pods = [_match("payload", ("ip", "saddr"), _prefix(pod_cidr)),
-                     _match("meta", "iifname", "lo", op="!=")]
+        from_pods = [[_match("meta", "iifname", BRIDGE_PREFIX + "*")]]
+    else:  # the node's own address on the CNI bridge is in the pod CIDR too: not over lo
+        from_pods = [[_addr("saddr", cidr), _match("meta", "iifname", "lo", op="!=")] for cidr in pod_cidrs]
 
-    def of_tenant(t: Tenant) -> dict:
+    def of_tenant(t: Tenant) -> list[list[dict]]:
+        """Matches for T's traffic, any of which will do."""
         if backend == "bridge":
-            return _match("meta", "iifname", bridge_name(t.name))
-        return _match("payload", ("ip", "saddr"), _members(t.subnet))
+            return [[_match("meta", "iifname", bridge_name(t.name))]]
+        return [[_addr("saddr", m)] for m in t.members()]
 
     chain("pod_egress")
     chain("pod_to_node")
     chain("forward", type="filter", hook="forward", prio=-1, policy="accept")
     rule("forward", _match("ct", "state", ["established", "related"]), {"accept": None})
+    ndp = _match("payload", ("icmpv6", "type"), {"set": NDP})  # link-scope: bridged, never routed
+    rule("forward", ndp, {"accept": None}, comment="ndp")
     for t in tenants:  # a tenant's own traffic, should br_netfilter show bridged packets here
-        own = _match("payload", ("ip", "saddr"), _members(t.subnet))
-        rule("forward", own, _match("payload", ("ip", "daddr"), _members(t.subnet)), {"accept": None})
-    rule("forward", *from_pods, {"jump": {"target": "pod_egress"}})
+        for m in t.members():
+            rule("forward", _addr("saddr", m), _addr("daddr", m), {"accept": None})
+    for match in from_pods:
+        rule("forward", *match, {"jump": {"target": "pod_egress"}})
     chain("input", type="filter", hook="input", prio=-1, policy="accept")
     rule("input", _match("ct", "state", ["established", "related"]), {"accept": None})
-    rule("input", *from_pods, {"jump": {"target": "pod_to_node"}})
+    for match in from_pods:
+        rule("input", *match, {"jump": {"target": "pod_to_node"}})
+    # a pod finds its gateway by neighbour discovery (and the kernel reports its multicast groups)
+    rule("pod_to_node", ndp, {"accept": None}, comment="ndp")
     for item in node_allows:
         net, lo, hi, proto = node_allow(item, "pod_network.node_allow")
-        rule("pod_to_node", _daddr(net), *_l4(proto, lo, hi), {"accept": None}, comment="node_allow")
+        rule("pod_to_node", _addr("daddr", net), *_l4(proto, lo, hi), {"accept": None}, comment="node_allow")
     for t in tenants:
         tchain = f"tenant_{bridge_name(t.name)[len(BRIDGE_PREFIX):]}"
         for _, pod_id, egress in t.narrowed:  # before the tenant's chain, which jumps to them
@@ -227,62 +264,96 @@ def ruleset(tenants: list[Tenant], pod_cidr: str, node_allows: list[str], hostpo
             _deny(lambda *e, comment="", c=f"pod_{pod_id[:10]}": rule(c, *e, comment=comment), t.name,
                   comment="pod egress default deny")
         chain(tchain)
-        rule("pod_egress", of_tenant(t), {"jump": {"target": tchain}},
-             comment=t.name)  # doctor names the tenant chains by it
-        _tenant_rules(t, tenants, pod_cidr, lambda *e, comment="", c=tchain: rule(c, *e, comment=comment))
+        for match in of_tenant(t):
+            rule("pod_egress", *match, {"jump": {"target": tchain}}, comment=t.name)  # doctor's tenant names
+        _tenant_rules(t, tenants, pod_cidrs, lambda *e, comment="", c=tchain: rule(c, *e, comment=comment))
         for server in t.dns:  # the resolvers kubelet gave its pods, wherever they are
-            for proto in ("udp", "tcp"):
-                rule("pod_to_node", of_tenant(t), _daddr(server),
-                     *_l4(proto, 53, 53), {"accept": None}, comment=f"dns {t.name}")
+            for match in of_tenant(t):
+                for proto in ("udp", "tcp"):
+                    rule("pod_to_node", *match, _addr("daddr", server), *_l4(proto, 53, 53), {"accept": None},
+                         comment=f"dns {t.name}")
     _untracked_loopback(chain, rule, hostports)
     for name, why in (("pod_egress", "from no known tenant"), ("pod_to_node", "pod to node")):
         _deny(lambda *e, comment="", c=name: rule(c, *e, comment=comment), "-", comment=why)
-    _nat(cmds, chain, rule, pod_cidr, hostports if backend == "bridge" else [])  # cni: portmap's DNAT
+    _nat(chain, rule, pod_cidrs, hostports if backend == "bridge" else [])  # cni: portmap's DNAT
     return cmds
 
 
-def port_guard(ports: list[tuple[str, str]]) -> list:
+def port_guard(ports: list[Port]) -> list:
     """libnftables JSON commands that replace the `bridge stockade` table: every frame a pod
-    sends into its bridge carries its own address (IPv4 with its source, ARP claiming it) or is
-    dropped, before any bridging or routing. PORTS: (the node's end of the pod's link, its IPv4
-    address). Without it a pod could take another's address: a sibling's, to leave its own
-    narrowed egress, or (one CNI bridge for all) another tenant's, whose rules go by source."""
+    sends into its bridge carries its own address (IPv4 or IPv6 with its source, ARP or a
+    neighbour advertisement claiming it) and is unicast, or is dropped, before any bridging or
+    routing. Without it a pod could take another's address: a sibling's, to leave its own
+    narrowed egress, or (one CNI bridge for all) another tenant's, whose rules go by source; and
+    on a shared bridge its broadcasts, multicasts and link-local packets would reach other
+    tenants' pods unrouted. Neighbour discovery, which needs link-local and multicast, passes."""
     table = {"family": "bridge", "name": TABLE}
     cmds: list = [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
     cmds.append({"add": {"chain": {"family": "bridge", "table": TABLE, "name": "pods", "type": "filter",
                                    "hook": "prerouting", "prio": -200, "policy": "accept"}}})
 
-    def rule(*expr: dict, comment: str) -> None:
+    def rule(*expr: dict, comment: str, verdict: str = "drop") -> None:
         body = {"family": "bridge", "table": TABLE, "chain": "pods", "comment": comment,
-                "expr": [*expr, {"counter": None}, {"drop": None}]}
+                "expr": [*expr, {"counter": None}, {verdict: None}]}
         cmds.append({"add": {"rule": body}})
 
-    for port, ip in sorted(ports):
-        on = _match("meta", "iifname", port)
-        rule(on, _match("payload", ("ip", "saddr"), ip, op="!="), comment=f"{port}: not its address")
-        rule(on, _match("payload", ("arp", "saddr ip"), ip, op="!="), comment=f"{port}: ARP for another")
-        rule(on, _match("payload", ("ether", "type"), {"set": ["ip", "arp"]}, op="!="),
-             comment=f"{port}: neither IPv4 nor ARP")
+    many = _match("meta", "pkttype", {"set": ["broadcast", "multicast"]})
+    for port in sorted(ports, key=lambda p: p.name):
+        on, name = _match("meta", "iifname", port.name), port.name
+        rule(on, _match("payload", ("ip", "saddr"), port.ip, op="!="), comment=f"{name}: not its address")
+        rule(on, _match("payload", ("ether", "type"), "ip"), many, comment=f"{name}: IPv4 to many")
+        rule(on, _match("payload", ("arp", "saddr ip"), port.ip, op="!="), comment=f"{name}: ARP for another")
+        families = ["ip", "arp"]
+        if port.ip6:
+            families.append("ip6")
+            _guard6(rule, on, name, port.ip6)
+        rule(on, _match("payload", ("ether", "type"), {"set": families}, op="!="),
+             comment=f"{name}: {' '.join(families)} only")
     return cmds
 
 
-def _tenant_rules(t: Tenant, tenants: list[Tenant], pod_cidr: str, rule) -> None:  # noqa: ANN001
+def _guard6(rule, on: dict, name: str, ip6: str) -> None:  # noqa: ANN001
+    """A pod's IPv6: its own address, neighbour discovery, and unicast beyond its link. A pod
+    may advertise its own address and link-local ones (which nobody routes to, and which only
+    neighbour discovery may use)."""
+    def target(offset: int, length: int, right: int) -> dict:  # what an advertisement claims
+        field = {"payload": {"base": "th", "offset": 64 + offset, "len": length}}
+        return {"match": {"op": "!=", "left": field, "right": hex(right)}}
+
+    icmp = ("icmpv6", "type")
+    other = [target(0, 128, int(ipaddress.IPv6Address(ip6))), target(0, 10, 0xFE80 >> 6)]
+    rule(on, _match("payload", icmp, "nd-neighbor-advert"), *other, comment=f"{name}: advertises another")
+    sources = {"set": ["::", _prefix(str(LINK_LOCAL6)), ip6]}
+    rule(on, _match("payload", ("ip6", "saddr"), sources), _match("payload", icmp, {"set": NDP}),
+         comment=f"{name}: ndp", verdict="accept")
+    rule(on, _match("payload", ("ip6", "saddr"), ip6, op="!="), comment=f"{name}: not its address")
+    rule(on, _match("payload", ("ip6", "daddr"), _prefix(str(LINK_LOCAL6))), comment=f"{name}: to link-local")
+    many = _match("meta", "pkttype", {"set": ["broadcast", "multicast"]})
+    rule(on, _match("payload", ("ether", "type"), "ip6"), many, comment=f"{name}: IPv6 to many")
+
+
+def _tenant_rules(t: Tenant, tenants: list[Tenant], pod_cidrs: list[str], rule) -> None:  # noqa: ANN001
     accept = {"accept": None}
-    rule(_match("payload", ("ip", "daddr"), _members(t.subnet)), accept, comment="own tenant")
+    for m in t.members():
+        rule(_addr("daddr", m), accept, comment="own tenant")
     for server in t.dns:  # as addressed: a Service address kube-proxy rewrote, a node-local cache
-        original = {"ct": {"key": "ip daddr", "dir": "original"}}
+        key = "ip6 daddr" if ":" in server else "ip daddr"
+        original = {"ct": {"key": key, "dir": "original"}}
         for proto in ("udp", "tcp"):
             rule({"match": {"op": "==", "left": original, "right": server}}, *_l4(proto, 53, 53), accept,
                  comment="dns")
-    _deny(rule, t.name, _daddr(str(LINK_LOCAL)), comment="link-local, metadata")
+    refused = refused_always(dual_stack=len(pod_cidrs) > 1)
+    for cidr in (c for c in refused if c != "::/0"):
+        _deny(rule, t.name, _addr("daddr", cidr), comment="link-local, metadata")
     for other in tenants:
         if other.name != t.name and t.name in other.policy.ingress_from:
-            rule(_match("payload", ("ip", "daddr"), _members(other.subnet)), accept,
-                 comment=f"{other.name} admits {t.name}")
-    _deny(rule, t.name, _daddr(pod_cidr), comment="other tenants")
-    for ip, pod_id, _ in t.narrowed:
-        rule(_match("payload", ("ip", "saddr"), ip), {"jump": {"target": f"pod_{pod_id[:10]}"}},
-             comment=f"pod {pod_id[:12]}")
+            for m in other.members():
+                rule(_addr("daddr", m), accept, comment=f"{other.name} admits {t.name}")
+    for cidr in pod_cidrs:
+        _deny(rule, t.name, _addr("daddr", cidr), comment="other tenants")
+    for ips, pod_id, _ in t.narrowed:
+        for ip in ips:
+            rule(_addr("saddr", ip), {"jump": {"target": f"pod_{pod_id[:10]}"}}, comment=f"pod {pod_id[:12]}")
     _egress_rules(rule, t.policy.egress)
     _deny(rule, t.name, comment="egress default deny")
 
@@ -299,10 +370,11 @@ def _deny(rule, tenant: str, *matches: dict, comment: str) -> None:  # noqa: ANN
 
 def _egress_rules(rule, egress: list[Egress]) -> None:  # noqa: ANN001
     for i, e in enumerate(egress):
-        outside = [_match("payload", ("ip", "daddr"), _prefix(x), op="!=") for x in e.exceptions]
+        outside = [_addr("daddr", x, op="!=") for x in e.exceptions]
         for proto in e.protocols:
             for lo, hi in e.ports or [(0, 65535)]:
-                rule(_daddr(e.cidr), *outside, *_l4(proto, lo, hi), {"accept": None}, comment=f"egress[{i}]")
+                rule(_addr("daddr", e.cidr), *outside, *_l4(proto, lo, hi), {"accept": None},
+                     comment=f"egress[{i}]")
 
 
 def _untracked_loopback(chain, rule, hostports: list[HostPort]) -> None:  # noqa: ANN001
@@ -319,25 +391,29 @@ def _untracked_loopback(chain, rule, hostports: list[HostPort]) -> None:  # noqa
         rule(name, _match("meta", side, "lo"), {"notrack": None}, comment="node loopback")
 
 
-def _nat(cmds: list, chain, rule, pod_cidr: str, hostports: list[HostPort]) -> None:  # noqa: ANN001
+def _nat(chain, rule, pod_cidrs: list[str], hostports: list[HostPort]) -> None:  # noqa: ANN001
     chain("postrouting", type="nat", hook="postrouting", prio=100, policy="accept")
-    rule("postrouting", _match("payload", ("ip", "saddr"), _prefix(pod_cidr)),
-         _match("payload", ("ip", "daddr"), _prefix(pod_cidr), op="!="), {"masquerade": None},
-         comment="pods out")
+    for cidr in pod_cidrs:
+        rule("postrouting", _addr("saddr", cidr), _addr("daddr", cidr, op="!="), {"masquerade": None},
+             comment="pods out")
     # a hostPort reached from the node's own 127.0.0.1 leaves with that source: make it the bridge's
-    rule("postrouting", _match("payload", ("ip", "saddr"), _prefix("127.0.0.0/8")),
-         _match("payload", ("ip", "daddr"), _prefix(pod_cidr)), {"masquerade": None}, comment="hostport lo")
+    # (IPv6 has no such path: the kernel never routes ::1 off the node)
+    rule("postrouting", _addr("saddr", "127.0.0.0/8"), _addr("daddr", pod_cidrs[0]), {"masquerade": None},
+         comment="hostport lo")
     if not hostports:
         return
     chain("prerouting", type="nat", hook="prerouting", prio=-100, policy="accept")
     chain("output", type="nat", hook="output", prio=-100, policy="accept")
     for hp in hostports:
-        where = [_match("payload", ("ip", "daddr"), hp.host_ip)] if hp.host_ip else [
-            _match("fib", "daddr", "local")]
-        dnat = {"dnat": {"family": "ip", "addr": hp.pod_ip, "port": hp.container_port}}
-        for hook in ("prerouting", "output"):
-            rule(hook, *where, *_l4(hp.protocol, hp.host_port, hp.host_port), dnat,
-                 comment=f"hostport {hp.host_port}/{hp.protocol}")
+        for family, proto, pod_ip in (("ip", "ipv4", hp.pod_ip), ("ip6", "ipv6", hp.pod_ip6)):
+            if not pod_ip or (hp.host_ip and (":" in hp.host_ip) != (family == "ip6")):
+                continue
+            where = [_addr("daddr", hp.host_ip)] if hp.host_ip else [
+                _match("meta", "nfproto", proto), _match("fib", "daddr", "local")]
+            dnat = {"dnat": {"family": family, "addr": pod_ip, "port": hp.container_port}}
+            for hook in ("prerouting", "output"):
+                rule(hook, *where, *_l4(hp.protocol, hp.host_port, hp.host_port), dnat,
+                     comment=f"hostport {hp.host_port}/{hp.protocol}")
 
 
 def _match(kind: str, key: object, right: object, op: str = "==") -> dict:
@@ -354,8 +430,8 @@ def _match(kind: str, key: object, right: object, op: str = "==") -> dict:
 
 
 def _prefix(cidr: str) -> object:
-    net = ipaddress.IPv4Network(cidr)
-    if net.prefixlen == 32:
+    net = ipaddress.ip_network(cidr)
+    if net.prefixlen == net.max_prefixlen:
         return str(net.network_address)
     return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
 
@@ -368,8 +444,10 @@ def _members(addresses: str) -> object:
     return {"set": [_prefix(a) for a in parts]}
 
 
-def _daddr(cidr: str) -> dict:
-    return _match("payload", ("ip", "daddr"), _prefix(cidr))
+def _addr(side: str, addresses: str, op: str = "==") -> dict:
+    """The packet's SIDE (saddr, daddr) among ADDRESSES (as _members; one family, which says
+    whether this is an IPv4 or an IPv6 match)."""
+    return _match("payload", ("ip6" if ":" in addresses else "ip", side), _members(addresses), op=op)
 
 
 def _l4(proto: str, lo: int, hi: int) -> list[dict]:

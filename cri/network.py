@@ -7,6 +7,11 @@ libnftables in this process: no command is run per pod.
 A bridge per tenant rather than one bridge with per-tenant rules: traffic between tenants is
 routed by the node, where the inet forward hook sees it, so segmentation needs no bridge-family
 rules and no br_netfilter; a tenant's own traffic stays on its bridge (bench/README.md).
+
+Dual-stack (pod_cidr6): each pod also gets the IPv6 twin of its IPv4 address (ipam.py), the
+bridge the twin of its gateway; addresses are `nodad` (the node hands them out: nobody else may
+hold them, and a pod must not wait a second to be reachable), and the port guard stops a pod
+from claiming another's.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ if TYPE_CHECKING:
     from .config import Config
 
 log = logging.getLogger("stockade.cri")
+IFA_F_NODAD = 0x02  # linux/if_addr.h
 
 
 class NetworkError(StockadeError):
@@ -45,6 +51,7 @@ class PodNet:
     dns: list[str] = field(default_factory=list)
     hostports: list[list] = field(default_factory=list)  # [host_port, container_port, protocol, host_ip]
     ip: str = ""
+    ip6: str = ""  # dual-stack
     annotations: dict = field(default_factory=dict)
     k8s: dict = field(default_factory=dict)  # K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID (CNI_ARGS)
 
@@ -53,7 +60,7 @@ class Network:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.ipam = Ipam(os.path.join(config.state_dir, "network"), config.net.pod_cidr,
-                         config.net.tenant_prefix)
+                         config.net.tenant_prefix, config.net.pod_cidr6)
         self.lock = threading.RLock()
         self.ready, self.reason = False, "not started"
         self.policies: dict[str, netrules.Policy] = {}  # the last good one of each tenant
@@ -82,8 +89,8 @@ class Network:
         rebuilt from the pods that are."""
         self.pods = pods
         if self.cni is None:
-            _refuse_overlap(self.ipr(), self.ipam.net)
-        _sysctl("net/ipv4/ip_forward", "1")
+            _refuse_overlap(self.ipr(), self.ipam)
+        _forwarding(self.ipam.net6 is not None)
         with self.lock:
             broken = []
             for tenant in {p.tenant for p in pods()}:
@@ -106,24 +113,28 @@ class Network:
             self._rebuild()
         self.ready, self.reason = not broken, "; ".join(broken)
 
-    def set_pod_cidr(self, cidr: str) -> None:
-        """kubelet's podCIDR (UpdateRuntimeConfig), taken while no tenant has a subnet yet: the
-        addresses already handed out decide otherwise (logged)."""
+    def set_pod_cidr(self, cidr: str, cidr6: str = "") -> None:
+        """kubelet's podCIDRs (UpdateRuntimeConfig: IPv4, and IPv6 for a dual-stack node), taken
+        while no tenant has a subnet yet: the addresses already handed out decide otherwise
+        (logged). Without an IPv6 one the configured pod_cidr6 stays."""
         with self.lock:
-            if cidr == str(self.ipam.net):
+            cidr6 = cidr6 or self.config.net.pod_cidr6
+            if (cidr, cidr6) == (str(self.ipam.net), str(self.ipam.net6 or "")):
                 return
             if self.ipam.tenants():
                 log.warning("pod CIDR %s from kubelet not taken: pods use %s", cidr, self.ipam.net)
                 return
-            ipam = Ipam(os.path.join(self.config.state_dir, "network"), cidr, self.config.net.tenant_prefix)
-            _refuse_overlap(self.ipr(), ipam.net)
-            self.ipam, self.config.net.pod_cidr = ipam, cidr
+            ipam = Ipam(os.path.join(self.config.state_dir, "network"), cidr, self.config.net.tenant_prefix,
+                        cidr6)
+            _refuse_overlap(self.ipr(), ipam)
+            _forwarding(ipam.net6 is not None)
+            self.ipam, self.config.net.pod_cidr, self.config.net.pod_cidr6 = ipam, cidr, cidr6
             self._rebuild()
-            log.info("pod addresses now come from %s", cidr)
+            log.info("pod addresses now come from %s", " and ".join(filter(None, (cidr, cidr6))))
 
-    def attach(self, pod: PodNet) -> str:
-        """The pod's eth0, address and default route; its tenant's bridge and rules. Undone
-        entirely when a step fails."""
+    def attach(self, pod: PodNet) -> tuple[str, str]:
+        """The pod's eth0, addresses and default routes; its tenant's bridge and rules. Undone
+        entirely when a step fails. Returns (IPv4 address, IPv6 address or "")."""
         with self.lock:
             # read whenever a pod of the tenant comes: a file that does not parse fails this pod
             # (naming file and line), not the tenants' pods already running
@@ -135,13 +146,18 @@ class Network:
             try:
                 address, gateway = self.ipam.lease(pod.tenant, pod.id)
                 pod.ip = str(address.ip)
-                bridge = self._bridge(pod.tenant, f"{gateway}/{address.network.prefixlen}")
-                self._veth(pod, bridge, str(address), str(gateway))
+                addresses = [(address.with_prefixlen, str(gateway))]
+                if self.ipam.net6 is not None:
+                    pod.ip6 = str(self.ipam.six(address.ip))
+                    length = self.ipam.prefix6()
+                    addresses.append((f"{pod.ip6}/{length}", str(self.ipam.six(gateway))))
+                bridge = self._bridge(pod.tenant, [f"{gw}/{a.split('/')[1]}" for a, gw in addresses])
+                self._veth(pod, bridge, addresses)
                 self._rebuild(extra=pod)
             except BaseException:
                 self.detach(pod)
                 raise
-        return pod.ip
+        return pod.ip, pod.ip6
 
     def detach(self, pod: PodNet) -> None:
         """Everything attach made for the pod; what is already gone is fine (kubelet retries)."""
@@ -168,14 +184,17 @@ class Network:
 
         try:
             result = self.cni.add(pod.id, pod.netns, _cni_args(pod), _port_mappings(pod))
-            pod.ip = address_of(result)
+            pod.ip, pod.ip6 = address_of(result), address_of(result, 6)
             if not pod.ip:
                 raise NetworkError("the CNI result has no IPv4 address", where=self.cni.conf["_path"])
+            if pod.ip6 and self.ipam.net6 is None:  # the tenant rules would not know its IPv6 traffic
+                raise NetworkError(f"the CNI result has the IPv6 address {pod.ip6}, pod_cidr6 is not set",
+                                   where=self.cni.conf["_path"], hint="pod_network.pod_cidr6: their range")
             self._rebuild(extra=pod)
         except BaseException:
             self.detach(pod)
             raise
-        return pod.ip
+        return pod.ip, pod.ip6
 
     def _check(self, pods: list[PodNet]) -> list[str]:
         """CHECK for every pod with a cached result: what fails is reported, not undone."""
@@ -188,7 +207,7 @@ class Network:
                     failed.append(f"pod {pod.id[:12]}: {exc}")
         return failed
 
-    def _bridge(self, tenant: str, gateway: str) -> str:
+    def _bridge(self, tenant: str, gateways: list[str]) -> str:
         name = netrules.bridge_name(tenant)
         if name in self.bridges:
             return name
@@ -196,9 +215,13 @@ class Network:
         if not ipr.link_lookup(ifname=name):
             ipr.link("add", ifname=name, kind="bridge")
         index = ipr.link_lookup(ifname=name)[0]
-        address, prefix = gateway.split("/")
-        if not any(a.get_attr("IFA_ADDRESS") == address for a in ipr.get_addr(index=index)):
-            ipr.addr("add", index=index, address=address, prefixlen=int(prefix))
+        if len(gateways) > 1:  # its link-local address at once: it speaks for the routed addresses
+            _sysctl(f"net/ipv6/conf/{name}/accept_dad", "0")
+        have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+        for gateway in gateways:
+            address, prefix = gateway.split("/")
+            if address not in have:
+                ipr.addr("add", index=index, address=address, prefixlen=int(prefix), flags=IFA_F_NODAD)
         ipr.link("set", index=index, state="up")
         _sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")  # hostPorts reached from 127.0.0.1
         self.bridges.add(name)
@@ -212,9 +235,10 @@ class Network:
         if found:
             ipr.link("del", index=found[0])
 
-    def _veth(self, pod: PodNet, bridge: str, address: str, gateway: str) -> None:
+    def _veth(self, pod: PodNet, bridge: str, addresses: list[tuple[str, str]]) -> None:
         """The pair is made with its pod end already in the pod's namespace, named eth0: no
-        move and no rename (each a round trip the kernel makes slow)."""
+        move and no rename (each a round trip the kernel makes slow). ADDRESSES: (the pod's
+        address/length, its gateway), IPv4 first."""
         host = netrules.veth_name(pod.id)
         netns = os.open(pod.netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -223,10 +247,12 @@ class Network:
                      master=_index(ipr, bridge), state="up")
             with _iproute(netns) as inside:
                 index = _index(inside, "eth0")
-                ip, prefix = address.split("/")
-                inside.addr("add", index=index, address=ip, prefixlen=int(prefix))
+                for address, _ in addresses:
+                    ip, prefix = address.split("/")
+                    inside.addr("add", index=index, address=ip, prefixlen=int(prefix), flags=IFA_F_NODAD)
                 inside.link("set", index=index, state="up")
-                inside.route("add", dst="0.0.0.0/0", gateway=gateway)
+                for address, gateway in addresses:
+                    inside.route("add", dst="::/0" if ":" in address else "0.0.0.0/0", gateway=gateway)
         finally:
             os.close(netns)
 
@@ -240,39 +266,47 @@ class Network:
         pods = [p for p in live if p.id != without and (extra is None or p.id != extra.id)]
         pods += [extra] if extra is not None else []
         subnets = self.ipam.tenants() if self.cni is None else {}
-        tenants = []
-        for name in sorted({p.tenant for p in pods}):
-            dns = sorted({s for p in pods if p.tenant == name for s in p.dns if ":" not in s})
-            policy = self.policies.get(name) or netrules.Policy()
-            narrowed = []
-            for p in pods:
-                if p.tenant == name:
-                    try:
-                        egress = netrules.pod_egress(p.annotations, policy)
-                    except StockadeError:  # the tenant's policy shrank below it: the pod gets nothing
-                        egress = []
-                    if egress is not None:
-                        narrowed.append((p.ip, p.id, egress))
-            ips = ",".join(p.ip for p in pods if p.tenant == name)
-            members = str(subnets[name]) if self.cni is None else ips
-            tenants.append(netrules.Tenant(name, members, policy, dns, narrowed))
-        hostports = [netrules.HostPort(hp[0], p.ip, hp[1], hp[2], hp[3]) for p in pods for hp in p.hostports]
+        tenants = [self._tenant(name, [p for p in pods if p.tenant == name], subnets)
+                   for name in sorted({p.tenant for p in pods})]
+        hostports = [netrules.HostPort(hp[0], p.ip, hp[1], hp[2], hp[3], p.ip6)
+                     for p in pods for hp in p.hostports]
         if self._nft is None:
             import nftables
 
             self._nft = nftables.Nftables()  # freeing one costs more than a rebuild: keep it
-        commands = netrules.ruleset(tenants, self.config.net.pod_cidr, self.config.net.node_allow, hostports,
+        cidrs = [str(net) for net in (self.ipam.net, self.ipam.net6) if net is not None]
+        commands = netrules.ruleset(tenants, cidrs, self.config.net.node_allow, hostports,
                                     "cni" if self.cni is not None else "bridge")
         apply(commands + netrules.port_guard(self._ports(pods)), self._nft)
 
-    def _ports(self, pods: list[PodNet]) -> list[tuple[str, str]]:
-        """(the node's end of each pod's link, the pod's address)."""
+    def _tenant(self, name: str, ours: list[PodNet], subnets: dict) -> netrules.Tenant:
+        """The tenant NAME as the rules see it, from its pods OURS (SUBNETS: ipam's, bridge)."""
+        policy = self.policies.get(name) or netrules.Policy()
+        narrowed = []
+        for p in ours:
+            try:
+                egress = netrules.pod_egress(p.annotations, policy)
+            except StockadeError:  # the tenant's policy shrank below it: the pod gets nothing
+                egress = []
+            if egress is not None:
+                narrowed.append(([ip for ip in (p.ip, p.ip6) if ip], p.id, egress))
         if self.cni is None:
-            return [(netrules.veth_name(p.id), p.ip) for p in pods]
+            members = str(subnets[name])
+            members6 = str(self.ipam.subnet6(subnets[name])) if self.ipam.net6 is not None else ""
+        else:
+            members, members6 = ",".join(p.ip for p in ours), ",".join(p.ip6 for p in ours if p.ip6)
+        dns = sorted({s for p in ours for s in p.dns if ":" not in s or p.ip6})
+        return netrules.Tenant(name, members, policy, dns, narrowed, members6)
+
+    def _ports(self, pods: list[PodNet]) -> list[netrules.Port]:
+        """The node's end of each pod's link, with the pod's addresses."""
+        if self.cni is None:
+            return [netrules.Port(netrules.veth_name(p.id), p.ip, p.ip6) for p in pods]
         from .cni import host_interface
 
-        found = [(host_interface(self.cni.cached(p.id) or {}, self.cni.conf), p.ip) for p in pods]
-        return [(port, ip) for port, ip in found if port]
+        found = [netrules.Port(host_interface(self.cni.cached(p.id) or {}, self.cni.conf), p.ip, p.ip6)
+                 for p in pods]
+        return [port for port in found if port.name]
 
 
 def apply(commands: list, nft=None) -> None:  # noqa: ANN001 - a libnftables context
@@ -318,17 +352,33 @@ def _index(ipr, name: str) -> int:  # noqa: ANN001 - a pyroute2 IPRoute
     return ipr.link("get", ifname=name)[0]["index"]
 
 
-def _refuse_overlap(ipr, pod_cidr) -> None:  # noqa: ANN001 - an IPRoute, an IPv4Network
+def _refuse_overlap(ipr, ipam: Ipam) -> None:  # noqa: ANN001 - an IPRoute
     """Pod addresses must not shadow the node's own (a route to them would go to the pods)."""
     import ipaddress
 
     names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-    for addr in ipr.get_addr(family=socket.AF_INET):
+    for addr in ipr.get_addr():
         name, ip = names.get(addr["index"], "?"), addr.get_attr("IFA_ADDRESS")
-        net = ipaddress.IPv4Network(f"{ip}/{addr['prefixlen']}", strict=False)
-        if not name.startswith(netrules.BRIDGE_PREFIX) and net.overlaps(pod_cidr) and not net.is_loopback:
-            raise SpecError(f"pod_cidr {pod_cidr} overlaps {ip}/{addr['prefixlen']} on {name}",
-                            where="pod_network.pod_cidr", hint="choose addresses the node does not use")
+        net = ipaddress.ip_network(f"{ip}/{addr['prefixlen']}", strict=False)
+        ours = ipam.net if net.version == 4 else ipam.net6
+        if ours is None or name.startswith(netrules.BRIDGE_PREFIX) or net.is_loopback or net.is_link_local:
+            continue
+        if net.overlaps(ours):  # type: ignore[arg-type]
+            key = "pod_cidr" if net.version == 4 else "pod_cidr6"
+            raise SpecError(f"{key} {ours} overlaps {ip}/{addr['prefixlen']} on {name}",
+                            where=f"pod_network.{key}", hint="choose addresses the node does not use")
+
+
+def _forwarding(dual_stack: bool) -> None:
+    """The node routes between tenants and out. IPv6 forwarding also makes the namespace stop
+    taking router advertisements on its own links (a router's rule): only where it is asked for."""
+    _sysctl("net/ipv4/ip_forward", "1")
+    if dual_stack:
+        try:
+            _sysctl("net/ipv6/conf/all/forwarding", "1")
+        except OSError as exc:
+            raise SpecError(f"cannot turn on IPv6 forwarding: {exc.strerror}", where="pod_network.pod_cidr6",
+                            hint="a kernel with IPv6, or no pod_cidr6") from None
 
 
 def _sysctl(key: str, value: str) -> None:

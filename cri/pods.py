@@ -92,6 +92,7 @@ class Pod:
     init_start: int = 0  # its start time (a reused pid is not it)
     own_cgroup: bool = False  # its cgroup was made here (with the pod's limits), not by kubelet
     ip: str = ""  # its address (network = "bridge")
+    ip6: str = ""  # and its IPv6 one (dual-stack)
 
     def pod_spec(self) -> PodSpec:
         return PodSpec(**self.spec)
@@ -140,7 +141,7 @@ class Pods:
                 return
             if pod.ip and self.network is not None:
                 self.network.detach(self.pod_net(pod))
-                pod.ip = ""
+                pod.ip = pod.ip6 = ""
                 self.records.save(pod)
             if pod.state == NOT_READY:
                 return
@@ -184,14 +185,14 @@ class Pods:
 
         spec = pod.pod_spec()
         return PodNet(id=pod.id, tenant=pod.tenant, netns=pod.namespaces.get("network", ""),
-                      dns=list(spec.dns_servers), hostports=list(spec.port_mappings), ip=pod.ip,
+                      dns=list(spec.dns_servers), hostports=list(spec.port_mappings), ip=pod.ip, ip6=pod.ip6,
                       annotations=dict(spec.annotations),
                       k8s={"K8S_POD_NAMESPACE": spec.namespace, "K8S_POD_NAME": spec.name,
                            "K8S_POD_UID": spec.uid})
 
     def by_address(self, ip: str) -> tuple[str, str]:
         """(pod id, tenant) of the pod with address IP, ("", "") for none."""
-        found = next((p for p in self.list() if p.ip and p.ip == ip), None)
+        found = next((p for p in self.list() if ip and ip in (p.ip, p.ip6)), None)
         return (found.id, found.tenant) if found else ("", "")
 
     def nets(self) -> list[PodNet]:
@@ -241,7 +242,7 @@ class Pods:
         if self.network is not None and spec.network_mode != NODE:
             net = self.pod_net(pod)
             self.records.save(pod)  # the namespaces are pinned: a killed server's reconcile finds them
-            pod.ip = self.network.attach(net)
+            pod.ip, pod.ip6 = self.network.attach(net)
         if spec.pid_mode == POD:
             self._share_pids(pod, base)
         own = f"{self.config.cgroup_parent}/{pod.tenant}/pod-{pod.id[:12]}"

@@ -122,8 +122,9 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                 self.pod_cidr = cidr
             log.info("pod CIDR is now %s", cidr)
             v4 = [part.strip() for part in cidr.split(",") if ":" not in part]
+            v6 = [part.strip() for part in cidr.split(",") if ":" in part]
             if self.network is not None and v4:
-                self.network.set_pod_cidr(v4[0])
+                self.network.set_pod_cidr(v4[0], v6[0] if v6 else "")
         return pb.UpdateRuntimeConfigResponse()
 
     # -- pod sandboxes

@@ -325,7 +325,8 @@ def check_tenant_network(report: Report, cri_config: str | None) -> None:
     from stockade.runtime.errors import StockadeError
 
     try:
-        backend = cri.load(cri_config, explicit=cri_config is not None).network
+        loaded = cri.load(cri_config, explicit=cri_config is not None)
+        backend = loaded.network
     except StockadeError as exc:
         report.checks.append(Check("tenant network", MISSING, str(exc), "fix the CRI configuration"))
         return
@@ -342,6 +343,7 @@ def check_tenant_network(report: Report, cri_config: str | None) -> None:
     tenants = netrules.summary(json.loads(proc.stdout))
     detail = "; ".join(f"{name}: {t['rules']} rules, {t['denied']} packets denied"
                        for name, t in sorted(tenants.items()))
+    backend += ", dual-stack" if loaded.net.pod_cidr6 else ""
     report.checks.append(Check("tenant network", OK, f"{backend}: {len(tenants) - 1} tenants ({detail})"))
 
 

@@ -608,23 +608,28 @@ def test_stop_unmounts_only_an_empty_bpffs_of_its_own(tmp_path):
 NC_METADATA = "nc -w 2 169.254.169.254 80 </dev/null 2>&1; true"
 
 
-@pytest.mark.parametrize("case", ["own-netns", "node-netns", "vouched", "vouched-less", "unvouched", "hooks"])
+@pytest.mark.parametrize("case", ["own-netns", "node-netns", "vouched", "vouched-dual", "vouched-less",
+                                  "unvouched", "hooks"])
 def test_egress_programs_go_only_where_no_network_refuses_the_policys_denials(agent, tmp_path, case):
     """The runtime puts the egress programs on a container's cgroup, never on the parent, and
     only where nothing else refuses what the policy (network-only: the metadata addresses)
     refuses: a container with a new namespace of its own (nothing but loopback) is refused by
     having no route (ENETUNREACH) and costs nothing at the socket hooks; one sharing the
     runtime's namespace, or joining one that nobody vouches for, or one that vouches for less,
-    or whose hooks may wire its namespace up, is refused by connect4 on its own cgroup (EPERM)."""
+    or whose hooks may wire its namespace up, is refused by connect4 on its own cgroup (EPERM).
+    vouched-dual: what the tenant network says of a dual-stack pod (the metadata service's IPv6
+    address among what it refuses) covers the policy as well."""
     from bundles import default_config, make_bundle, remove_bundle
+    from stockade.cri.netrules import refused_always
 
     netns = f"stk-egress-{os.getpid()}-{case[:6]}"
     config = default_config(["sh", "-c", NC_METADATA])
     config["linux"]["cgroupsPath"] = f"/{os.path.basename(agent.cgroup_root)}/{case}"
     config["annotations"] = {"io.stockade.bpf-policy": "network-only"}
     spaces = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
-    vouch = {"vouched": "169.254.0.0/16,::/0", "vouched-less": "10.0.0.0/8"}
-    if case in ("vouched", "vouched-less", "unvouched"):
+    vouch = {"vouched": ",".join(refused_always(dual_stack=False)), "vouched-less": "10.0.0.0/8",
+             "vouched-dual": ",".join(refused_always(dual_stack=True))}
+    if case in ("vouched", "vouched-dual", "vouched-less", "unvouched"):
         subprocess.run(["ip", "netns", "add", netns], check=True)
         config["linux"]["namespaces"] = [*spaces, {"type": "network", "path": f"/run/netns/{netns}"}]
         if case in vouch:
@@ -638,7 +643,7 @@ def test_egress_programs_go_only_where_no_network_refuses_the_policys_denials(ag
     # node-netns: the runtime itself runs in a namespace of the test's own, which the container shares
     prefix = ["unshare", "--net"] if case == "node-netns" else []
     oci = [*prefix, str(Path(PYTHON).parent / "stockade-oci"), "--root", str(root)]
-    expected = "network" if case in ("own-netns", "vouched") else "cgroup"
+    expected = "network" if case in ("own-netns", "vouched", "vouched-dual") else "cgroup"
     try:
         # the init keeps create's stdio: pipes would never end
         quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}

@@ -206,6 +206,8 @@ def test_a_second_server_on_the_same_socket_is_refused(server: Server) -> None:
     ('[stockade]\nnetwork = "ovs"\n', "network 'ovs'"),
     ('[stockade]\nnetwork = "bridge"\n[stockade.pod_network]\npod_cidr = "10.0.0.1/16"\n',
      "is not an IPv4 network"),
+    ('[stockade.pod_network]\npod_cidr6 = "10.1.0.0/16"\n', "pod_cidr6 '10.1.0.0/16' is not an IPv6 network"),
+    ('[stockade.pod_network]\npod_cidr6 = "fd00::/120"\n', "pod_cidr6 fd00::/120 is too small"),
     ('[stockade.pod_network]\nnode_allow = ["10.0.0.1:53"]\n', "node_allow entry '10.0.0.1:53'"),
 ])
 def test_a_bad_configuration_is_named_and_nothing_starts(tmp_path: Path, text: str, words: str) -> None:

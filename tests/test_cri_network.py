@@ -6,6 +6,7 @@ deleting the two namespaces removes every kernel object the server made there.""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -27,8 +28,10 @@ pytestmark = pytest.mark.usefixtures("needs_root")
 
 PROBE = str(Path(__file__).parent / "netprobe.py")
 TCP, UDP = 8080, 8081
-POD_CIDR = "10.213.0.0/16"
+POD_CIDR, POD_CIDR6 = "10.213.0.0/16", "fd00:213::/64"  # dual-stack: tenants get /24 and /72
 EXT_ALLOWED, EXT_OTHER, METADATA = ("192.0.2.2", 9000), ("192.0.2.2", 9001), "169.254.169.254"
+# the same seen over IPv6, with the node's address on the ext link
+EXT6 = {"ext": "fd00:2::2", "node": "fd00:2::1", "metadata": "fd00:ec2::254"}
 
 
 def sh(*argv: str) -> str:
@@ -53,9 +56,15 @@ class Node:
         sh("ip", "-n", self.ext, "addr", "add", f"{METADATA}/32", "dev", "lo")
         sh("ip", "-n", self.ext, "link", "set", "to-node", "up")
         sh("ip", "-n", self.name, "route", "add", f"{METADATA}/32", "via", "192.0.2.2")
+        sh("ip", "-n", self.name, "addr", "add", f"{EXT6['node']}/64", "dev", "to-ext", "nodad")
+        sh("ip", "-n", self.ext, "addr", "add", f"{EXT6['ext']}/64", "dev", "to-node", "nodad")
+        sh("ip", "-n", self.ext, "addr", "add", f"{EXT6['metadata']}/128", "dev", "lo")
+        sh("ip", "-n", self.name, "route", "add", f"{EXT6['metadata']}/128", "via", EXT6["ext"])
         self.path = f"/run/netns/{self.name}"
 
     def listen(self, netns: str, tcp: int = TCP, udp: int = UDP) -> None:
+        if [f"--net={netns}", str(tcp), str(udp)] in [[p.args[1], *p.args[-2:]] for p in self.listeners]:
+            return  # one answers already (a pod's path is never reused: only the node's and ext's)
         argv = ["nsenter", f"--net={netns}", sys.executable, PROBE, "serve", str(tcp), str(udp)]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -92,7 +101,8 @@ def server(node: Node) -> Iterator[Server]:
     config = base / "stockade.toml"
     config.write_text(f'[stockade]\nnetwork = "bridge"\ndefault_handler = "plain"\n'
                       f'[stockade.handlers.plain]\nprofile = "runtime-default"\nallow_degraded = true\n'
-                      f'[stockade.pod_network]\npod_cidr = "{POD_CIDR}"\npolicy_dir = "{policies}"\n')
+                      f'[stockade.pod_network]\npod_cidr = "{POD_CIDR}"\npod_cidr6 = "{POD_CIDR6}"\n'
+                      f'policy_dir = "{policies}"\n')
     srv = Server(base, config=config, netns=node.path, env=own_events(base))
     yield srv
     srv.stop()
@@ -107,7 +117,8 @@ def own_events(base: Path) -> dict:
 def write_policies(directory: Path) -> None:
     directory.mkdir()
     (directory / "team-a.yaml").write_text(
-        f"egress:\n  - cidr: {EXT_ALLOWED[0]}/32\n    ports: [{EXT_ALLOWED[1]}]\n    protocol: tcp\n")
+        f"egress:\n  - cidr: {EXT_ALLOWED[0]}/32\n    ports: [{EXT_ALLOWED[1]}]\n    protocol: tcp\n"
+        f"  - cidr: {EXT6['ext']}/128\n    ports: [{EXT_ALLOWED[1]}]\n    protocol: tcp\n")
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +132,15 @@ def cni() -> Iterator[tuple[Server, Node]]:
         (base / "net.d" / "10-pods.conflist").write_text(json.dumps({
             "cniVersion": "1.0.0", "name": "stockade-test", "plugins": [
                 {"type": "bridge", "bridge": "stkcni0", "isGateway": True, "ipMasq": False,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.221.0.0/16"}]],
-                          "dataDir": str(base / "cni-ipam"), "routes": [{"dst": "0.0.0.0/0"}]}},
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.221.0.0/16"}],
+                                                           [{"subnet": "fd00:221::/64"}]],
+                          "dataDir": str(base / "cni-ipam"),
+                          "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
                 {"type": "portmap", "capabilities": {"portMappings": True}}]}))
         config = base / "stockade.toml"
         config.write_text(f'[stockade]\nnetwork = "cni"\ndefault_handler = "plain"\n'
                           f'[stockade.handlers.plain]\nprofile = "runtime-default"\nallow_degraded = true\n'
-                          f'[stockade.pod_network]\npod_cidr = "10.221.0.0/16"\n'
+                          f'[stockade.pod_network]\npod_cidr = "10.221.0.0/16"\npod_cidr6 = "fd00:221::/64"\n'
                           f'policy_dir = "{base / "tenants"}"\ncni_conf_dir = "{base / "net.d"}"\n')
         srv = Server(base, config=config, netns=node.path, env=own_events(base))
         yield srv, node
@@ -144,6 +157,17 @@ def run_pod(server: Server, name: str, namespace: str, **config) -> tuple[str, s
     pod_id = server.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg)).pod_sandbox_id
     status = server.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
     return pod_id, status.network.ip, str(server.base / "state/pods" / pod_id / "ns/network")
+
+
+def ip6_of(server: Server, pod_id: str) -> str:
+    """The pod's IPv6 address (PodSandboxStatus's additional_ips), "" for none."""
+    status = server.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
+    return ",".join(ip.ip for ip in status.network.additional_ips)
+
+
+def in_family(server: Server, pods: list[tuple[str, str, str]], family: int) -> list[tuple[str, str, str]]:
+    """PODS with their addresses of FAMILY (4 or 6)."""
+    return pods if family == 4 else [(pod_id, ip6_of(server, pod_id), netns) for pod_id, _, netns in pods]
 
 
 def remove_pod(server: Server, pod_id: str) -> None:
@@ -164,18 +188,23 @@ def links(node: Node) -> set[str]:
     return {line.split(":")[1].strip().split("@")[0] for line in listing}
 
 
-def test_network_ready_and_the_reachability_matrix(server: Server, node: Node) -> None:
+@pytest.mark.parametrize("family", [4, 6])
+def test_network_ready_and_the_reachability_matrix(server: Server, node: Node, family: int) -> None:
     """Three pods in two tenants: TCP, UDP and ICMP allowed inside a tenant, refused across
     tenants and to the node; the metadata address refused; the node reaches every pod; the
-    egress rule of team-a opens exactly 192.0.2.2:9000/tcp, and only for team-a."""
-    reachability_matrix(server, node, expect_denials=True)
+    egress rule of team-a opens exactly 192.0.2.2:9000/tcp, and only for team-a. The same over
+    IPv6 (dual-stack: every pod has both), with the metadata service at fd00:ec2::254."""
+    reachability_matrix(server, node, family, expect_denials=True)
 
 
-def test_the_cni_backend_passes_the_same_matrix(cni: tuple[Server, Node]) -> None:
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_cni_backend_passes_the_same_matrix(cni: tuple[Server, Node], family: int) -> None:
     """network = "cni": the node's conflist (Debian's bridge, host-local and portmap plugins)
     gives the pods their addresses, one bridge for all; the tenant rules on top hold the same."""
     server, node = cni
-    reachability_matrix(server, node)
+    reachability_matrix(server, node, family)
+    if family == 6:
+        return
     mapping = pb.PortMapping(protocol=pb.TCP, container_port=TCP, host_port=18090)
     pod_id, ip, netns = run_pod(server, "web", "team-d", port_mappings=[mapping])
     try:
@@ -188,86 +217,166 @@ def test_the_cni_backend_passes_the_same_matrix(cni: tuple[Server, Node]) -> Non
     assert list((server.base / "state/network/cni").iterdir()) == []  # and the cached result
 
 
+@pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("backend", ["bridge", "cni"])
-def test_a_pod_cannot_send_from_another_pods_address(backend: str, request: pytest.FixtureRequest) -> None:
+def test_a_pod_cannot_send_from_another_pods_address(backend: str, family: int,
+                                                      request: pytest.FixtureRequest) -> None:
     """A pod that gives itself another pod's address and sends from it is dropped at its own
     port (the `bridge stockade` table), before any bridging or routing: a sibling's address
     would leave its own narrowed egress behind, and on the CNI bridge, where tenants are known
     by source, another tenant's address would pass for that tenant. The same datagram from the
-    address's owner arrives."""
-    if backend == "cni":
-        server, node = request.getfixturevalue("cni")
-    else:
-        server, node = request.getfixturevalue("server"), request.getfixturevalue("node")
+    address's owner arrives. IPv4 and IPv6 alike."""
+    server, node = _backend(backend, request)
     # on the bridge backend a sibling on the same bridge (another tenant's bridge routes through
     # the tenant rules, which go by bridge); on the CNI bridge, another tenant's pod
     spoofing = "team-sb" if backend == "bridge" else "team-sa"
     pods = [run_pod(server, name, ns) for name, ns in (("sa", spoofing), ("sb", "team-sb"),
                                                        ("st", "team-sb"))]
-    (_, _, spoofer), (_, owned, owner), (_, target, inside) = pods
     try:
-        sh("nsenter", f"--net={spoofer}", "ip", "addr", "add", f"{owned}/32", "dev", "eth0")
-        # the target's MAC known: no ARP (which would claim the address, and be dropped for it)
+        (_, _, spoofer), (_, owned, owner), (_, target, inside) = in_family(server, pods, family)
+        nodad = ["nodad"] if family == 6 else []
+        sh("nsenter", f"--net={spoofer}", "ip", "addr", "add", owned, "dev", "eth0", *nodad)
+        # the target's MAC known: no ARP or neighbour discovery (which would claim the address)
         mac = sh("nsenter", f"--net={inside}", "cat", "/sys/class/net/eth0/address").strip()
         sh("nsenter", f"--net={spoofer}", "ip", "neigh", "replace", target, "lladdr", mac, "dev", "eth0")
         assert _datagram(spoofer, owned, target, inside) is None
         assert _datagram(owner, owned, target, inside) == owned
-        table = sh("nsenter", f"--net={node.path}", "nft", "list", "table", "bridge", "stockade")
-        guard = [rule for rule in table.splitlines() if "not its address" in rule]
-        assert any("packets 0 " not in rule for rule in guard), table
+        assert _guard_counted(node, "not its address"), _guard(node)
+        if family == 6:  # nor may it tell its link that another's address is its own
+            before = _guard_packets(node, "advertises another")
+            _advertise(spoofer, owned)
+            assert _guard_packets(node, "advertises another") == before + 1, _guard(node)
     finally:
         for pod_id, _, _ in pods:
             remove_pod(server, pod_id)
 
 
+def test_pods_on_a_shared_bridge_send_each_other_nothing_but_unicast(cni: tuple[Server, Node]) -> None:
+    """On the CNI bridge all tenants' pods share one link: a pod's broadcast, its multicast and
+    its packets to link-local addresses would reach another tenant's pod without any routing
+    (so without the tenant rules). Each is dropped at the sender's port; a unicast datagram
+    from the node arrives."""
+    server, node = cni
+    pods = [run_pod(server, name, ns) for name, ns in (("ux", "team-ux"), ("uy", "team-uy"))]
+    try:
+        (_, x4, sender), (_, y4, receiver) = pods
+        (_, x6, _), (_, y6, _) = in_family(server, pods, 6)
+        y_link = _link_local(receiver)
+        net = ipaddress.ip_interface(f"{y4}/16").network
+        for source, target, rule in ((x4, str(net.broadcast_address), "IPv4 to many"),
+                                     (x6, "ff02::1%eth0", "IPv6 to many"),
+                                     (x6, f"{y_link}%eth0", "to link-local")):
+            assert _datagram(sender, source, target, receiver) is None, target
+            assert _guard_counted(node, rule), (rule, _guard(node))
+        assert _datagram(node.path, "", y6, receiver) is not None
+    finally:
+        for pod_id, _, _ in pods:
+            remove_pod(server, pod_id)
+
+
+def _advertise(netns: str, address: str) -> None:
+    """An unsolicited neighbour advertisement to all nodes, from NETNS: ADDRESS is at its MAC."""
+    send = ("import socket, struct, ipaddress\n"
+            "mac = bytes.fromhex(open('/sys/class/net/eth0/address').read().strip().replace(':', ''))\n"
+            f"body = struct.pack('!BBHI', 136, 0, 0, 1 << 29) + ipaddress.IPv6Address('{address}').packed\n"
+            "s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)\n"
+            "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)\n"
+            "s.sendto(body + bytes([2, 1]) + mac, ('ff02::1%eth0', 0))\n")
+    sh("nsenter", f"--net={netns}", sys.executable, "-c", send)
+
+
+def _backend(backend: str, request: pytest.FixtureRequest) -> tuple[Server, Node]:
+    if backend == "cni":
+        return request.getfixturevalue("cni")
+    return request.getfixturevalue("server"), request.getfixturevalue("node")
+
+
+def _guard(node: Node) -> str:
+    return sh("nsenter", f"--net={node.path}", "nft", "list", "table", "bridge", "stockade")
+
+
+def _guard_counted(node: Node, rule: str) -> bool:
+    """Whether the port guard rules whose comments end in RULE have dropped a packet."""
+    return _guard_packets(node, rule) > 0
+
+
+def _guard_packets(node: Node, rule: str) -> int:
+    lines = [line for line in _guard(node).splitlines() if f': {rule}"' in line]
+    return sum(int(line.split("packets ")[1].split()[0]) for line in lines)
+
+
+def _link_local(netns: str) -> str:
+    """eth0's link-local address once it may be used (its duplicate detection over)."""
+    deadline = time.monotonic() + 10
+    while True:
+        out = sh("nsenter", f"--net={netns}", "ip", "-6", "-o", "addr", "show", "eth0", "scope", "link")
+        if out and "tentative" not in out:
+            return out.split()[3].split("/")[0]
+        assert time.monotonic() < deadline, out
+        time.sleep(0.1)
+
+
 def _datagram(sender: str, source: str, target: str, receiver: str) -> str | None:
-    """Send a UDP datagram from SOURCE in namespace SENDER to TARGET:9999; who arrived as its
-    source in namespace RECEIVER (None: nothing)."""
-    udp = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-    listen = (f"{udp}s.bind(('0.0.0.0', 9999))\nprint('ready', flush=True)\ns.settimeout(2)\n"
-              "try:\n    print(s.recvfrom(64)[1][0])\nexcept TimeoutError:\n    print('nothing')\n")
+    """Send a UDP datagram from SOURCE ("": the kernel's choice) in namespace SENDER to
+    TARGET:9999; who arrived as its source in namespace RECEIVER (None: nothing)."""
+    listen = ("import socket\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+              "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+              "s.bind(('::', 9999))\nprint('ready', flush=True)\ns.settimeout(2)\n"
+              "try:\n    print(s.recvfrom(64)[1][0].removeprefix('::ffff:'))\n"
+              "except TimeoutError:\n    print('nothing')\n")
     proc = subprocess.Popen(["nsenter", f"--net={receiver}", sys.executable, "-c", listen],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    send = f"{udp}s.bind(('{source}', 0))\ns.sendto(b'x', ('{target}', 9999))\n"
+    family = "AF_INET6" if ":" in target else "AF_INET"
+    send = (f"import socket\ns = socket.socket(socket.{family}, socket.SOCK_DGRAM)\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)\n"
+            + (f"s.bind(('{source}', 0))\n" if source else "") + f"s.sendto(b'x', ('{target}', 9999))\n")
     sh("nsenter", f"--net={sender}", sys.executable, "-c", send)
     got = proc.stdout.readline().strip()
     proc.wait()
     return None if got == "nothing" else got
 
 
-def reachability_matrix(server: Server, node: Node, expect_denials: bool = False) -> None:
+def reachability_matrix(server: Server, node: Node, family: int, expect_denials: bool = False) -> None:
     conditions = server.runtime.Status(pb.StatusRequest()).status.conditions
     assert [(c.type, c.status) for c in conditions] == [("RuntimeReady", True), ("NetworkReady", True)]
     pods = [run_pod(server, name, ns) for name, ns in (("a1", "team-a"), ("a2", "team-a"), ("b1", "team-b"))]
     try:
+        pods = in_family(server, pods, family)
         for _, ip, netns in pods:
-            assert ip.startswith("10.2")
+            assert ip.startswith("10.2" if family == 4 else "fd00:2"), ip
             node.listen(netns)
         node.listen(node.path)  # the node's own addresses answer too, when anything reaches them
         node.listen(f"/run/netns/{node.ext}", EXT_ALLOWED[1], EXT_ALLOWED[1])
         node.listen(f"/run/netns/{node.ext}", EXT_OTHER[1], EXT_OTHER[1])
-        gateway_a = pods[0][1].rsplit(".", 1)[0] + ".1"
+        if family == 4:
+            gateway_a = pods[0][1].rsplit(".", 1)[0] + ".1"
+            node_ip, metadata, ext = "192.0.2.1", METADATA, EXT_ALLOWED[0]
+        else:
+            gateway_a = str(ipaddress.ip_interface(f"{pods[0][1]}/72").network.network_address + 1)
+            node_ip, metadata, ext = EXT6["node"], EXT6["metadata"], EXT6["ext"]
         for i, (_, _, netns) in enumerate(pods):
             got = reach(netns, every_protocol(pods))
             same = [j < 2 if i < 2 else j == 2 for j in range(3)]
             assert got == [s for s in same for _ in range(3)], (i, got)
-            to_node = reach(netns, [("tcp", gateway_a, TCP), ("udp", "192.0.2.1", UDP),
-                                    ("icmp", "192.0.2.1", 0), ("tcp", METADATA, TCP), ("icmp", METADATA, 0)])
+            to_node = reach(netns, [("tcp", gateway_a, TCP), ("udp", node_ip, UDP),
+                                    ("icmp", node_ip, 0), ("tcp", metadata, TCP), ("icmp", metadata, 0)])
             assert to_node == [False] * 5, (i, to_node)
-            egress = reach(netns, [("tcp", *EXT_ALLOWED), ("tcp", *EXT_OTHER), ("udp", *EXT_ALLOWED)])
+            egress = reach(netns, [("tcp", ext, EXT_ALLOWED[1]), ("tcp", ext, EXT_OTHER[1]),
+                                   ("udp", ext, EXT_ALLOWED[1])])
             assert egress == ([True, False, False] if i < 2 else [False, False, False]), (i, egress)
         assert reach(node.path, every_protocol(pods)) == [True] * 9
         if expect_denials:  # `stockade doctor` in the node's namespace: backend, tenants, denials
             out = sh("nsenter", f"--net={node.path}", STOCKADE, "doctor", "--json", "--cri-config",
                      str(server.base / "stockade.toml"))
             check = next(c for c in json.loads(out)["checks"] if c["name"] == "tenant network")
-            assert check["status"] == "ok" and check["detail"].startswith("bridge: 2 tenants"), check
+            assert check["status"] == "ok", check
+            assert check["detail"].startswith("bridge, dual-stack: 2 tenants"), check
             parts = check["detail"].split("(", 1)[1].split(";")
             counts = {part.split(":")[0].strip(): part for part in parts}
             assert "packets denied" in counts["team-a"] and " 0 packets" not in counts["team-a"], counts
             # and each denial is an event in the stream `stockade events` reads
-            b_ip = pods[2][1]
+            b_ip = pods[2][1] if family == 4 else f"[{pods[2][1]}]"
             deadline = time.monotonic() + 5
             while True:
                 lines = (server.base / "events.jsonl").read_text().splitlines()
@@ -286,7 +395,8 @@ def test_a_pod_annotation_narrows_its_tenants_egress_and_never_widens_it(server:
     from cri import status_code
 
     (server.base / "tenants" / "team-n.yaml").write_text(
-        "egress:\n  - cidr: 192.0.2.0/24\n    ports: [9100-9101]\n    protocol: tcp\n")
+        "egress:\n  - cidr: 192.0.2.0/24\n    ports: [9100-9101]\n    protocol: tcp\n"
+        "  - cidr: fd00:2::/64\n    ports: [9100-9101]\n    protocol: tcp\n")
     for port in (9100, 9101):
         node.listen(f"/run/netns/{node.ext}", port, port)
     key = "io.stockade.network/egress"
@@ -297,6 +407,9 @@ def test_a_pod_annotation_narrows_its_tenants_egress_and_never_widens_it(server:
         targets = [("tcp", "192.0.2.2", 9100), ("tcp", "192.0.2.2", 9101)]
         assert reach(plain[2], targets) == [True, True]
         assert reach(narrow[2], targets) == [True, False]
+        six = [("tcp", EXT6["ext"], 9100), ("tcp", EXT6["ext"], 9101)]
+        assert reach(plain[2], six) == [True, True]
+        assert reach(narrow[2], six) == [False, False]  # its own egress has no IPv6 rule
         before = links(node)
         for wider in ("[{cidr: 192.0.2.0/23}]", "[{cidr: 192.0.2.2/32, ports: [9102]}]",
                       "[{cidr: 192.0.2.2/32, ports: [9100], protocol: udp}]"):
@@ -334,6 +447,7 @@ def test_fifty_pods_get_fifty_addresses(server: Server, node: Node) -> None:
     try:
         addresses = [ip for _, ip, _ in pods]
         assert len(set(addresses)) == 50 and all(addresses)
+        assert len({ip6_of(server, pod_id) for pod_id, _, _ in pods} - {""}) == 50
         leases = {p.name: p.read_text() for p in (server.base / "state/network/addrs").iterdir()}
         assert {leases[ip] for ip in addresses} == {pod_id for pod_id, _, _ in pods}
     finally:
@@ -349,10 +463,11 @@ def test_a_host_port_reaches_its_pod_from_the_nodes_loopback(server: Server, nod
     try:
         node.listen(netns)
         assert reach(node.path, [("tcp", "127.0.0.1", 18080), ("udp", "127.0.0.1", 18081),
-                                 ("tcp", "192.0.2.1", 18080)]) == [True, True, True]
+                                 ("tcp", "192.0.2.1", 18080), ("tcp", EXT6["node"], 18080),
+                                 ("udp", EXT6["node"], 18081)]) == [True] * 5
     finally:
         remove_pod(server, pod_id)
-    assert reach(node.path, [("tcp", "127.0.0.1", 18080)]) == [False]
+    assert reach(node.path, [("tcp", "127.0.0.1", 18080), ("tcp", EXT6["node"], 18080)]) == [False, False]
 
 
 def test_a_killed_server_keeps_every_rule_and_address(node: Node, server: Server) -> None:
@@ -373,8 +488,11 @@ def test_a_killed_server_keeps_every_rule_and_address(node: Node, server: Server
     time.sleep(0.2)
     assert _without_counters(rules(node)) == _without_counters(table)
     assert reach(a[2], [("tcp", b[1], TCP), ("tcp", c[1], TCP)]) == [True, False]
+    (_, b6, _), (_, c6, _) = in_family(server, [b, c], 6)
+    assert reach(a[2], [("tcp", b6, TCP), ("tcp", c6, TCP)]) == [True, False]
     d = run_pod(server, "k4", "team-k")
     assert d[1] not in {a[1], b[1], c[1]}
+    assert ip6_of(server, d[0]) not in {ip6_of(server, p[0]) for p in (a, b, c)}
     for pod_id, _, _ in (a, b, c, d):
         remove_pod(server, pod_id)
 
@@ -397,13 +515,14 @@ def test_kubelets_pod_cidr_is_taken_while_no_pod_has_an_address(server: Server, 
     pod_id, ip, _ = run_pod(server, "cidr", "team-cidr")
     try:
         assert ip.startswith("10.216."), ip
+        assert ip6_of(server, pod_id).startswith("fd00:216::"), ip6_of(server, pod_id)
         update("10.217.0.0/16")  # a pod has an address: not taken
         other, ip2, _ = run_pod(server, "cidr2", "team-cidr2")
         assert ip2.startswith("10.216."), ip2
         remove_pod(server, other)
     finally:
         remove_pod(server, pod_id)
-    update(POD_CIDR)
+    update(f"{POD_CIDR},{POD_CIDR6}")
 
 
 def test_bad_input_leaves_nothing(server: Server, node: Node) -> None:
