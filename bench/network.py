@@ -1,7 +1,8 @@
 """Tenant networking (network = "bridge"), all inside network namespaces of the benchmark's own:
 
-- pod network setup: RunPodSandbox with the bridge backend against one without a network, the
-  same run, alternating (median; the difference is the network's share of a pod's start);
+- pod network setup: RunPodSandbox with the bridge backend (IPv4, and dual-stack) against one
+  without a network, the same run, alternating (median; the difference is the network's share
+  of a pod's start);
 - TCP throughput and request latency between two pods of one tenant, against two namespaces
   joined by a plain veth pair;
 - socket+connect and UDP sendto cost for a process outside every container, with Stockade
@@ -49,6 +50,7 @@ profile = "runtime-default"
 allow_degraded = true
 [stockade.pod_network]
 pod_cidr = "10.218.0.0/16"
+pod_cidr6 = "{cidr6}"
 """
 
 
@@ -91,7 +93,8 @@ def setup_time(servers: dict[str, Server], pods: int) -> dict:
             server.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     med = {name: statistics.median(t) * 1000 for name, t in times.items()}
     return {"run_pod_sandbox_ms": med, "network_ms": med["bridge"] - med["none"],
-            "network_share": (med["bridge"] - med["none"]) / med["bridge"]}
+            "network_share": (med["bridge"] - med["none"]) / med["bridge"],
+            "dual_stack_network_ms": med["dual"] - med["none"]}
 
 
 def pair_traffic(a_ns: str, b_ns: str, b_ip: str, mib: int, trips: int) -> dict:
@@ -146,7 +149,7 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("run as root")
     tag = os.urandom(3).hex()
-    nodes = {name: f"stk-bench-{name}-{tag}" for name in ("bridge", "none", "va", "vb")}
+    nodes = {name: f"stk-bench-{name}-{tag}" for name in ("bridge", "dual", "none", "va", "vb")}
     for ns in nodes.values():
         sh("ip", "netns", "add", ns)
         sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -169,8 +172,9 @@ def main() -> int:
         images.mkdir()
         import_archive(Store(str(images)), str(busybox_image(work / "bb.tar", IMAGE)))
         outside = f"/run/netns/{nodes['bridge']}"
-        for name in ("bridge", "none"):
-            (work / f"{name}.toml").write_text(CONFIG.format(network=name))
+        for name in ("bridge", "dual", "none"):
+            network, cidr6 = ("bridge", "fd00:218::/64") if name == "dual" else (name, "")
+            (work / f"{name}.toml").write_text(CONFIG.format(network=network, cidr6=cidr6))
             servers[name] = Server(work / name, "--image-store", str(images), config=work / f"{name}.toml",
                                    bpf_agent=name == "bridge", env=env, netns=f"/run/netns/{nodes[name]}")
         result["setup"] = setup_time(servers, args.pods)

@@ -289,30 +289,40 @@ def port_guard(ports: list[Port]) -> list:
     tenants' pods unrouted. Neighbour discovery, which needs link-local and multicast, passes."""
     table = {"family": "bridge", "name": TABLE}
     cmds: list = [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
-    cmds.append({"add": {"chain": {"family": "bridge", "table": TABLE, "name": "pods", "type": "filter",
-                                   "hook": "prerouting", "prio": -200, "policy": "accept"}}})
 
-    def rule(*expr: dict, comment: str, verdict: str = "drop") -> None:
-        body = {"family": "bridge", "table": TABLE, "chain": "pods", "comment": comment,
-                "expr": [*expr, {"counter": None}, {verdict: None}]}
-        cmds.append({"add": {"rule": body}})
+    def chain(name: str, **hook: object) -> None:
+        cmds.append({"add": {"chain": {"family": "bridge", "table": TABLE, "name": name, **hook}}})
 
+    def add(chain_name: str, *expr: dict, comment: str = "") -> None:
+        cmds.append({"add": {"rule": {"family": "bridge", "table": TABLE, "chain": chain_name,
+                                      "expr": list(expr), **({"comment": comment} if comment else {})}}})
+
+    chain("pods", type="filter", hook="prerouting", prio=-200, policy="accept")
+    ports = sorted(ports, key=lambda p: p.name)
     many = _match("meta", "pkttype", {"set": ["broadcast", "multicast"]})
-    for port in sorted(ports, key=lambda p: p.name):
-        on, name = _match("meta", "iifname", port.name), port.name
-        rule(on, _match("payload", ("ip", "saddr"), port.ip, op="!="), comment=f"{name}: not its address")
-        rule(on, _match("payload", ("ether", "type"), "ip"), many, comment=f"{name}: IPv4 to many")
-        rule(on, _match("payload", ("arp", "saddr ip"), port.ip, op="!="), comment=f"{name}: ARP for another")
+    for port in ports:
+        name = port.name
+        chain(name)
+
+        def rule(*expr: dict, comment: str, verdict: str = "drop", c: str = name) -> None:
+            add(c, *expr, {"counter": None}, {verdict: None}, comment=comment)
+
+        rule(_match("payload", ("ip", "saddr"), port.ip, op="!="), comment=f"{name}: not its address")
+        rule(_match("payload", ("ether", "type"), "ip"), many, comment=f"{name}: IPv4 to many")
+        rule(_match("payload", ("arp", "saddr ip"), port.ip, op="!="), comment=f"{name}: ARP for another")
         families = ["ip", "arp"]
         if port.ip6:
             families.append("ip6")
-            _guard6(rule, on, name, port.ip6)
-        rule(on, _match("payload", ("ether", "type"), {"set": families}, op="!="),
+            _guard6(rule, name, port.ip6)
+        rule(_match("payload", ("ether", "type"), {"set": families}, op="!="),
              comment=f"{name}: {' '.join(families)} only")
+    if ports:  # one lookup sends a frame to its port's chain: a pod's frames never meet others' rules
+        jumps = [[port.name, {"jump": {"target": port.name}}] for port in ports]
+        add("pods", {"vmap": {"key": {"meta": {"key": "iifname"}}, "data": {"set": jumps}}})
     return cmds
 
 
-def _guard6(rule, on: dict, name: str, ip6: str) -> None:  # noqa: ANN001
+def _guard6(rule, name: str, ip6: str) -> None:  # noqa: ANN001
     """A pod's IPv6: its own address, neighbour discovery, and unicast beyond its link. A pod
     may advertise its own address and link-local ones (which nobody routes to, and which only
     neighbour discovery may use)."""
@@ -322,14 +332,14 @@ def _guard6(rule, on: dict, name: str, ip6: str) -> None:  # noqa: ANN001
 
     icmp = ("icmpv6", "type")
     other = [target(0, 128, int(ipaddress.IPv6Address(ip6))), target(0, 10, 0xFE80 >> 6)]
-    rule(on, _match("payload", icmp, "nd-neighbor-advert"), *other, comment=f"{name}: advertises another")
+    rule(_match("payload", icmp, "nd-neighbor-advert"), *other, comment=f"{name}: advertises another")
     sources = {"set": ["::", _prefix(str(LINK_LOCAL6)), ip6]}
-    rule(on, _match("payload", ("ip6", "saddr"), sources), _match("payload", icmp, {"set": NDP}),
+    rule(_match("payload", ("ip6", "saddr"), sources), _match("payload", icmp, {"set": NDP}),
          comment=f"{name}: ndp", verdict="accept")
-    rule(on, _match("payload", ("ip6", "saddr"), ip6, op="!="), comment=f"{name}: not its address")
-    rule(on, _match("payload", ("ip6", "daddr"), _prefix(str(LINK_LOCAL6))), comment=f"{name}: to link-local")
+    rule(_match("payload", ("ip6", "saddr"), ip6, op="!="), comment=f"{name}: not its address")
+    rule(_match("payload", ("ip6", "daddr"), _prefix(str(LINK_LOCAL6))), comment=f"{name}: to link-local")
     many = _match("meta", "pkttype", {"set": ["broadcast", "multicast"]})
-    rule(on, _match("payload", ("ether", "type"), "ip6"), many, comment=f"{name}: IPv6 to many")
+    rule(_match("payload", ("ether", "type"), "ip6"), many, comment=f"{name}: IPv6 to many")
 
 
 def _tenant_rules(t: Tenant, tenants: list[Tenant], pod_cidrs: list[str], rule) -> None:  # noqa: ANN001
