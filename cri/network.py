@@ -22,7 +22,7 @@ import socket
 import threading
 
 from stockade.runtime._lite.dataclasses import dataclass, field
-from stockade.runtime.errors import SpecError, StockadeError
+from stockade.runtime.errors import NotSupported, SpecError, StockadeError
 
 from . import netrules, nspin
 from .ipam import Ipam
@@ -187,8 +187,8 @@ class Network:
             pod.ip, pod.ip6 = address_of(result), address_of(result, 6)
             if not pod.ip:
                 raise NetworkError("the CNI result has no IPv4 address", where=self.cni.conf["_path"])
-            if pod.ip6 and self.ipam.net6 is None:  # the tenant rules would not know its IPv6 traffic
-                raise NetworkError(f"the CNI result has the IPv6 address {pod.ip6}, pod_cidr6 is not set",
+            if pod.ip6 and self.ipam.net6 is None:  # the tenant rules could not hold for its IPv6 traffic
+                raise NotSupported(f"the CNI result has the IPv6 address {pod.ip6}, pod_cidr6 is not set",
                                    where=self.cni.conf["_path"], hint="pod_network.pod_cidr6: their range")
             self._rebuild(extra=pod)
         except BaseException:

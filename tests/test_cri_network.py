@@ -127,27 +127,32 @@ def cni() -> Iterator[tuple[Server, Node]]:
     node = Node()
     base = fast_tmp()
     try:
-        write_policies(base / "tenants")
-        (base / "net.d").mkdir()
-        (base / "net.d" / "10-pods.conflist").write_text(json.dumps({
-            "cniVersion": "1.0.0", "name": "stockade-test", "plugins": [
-                {"type": "bridge", "bridge": "stkcni0", "isGateway": True, "ipMasq": False,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.221.0.0/16"}],
-                                                           [{"subnet": "fd00:221::/64"}]],
-                          "dataDir": str(base / "cni-ipam"),
-                          "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
-                {"type": "portmap", "capabilities": {"portMappings": True}}]}))
-        config = base / "stockade.toml"
-        config.write_text(f'[stockade]\nnetwork = "cni"\ndefault_handler = "plain"\n'
-                          f'[stockade.handlers.plain]\nprofile = "runtime-default"\nallow_degraded = true\n'
-                          f'[stockade.pod_network]\npod_cidr = "10.221.0.0/16"\npod_cidr6 = "fd00:221::/64"\n'
-                          f'policy_dir = "{base / "tenants"}"\ncni_conf_dir = "{base / "net.d"}"\n')
-        srv = Server(base, config=config, netns=node.path, env=own_events(base))
+        srv = Server(base, config=cni_config(base), netns=node.path, env=own_events(base))
         yield srv, node
         assert srv.stop() == 0
     finally:
         node.remove()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def cni_config(base: Path, cidr6: str = "fd00:221::/64") -> Path:
+    """A dual-stack conflist (Debian's bridge, host-local, portmap) and the server's
+    configuration for it in BASE, telling the server of its IPv6 range as CIDR6 ("": not)."""
+    write_policies(base / "tenants")
+    (base / "net.d").mkdir()
+    (base / "net.d" / "10-pods.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "stockade-test", "plugins": [
+            {"type": "bridge", "bridge": "stkcni0", "isGateway": True, "ipMasq": False,
+             "ipam": {"type": "host-local",
+                      "ranges": [[{"subnet": "10.221.0.0/16"}], [{"subnet": "fd00:221::/64"}]],
+                      "dataDir": str(base / "cni-ipam"), "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
+            {"type": "portmap", "capabilities": {"portMappings": True}}]}))
+    config = base / "stockade.toml"
+    config.write_text(f'[stockade]\nnetwork = "cni"\ndefault_handler = "plain"\n'
+                      f'[stockade.handlers.plain]\nprofile = "runtime-default"\nallow_degraded = true\n'
+                      f'[stockade.pod_network]\npod_cidr = "10.221.0.0/16"\npod_cidr6 = "{cidr6}"\n'
+                      f'policy_dir = "{base / "tenants"}"\ncni_conf_dir = "{base / "net.d"}"\n')
+    return config
 
 
 def run_pod(server: Server, name: str, namespace: str, **config) -> tuple[str, str, str]:  # noqa: ANN003
@@ -548,6 +553,34 @@ def test_bad_input_leaves_nothing(server: Server, node: Node) -> None:
     remove_pod(server, pod_id)
     assert not (server.base / "state/network/addrs" / ip).exists()
     assert not any(n.startswith(("stkp-", "stkt-")) for n in links(node))
+
+
+def test_a_cni_result_with_ipv6_the_server_was_not_told_of_is_refused() -> None:
+    """A conflist that hands out IPv6 while pod_cidr6 is unset: the tenant rules could not tell
+    those pods' IPv6 traffic apart, so the pod fails, naming the conflist and pod_cidr6, and
+    CNI DEL gives everything back (host-local's leases, the cached result, the link)."""
+    from cri import status_code
+
+    node, base = Node(), fast_tmp()
+    try:
+        srv = Server(base, config=cni_config(base, cidr6=""), netns=node.path, env=own_events(base))
+        try:
+            before = links(node)
+            metadata = pb.PodSandboxMetadata(name="v6", namespace="team-v6", uid="uid-v6")
+            code, message = status_code(srv.runtime.RunPodSandbox,
+                                        pb.RunPodSandboxRequest(config=pb.PodSandboxConfig(metadata=metadata)))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, message)
+            assert "pod_cidr6 is not set" in message and "10-pods.conflist" in message, message
+            assert srv.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items == []
+            leases = [p.name for p in (base / "cni-ipam").rglob("*") if p.is_file()]
+            assert not [name for name in leases if ":" in name or name.startswith("10.")], leases
+            assert list((base / "state/network/cni").iterdir()) == []
+            assert {n for n in links(node) if n.startswith("veth")} <= before
+        finally:
+            assert srv.stop() == 0
+    finally:
+        node.remove()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_an_exhausted_range_and_an_overlapping_pod_cidr(tmp_path: Path) -> None:
