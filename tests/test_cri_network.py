@@ -585,7 +585,8 @@ def test_a_cni_result_with_ipv6_the_server_was_not_told_of_is_refused() -> None:
 
 def test_an_exhausted_range_and_an_overlapping_pod_cidr(tmp_path: Path) -> None:
     """tenant_prefix 29: five pods per tenant, the sixth RESOURCE_EXHAUSTED with nothing made;
-    a pod_cidr over an address the node has keeps the server from starting, saying which."""
+    a pod_cidr (or pod_cidr6) over an address the node has keeps the server from starting,
+    saying which."""
     from cri import status_code
 
     node = Node()
@@ -608,6 +609,11 @@ def test_an_exhausted_range_and_an_overlapping_pod_cidr(tmp_path: Path) -> None:
             assert srv.stop() == 0
         sh("ip", "-n", node.name, "addr", "add", "10.214.0.77/24", "dev", "lo")
         with pytest.raises(AssertionError, match="pod_cidr 10.214.0.0/24 overlaps 10.214.0.77/24 on lo"):
+            Server(base, config=config, netns=node.path, env=own_events(base))
+        config.write_text('[stockade]\nnetwork = "bridge"\n[stockade.pod_network]\n'
+                          'pod_cidr = "10.215.0.0/24"\npod_cidr6 = "fd00:214::/64"\n')
+        sh("ip", "-n", node.name, "addr", "add", "fd00:214::77/64", "dev", "lo")
+        with pytest.raises(AssertionError, match="pod_cidr6 fd00:214::/64 overlaps fd00:214::77/64 on lo"):
             Server(base, config=config, netns=node.path, env=own_events(base))
     finally:
         node.remove()
