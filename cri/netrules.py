@@ -299,7 +299,6 @@ def port_guard(ports: list[Port]) -> list:
 
     chain("pods", type="filter", hook="prerouting", prio=-200, policy="accept")
     ports = sorted(ports, key=lambda p: p.name)
-    many = _match("meta", "pkttype", {"set": ["broadcast", "multicast"]})
     for port in ports:
         name = port.name
         chain(name)
@@ -308,7 +307,7 @@ def port_guard(ports: list[Port]) -> list:
             add(c, *expr, {"counter": None}, {verdict: None}, comment=comment)
 
         rule(_match("payload", ("ip", "saddr"), port.ip, op="!="), comment=f"{name}: not its address")
-        rule(_match("payload", ("ether", "type"), "ip"), many, comment=f"{name}: IPv4 to many")
+        rule(_match("payload", ("ether", "type"), "ip"), _TO_MANY, comment=f"{name}: IPv4 to many")
         rule(_match("payload", ("arp", "saddr ip"), port.ip, op="!="), comment=f"{name}: ARP for another")
         families = ["ip", "arp"]
         if port.ip6:
@@ -338,8 +337,7 @@ def _guard6(rule, name: str, ip6: str) -> None:  # noqa: ANN001
          comment=f"{name}: ndp", verdict="accept")
     rule(_match("payload", ("ip6", "saddr"), ip6, op="!="), comment=f"{name}: not its address")
     rule(_match("payload", ("ip6", "daddr"), _prefix(str(LINK_LOCAL6))), comment=f"{name}: to link-local")
-    many = _match("meta", "pkttype", {"set": ["broadcast", "multicast"]})
-    rule(_match("payload", ("ether", "type"), "ip6"), many, comment=f"{name}: IPv6 to many")
+    rule(_match("payload", ("ether", "type"), "ip6"), _TO_MANY, comment=f"{name}: IPv6 to many")
 
 
 def _tenant_rules(t: Tenant, tenants: list[Tenant], pod_cidrs: list[str], rule) -> None:  # noqa: ANN001
@@ -437,6 +435,9 @@ def _match(kind: str, key: object, right: object, op: str = "==") -> dict:
     if kind == "ct":
         op = "in"
     return {"match": {"op": op, "left": left, "right": right}}
+
+
+_TO_MANY = _match("meta", "pkttype", {"set": ["broadcast", "multicast"]})  # not to one neighbour
 
 
 def _prefix(cidr: str) -> object:
