@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import report  # bench/report.py (this directory is the script's path)
+from report import as_root, parser, report  # bench/report.py (this directory is the script's path)
 
 VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 CRUN_WRAP = ["unshare", "-m", "sh", "-c", 'mount -t cgroup2 none /sys/fs/cgroup && exec "$0" "$@"']
@@ -157,9 +157,8 @@ def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--runs", type=int, default=30)
-    p.add_argument("--json", help="also write the results here")
     p.add_argument("--seccomp", action="store_true", help="every runtime gets the runtime-default filter")
     p.add_argument("--no-nnp", action="store_true", help="with --seccomp: no_new_privs off, as engines send")
     p.add_argument(
@@ -167,9 +166,7 @@ def main() -> int:
         metavar="LAUNCHER",
         help="also measure this stockade-oci (e.g. a launcher over an older checkout) in the same run",
     )
-    args = p.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root")
+    args = as_root(p)
     # `stockade run` installs the default BPF policy through the agent, as in real use (BPF-LSM is
     # refused by this kernel, hence --allow-degraded; the cgroup-BPF layers are enforced).
     started = subprocess.run([str(VENV_BIN / "stockade"), "agent"], capture_output=True).returncode == 0

@@ -15,9 +15,7 @@ seccomp in the container; Stockade's handler adds its user namespace. Run as roo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
 import shutil
 import statistics
 import subprocess
@@ -28,7 +26,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from report import report  # bench/report.py (this directory is the script's path)
+from report import as_root, parser, report  # bench/report.py (this directory is the script's path)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' engines, image builder and CRI client
@@ -167,15 +165,12 @@ def both(prefix: str) -> Iterator[tuple[Path, Containerd, Server, list[Engine]]]
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--pods", type=int, default=50)
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--per-client", type=int, default=5)
     p.add_argument("--idle", type=int, default=20)
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root")
+    args = as_root(p)
     result: dict = {}
     with both("stockade-bench-cri-") as (work, containerd, server, engines):
         result["pod_start"] = latency(engines, args.pods)

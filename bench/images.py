@@ -12,7 +12,6 @@ the benchmark's own). Rounds alternate the tools; medians in ms. Run as root aft
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import resource
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import report  # bench/report.py (this directory is the script's path)
+from report import as_root, parser, report  # bench/report.py (this directory is the script's path)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' image builders and registry runner
@@ -147,14 +146,11 @@ def _summary(samples: dict[str, list[float]], reference: str) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--pull-rounds", type=int, default=5)
     p.add_argument("--run-rounds", type=int, default=20)
     p.add_argument("--only", choices=("pull", "run"))
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root")
+    args = as_root(p)
     started = subprocess.run([str(BIN / "stockade"), "agent"], capture_output=True).returncode == 0
     tools = ("skopeo", "umoci", "podman", "runc")
     result: dict = {"versions": {name: subprocess.run([name, "--version"], capture_output=True, text=True)

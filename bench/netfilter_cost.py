@@ -11,7 +11,6 @@ of rounds and their ratios to no table. The namespace is removed at exit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import sys
 import tempfile
 
 import bpf_overhead  # bench/bpf_overhead.py: the C loop and its builder
-from report import report  # bench/report.py
+from report import as_root, parser, report  # bench/report.py
 from stockade.cri import netrules
 
 OP = "sendto(udp)"
@@ -64,13 +63,10 @@ def load(netns: str, cmds: list) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--iterations", type=int, default=200_000)
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root")
+    args = as_root(p)
     netns, work = f"stk-nfcost-{os.getpid()}", tempfile.mkdtemp(prefix="stockade-nfcost-")
     subprocess.run(["ip", "netns", "add", netns], check=True)
     try:

@@ -15,7 +15,6 @@ Run as root after setup: `bench/network.py [--pods 30] [--json FILE]`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 import bpf_overhead  # bench/bpf_overhead.py: the C loop and its builder
-from report import report  # bench/report.py (this directory is the script's path)
+from report import as_root, parser, report  # bench/report.py (this directory is the script's path)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -140,14 +139,11 @@ def _ratio(a: dict, b: dict) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--pods", type=int, default=30)
     p.add_argument("--mib", type=int, default=512)
     p.add_argument("--trips", type=int, default=5000)
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root")
+    args = as_root(p)
     tag = os.urandom(3).hex()
     nodes = {name: f"stk-bench-{name}-{tag}" for name in ("bridge", "dual", "none", "va", "vb")}
     for ns in nodes.values():

@@ -13,9 +13,7 @@ Run as root after setup: `bench/streaming.py [--execs 50] [--mib 64] [--json FIL
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import os
 import socket
 import statistics
 import subprocess
@@ -23,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from report import report  # bench/report.py (this directory is the script's path)
+from report import as_root, parser, report  # bench/report.py (this directory is the script's path)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -120,14 +118,11 @@ def prepare(work: Path, containerd, engines: list) -> list[subprocess.Popen]:  #
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--execs", type=int, default=50)
     p.add_argument("--mib", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root")
+    args = as_root(p)
     result: dict = {}
     with bench_cri.both("stockade-bench-stream-") as (work, containerd, _, engines):
         sinks = prepare(work, containerd, engines)
